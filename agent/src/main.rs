@@ -1,0 +1,162 @@
+//! `driftline-agent`: see `driftline-agent --help` and CONTRACT.md.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, TimeDelta, Utc};
+use clap::{Parser, Subcommand};
+use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
+use driftline_core::broker::BrokerUrl;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "driftline-agent", version, about = "Driftline on-device agent and fleet simulator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Simulate N devices, each a full agent pipeline, publishing W windows.
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Broker address, mqtt://host:port.
+    #[arg(long, env = "DRIFTLINE_BROKER")]
+    broker: BrokerUrl,
+    /// Number of virtual devices.
+    #[arg(long, env = "DRIFTLINE_DEVICES", default_value_t = 10)]
+    devices: u32,
+    /// Models per device (ids model-0 .. model-{M-1}).
+    #[arg(long, env = "DRIFTLINE_MODELS", default_value_t = 2)]
+    models: u32,
+    /// Windows per device and model. Required unless --live.
+    #[arg(long, env = "DRIFTLINE_WINDOWS", required_unless_present = "live")]
+    windows: Option<u64>,
+    /// Window length in seconds.
+    #[arg(long, env = "DRIFTLINE_WINDOW_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    window_secs: u32,
+    /// Event time of the first window (RFC 3339). Default: so that the last
+    /// window ends at the present.
+    #[arg(long, env = "DRIFTLINE_START")]
+    start: Option<DateTime<Utc>>,
+    /// Seed of the synthetic events (the privacy noise is never seeded).
+    #[arg(long, env = "DRIFTLINE_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Epsilon spent per published window (discrete Laplace).
+    #[arg(long, env = "DRIFTLINE_EPSILON", default_value_t = 1.0)]
+    epsilon: f64,
+    /// Fleet name used in topics and messages.
+    #[arg(long, env = "DRIFTLINE_FLEET", default_value = "sim")]
+    fleet: String,
+    /// Mean inferences per model and window on each device.
+    #[arg(long, env = "DRIFTLINE_EVENTS_PER_WINDOW", default_value_t = 30.0)]
+    events_per_window: f64,
+    /// After reaching the present, go on publishing at the pace of the clock.
+    #[arg(long, env = "DRIFTLINE_LIVE")]
+    live: bool,
+    /// Window index from which the drift applies.
+    #[arg(long, env = "DRIFTLINE_DRIFT_AT", requires_all = ["drift_model", "drift_kind", "drift_size"])]
+    drift_at: Option<u64>,
+    /// Model whose behaviour drifts, e.g. model-0.
+    #[arg(long, env = "DRIFTLINE_DRIFT_MODEL", requires = "drift_at")]
+    drift_model: Option<String>,
+    /// What drifts: input, confidence, latency, errors or feedback.
+    #[arg(long, env = "DRIFTLINE_DRIFT_KIND", requires = "drift_at")]
+    drift_kind: Option<DriftKind>,
+    /// Relative size of the drift, e.g. 0.3.
+    #[arg(long, env = "DRIFTLINE_DRIFT_SIZE", requires = "drift_at")]
+    drift_size: Option<f64>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|rt| rt.block_on(dispatch(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Simulate(args) => simulate_command(args).await,
+    }
+}
+
+async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
+    let drift = match (args.drift_at, args.drift_model, args.drift_kind, args.drift_size) {
+        (Some(at), Some(model_id), Some(kind), Some(size)) => Some(Drift {
+            at,
+            model_id,
+            kind,
+            size,
+        }),
+        _ => None,
+    };
+    let length = TimeDelta::seconds(i64::from(args.window_secs));
+    let start = args.start.unwrap_or_else(|| {
+        let now = Utc::now().timestamp();
+        let aligned_end = now - now.rem_euclid(i64::from(args.window_secs));
+        let windows = i32::try_from(args.windows.unwrap_or(60)).unwrap_or(i32::MAX);
+        DateTime::from_timestamp(aligned_end, 0).unwrap_or_else(Utc::now) - length * windows
+    });
+    let config = SimConfig {
+        broker: args.broker,
+        fleet: args.fleet,
+        devices: args.devices,
+        models: args.models,
+        windows: args.windows,
+        window_secs: args.window_secs,
+        start,
+        seed: args.seed,
+        epsilon: args.epsilon,
+        events_per_window: args.events_per_window,
+        drift,
+        live: args.live,
+    };
+    let progress = Arc::new(SimProgress::default());
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stop.cancel();
+        }
+    });
+    let reporter = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                eprintln!("published {}", progress.published.load(Ordering::Relaxed));
+            }
+        })
+    };
+    let summary = simulate::run(config, progress, cancel).await;
+    reporter.abort();
+    let summary = summary?;
+    println!(
+        "published {} messages, {} acknowledged by the broker",
+        summary.published, summary.acknowledged
+    );
+    Ok(())
+}

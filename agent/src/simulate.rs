@@ -1,0 +1,326 @@
+//! The fleet simulator: N virtual devices, each a full agent pipeline
+//! (own windows, own privacy noise, own `seq`, own MQTT connection), each
+//! running M models with synthetic but plausible distributions, and an
+//! optional injected drift. It is the load generator for tests, benchmarks
+//! and the demo.
+//!
+//! Event time is synthetic: window `w` starts at `start + w * window_secs`.
+//! Without `live`, windows are published as fast as the broker takes them;
+//! with `live`, a window is published only once it has ended in wall time,
+//! so a `start` in the past backfills quickly and then the fleet goes on at
+//! the pace of the clock. The events are reproducible from `seed`; the
+//! privacy noise is not, by design (it comes from a CSPRNG).
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use driftline_core::broker::BrokerUrl;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Beta, Distribution, LogNormal, Poisson};
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{Feedback, InferenceEvent};
+use crate::privacy::{DeviceIdentity, PrivacyError, Privatizer};
+use crate::publish::{PublishError, Publisher};
+use crate::window::{ModelKey, ModelSpec, Windower};
+
+/// Labels of the simulated models' `label` feature.
+pub const LABELS: [&str; 4] = ["billing", "cancel", "support", "other"];
+const LABEL_WEIGHTS: [f64; 4] = [0.4, 0.2, 0.3, 0.1];
+
+/// What an injected drift shifts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftKind {
+    /// Input size grows by the relative size.
+    Input,
+    /// Output confidence drops by the relative size.
+    Confidence,
+    /// Latency grows by the relative size.
+    Latency,
+    /// The error rate grows by the relative size.
+    Errors,
+    /// The negative-feedback rate grows by the relative size.
+    Feedback,
+}
+
+impl FromStr for DriftKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "input" => DriftKind::Input,
+            "confidence" => DriftKind::Confidence,
+            "latency" => DriftKind::Latency,
+            "errors" => DriftKind::Errors,
+            "feedback" => DriftKind::Feedback,
+            other => {
+                return Err(format!(
+                    "unknown drift kind {other:?} (input, confidence, latency, errors, feedback)"
+                ))
+            }
+        })
+    }
+}
+
+/// A drift injected from window index `at` on, for one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drift {
+    pub at: u64,
+    pub model_id: String,
+    pub kind: DriftKind,
+    /// Relative size, e.g. 0.3 for +30 %.
+    pub size: f64,
+}
+
+/// Everything a simulation run needs.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub broker: BrokerUrl,
+    pub fleet: String,
+    pub devices: u32,
+    pub models: u32,
+    /// Windows per device; `None` runs until cancelled (needs `live`).
+    pub windows: Option<u64>,
+    pub window_secs: u32,
+    pub start: DateTime<Utc>,
+    pub seed: u64,
+    pub epsilon: f64,
+    /// Mean inferences per model and window on each device.
+    pub events_per_window: f64,
+    pub drift: Option<Drift>,
+    pub live: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SimSummary {
+    pub published: u64,
+    pub acknowledged: u64,
+}
+
+/// Errors of a simulation run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("device {device}: {source}")]
+    Publish {
+        device: String,
+        source: PublishError,
+    },
+    #[error(transparent)]
+    Privacy(#[from] PrivacyError),
+    #[error("invalid simulation: {0}")]
+    Config(String),
+    #[error("a device task failed: {0}")]
+    Task(String),
+}
+
+/// Live counters, for progress reports while a run goes on.
+#[derive(Debug, Default)]
+pub struct SimProgress {
+    pub published: AtomicU64,
+}
+
+/// Runs the fleet until every device published its windows (or `cancel`
+/// fires) and the broker acknowledged every message.
+pub async fn run(
+    config: SimConfig,
+    progress: Arc<SimProgress>,
+    cancel: CancellationToken,
+) -> Result<SimSummary, SimError> {
+    if config.windows.is_none() && !config.live {
+        return Err(SimError::Config("without --windows the simulation must be live".into()));
+    }
+    let config = Arc::new(config);
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..config.devices {
+        let (config, progress, cancel) = (config.clone(), progress.clone(), cancel.clone());
+        tasks.spawn(async move { run_device(index, &config, &progress, &cancel).await });
+    }
+    let mut summary = SimSummary::default();
+    let mut first_error = None;
+    while let Some(result) = tasks.join_next().await {
+        match result {
+            Ok(Ok(s)) => {
+                summary.published += s.published;
+                summary.acknowledged += s.acknowledged;
+            }
+            Ok(Err(e)) => {
+                cancel.cancel();
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                cancel.cancel();
+                first_error.get_or_insert(SimError::Task(e.to_string()));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+/// Device ids of the simulated fleet: `sim-00000`, `sim-00001`, ...
+pub fn device_id(index: u32) -> String {
+    format!("sim-{index:05}")
+}
+
+async fn run_device(
+    index: u32,
+    config: &SimConfig,
+    progress: &SimProgress,
+    cancel: &CancellationToken,
+) -> Result<SimSummary, SimError> {
+    let device = DeviceIdentity {
+        device_id: device_id(index),
+        fleet: config.fleet.clone(),
+        agent_version: crate::AGENT_VERSION.to_owned(),
+    };
+    let publish_error = |source| SimError::Publish {
+        device: device.device_id.clone(),
+        source,
+    };
+    let mut publisher = Publisher::connect(&config.broker, device.clone(), 0).map_err(publish_error)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20));
+    let mut windower = Windower::new(config.window_secs, config.start);
+    let privatizer = Privatizer::laplace(config.epsilon)?;
+    let models: Vec<(ModelKey, ModelProfile)> = (0..config.models)
+        .map(|m| (ModelKey::new(format!("model-{m}"), "1.0.0"), ModelProfile::new(m)))
+        .collect();
+    let spec = ModelSpec::default().with_labels(LABELS);
+    for (key, _) in &models {
+        windower.register(key.clone(), &spec);
+    }
+    let length = TimeDelta::seconds(i64::from(config.window_secs));
+    let mut w: u64 = 0;
+    while config.windows.is_none_or(|n| w < n) && !cancel.is_cancelled() {
+        let start = config.start + length * i32::try_from(w).unwrap_or(i32::MAX);
+        let end = start + length;
+        if config.live {
+            let wait = (end - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        for (key, profile) in &models {
+            let drift = config
+                .drift
+                .as_ref()
+                .filter(|d| w >= d.at && d.model_id == key.model_id)
+                .map(|d| (d.kind, d.size));
+            let n = profile.event_count(&mut rng, config.events_per_window);
+            for i in 0..n {
+                // Spread the events evenly over the window.
+                let offset = length.num_milliseconds() * i64::try_from(i).unwrap_or(0)
+                    / i64::try_from(n).unwrap_or(1);
+                let at = start + TimeDelta::milliseconds(offset);
+                let (event, feedback) = profile.sample(&mut rng, drift);
+                windower.record(at, key, &event);
+                if let Some(f) = feedback {
+                    windower.feedback(at, key, f);
+                }
+            }
+        }
+        for closed in windower.close_due(end) {
+            let private = privatizer.privatize(closed)?;
+            publisher.publish(private).await.map_err(publish_error)?;
+            progress.published.fetch_add(1, Ordering::Relaxed);
+        }
+        w += 1;
+    }
+    let published = publisher.published();
+    let acknowledged = publisher
+        .finish(Duration::from_secs(60))
+        .await
+        .map_err(publish_error)?;
+    Ok(SimSummary {
+        published,
+        acknowledged,
+    })
+}
+
+/// Synthetic behaviour of model `model-{m}`: a classifier whose latency,
+/// size and confidence distributions differ a little per model.
+#[derive(Debug, Clone)]
+struct ModelProfile {
+    latency_median_ms: f64,
+    input_median: f64,
+    output_median: f64,
+    error_rate: f64,
+    feedback_rate: f64,
+    negative_share: f64,
+}
+
+impl ModelProfile {
+    fn new(m: u32) -> Self {
+        let m = f64::from(m);
+        ModelProfile {
+            latency_median_ms: 40.0 * (1.0 + 0.5 * m),
+            input_median: 60.0 + 20.0 * m,
+            output_median: 20.0 + 5.0 * m,
+            error_rate: 0.02,
+            feedback_rate: 0.1,
+            negative_share: 0.2,
+        }
+    }
+
+    fn event_count(&self, rng: &mut ChaCha8Rng, mean: f64) -> u64 {
+        match Poisson::new(mean.max(1e-9)) {
+            Ok(p) => p.sample(rng) as u64,
+            Err(_) => 0,
+        }
+    }
+
+    fn sample(
+        &self,
+        rng: &mut ChaCha8Rng,
+        drift: Option<(DriftKind, f64)>,
+    ) -> (InferenceEvent<'static>, Option<Feedback>) {
+        let factor = |kind: DriftKind| match drift {
+            Some((k, size)) if k == kind => 1.0 + size,
+            _ => 1.0,
+        };
+        let lognormal = |median: f64, sigma: f64, rng: &mut ChaCha8Rng| {
+            LogNormal::new(median.ln(), sigma).map_or(median, |d| d.sample(rng))
+        };
+        let latency_ms = lognormal(self.latency_median_ms * factor(DriftKind::Latency), 0.5, rng);
+        let input_tokens = lognormal(self.input_median * factor(DriftKind::Input), 0.8, rng);
+        let output_tokens = lognormal(self.output_median, 0.6, rng);
+        let confidence = Beta::new(8.0, 2.0).map_or(0.8, |d| d.sample(rng))
+            * (2.0 - factor(DriftKind::Confidence));
+        let error = rng.random_bool((self.error_rate * factor(DriftKind::Errors)).clamp(0.0, 1.0));
+        let mut pick = rng.random::<f64>();
+        let mut label = LABELS[LABELS.len() - 1];
+        for (l, w) in LABELS.iter().zip(LABEL_WEIGHTS) {
+            if pick < w {
+                label = l;
+                break;
+            }
+            pick -= w;
+        }
+        let feedback = rng.random_bool(self.feedback_rate).then(|| {
+            let negative = (self.negative_share * factor(DriftKind::Feedback)).clamp(0.0, 1.0);
+            let r = rng.random::<f64>();
+            if r < negative {
+                Feedback::Negative
+            } else if r < negative + 0.05 {
+                Feedback::Correction
+            } else {
+                Feedback::Positive
+            }
+        });
+        let event = InferenceEvent {
+            latency_ms,
+            input_tokens: input_tokens.round().clamp(0.0, f64::from(u32::MAX)) as u32,
+            output_tokens: output_tokens.round().clamp(0.0, f64::from(u32::MAX)) as u32,
+            confidence: Some(confidence.clamp(0.0, 1.0)),
+            error,
+            label: Some(label),
+        };
+        (event, feedback)
+    }
+}

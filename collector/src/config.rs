@@ -1,0 +1,211 @@
+//! `serve` configuration: defaults < TOML file (`--config`) < environment
+//! (`DRIFTLINE_*`) < flags. clap resolves flag-or-env; [`ServeFile`] holds
+//! the file; [`ServeConfig::resolve`] layers them over the defaults.
+//! `collector/collector.example.toml` documents every key and is parsed by
+//! a test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::TimeDelta;
+use driftline_core::broker::BrokerUrl;
+use serde::Deserialize;
+
+use crate::ingest::IngestLimits;
+use crate::subscriber::SubscriberOptions;
+
+/// Default lake directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "driftline-data";
+
+/// The TOML file: every key is optional and named like its flag.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeFile {
+    /// MQTT broker, `mqtt://host:port`.
+    pub broker: Option<String>,
+    /// Lake directory.
+    pub data_dir: Option<PathBuf>,
+    /// MQTT client id; the broker keeps the session under it.
+    pub client_id: Option<String>,
+    /// How often pending rows are written to the lake.
+    #[serde(default, with = "humantime_serde")]
+    pub flush_interval: Option<Duration>,
+    /// Pending rows that trigger an early flush.
+    pub flush_rows: Option<usize>,
+    /// Oldest accepted window, relative to reception.
+    #[serde(default, with = "humantime_serde")]
+    pub max_event_age: Option<Duration>,
+    /// How far in the future a window may end (clock skew).
+    #[serde(default, with = "humantime_serde")]
+    pub max_future_skew: Option<Duration>,
+}
+
+/// Errors of configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid broker address: {0}")]
+    Broker(#[from] driftline_core::broker::BrokerUrlError),
+    #[error("{key} must be {expected}")]
+    Invalid {
+        key: &'static str,
+        expected: &'static str,
+    },
+}
+
+impl ServeFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    /// `self` with every key that `over` sets replaced.
+    pub fn overlay(self, over: ServeFile) -> ServeFile {
+        ServeFile {
+            broker: over.broker.or(self.broker),
+            data_dir: over.data_dir.or(self.data_dir),
+            client_id: over.client_id.or(self.client_id),
+            flush_interval: over.flush_interval.or(self.flush_interval),
+            flush_rows: over.flush_rows.or(self.flush_rows),
+            max_event_age: over.max_event_age.or(self.max_event_age),
+            max_future_skew: over.max_future_skew.or(self.max_future_skew),
+        }
+    }
+}
+
+/// The resolved `serve` configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub subscriber: SubscriberOptions,
+}
+
+impl ServeConfig {
+    /// Applies the defaults to what the file, env and flags left unset, and
+    /// validates the result.
+    pub fn resolve(layers: ServeFile) -> Result<Self, ConfigError> {
+        let broker: BrokerUrl = layers
+            .broker
+            .as_deref()
+            .unwrap_or("mqtt://127.0.0.1:1883")
+            .parse()?;
+        let flush_interval = layers.flush_interval.unwrap_or(Duration::from_secs(10));
+        if flush_interval.is_zero() || flush_interval > Duration::from_secs(3600) {
+            return Err(ConfigError::Invalid {
+                key: "flush_interval",
+                expected: "between 1ms and 1h",
+            });
+        }
+        let flush_rows = layers.flush_rows.unwrap_or(50_000);
+        if flush_rows == 0 {
+            return Err(ConfigError::Invalid {
+                key: "flush_rows",
+                expected: "at least 1",
+            });
+        }
+        let delta = |d: Duration, key| {
+            TimeDelta::from_std(d).map_err(|_| ConfigError::Invalid {
+                key,
+                expected: "a duration under 100 years",
+            })
+        };
+        let defaults = IngestLimits::default();
+        let limits = IngestLimits {
+            max_event_age: match layers.max_event_age {
+                Some(d) => delta(d, "max_event_age")?,
+                None => defaults.max_event_age,
+            },
+            max_future_skew: match layers.max_future_skew {
+                Some(d) => delta(d, "max_future_skew")?,
+                None => defaults.max_future_skew,
+            },
+        };
+        let client_id = layers
+            .client_id
+            .unwrap_or_else(|| "driftline-collector".to_owned());
+        if client_id.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "client_id",
+                expected: "non-empty",
+            });
+        }
+        Ok(ServeConfig {
+            data_dir: layers
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            subscriber: SubscriberOptions {
+                broker,
+                client_id,
+                flush_interval,
+                flush_rows,
+                limits,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_resolves() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("collector.example.toml");
+        let file = ServeFile::load(&path).expect("example parses");
+        assert!(file.broker.is_some() && file.flush_interval.is_some());
+        let config = ServeConfig::resolve(file).expect("example is valid");
+        assert_eq!(config.subscriber.flush_interval, Duration::from_secs(10));
+        assert_eq!(config.subscriber.limits.max_event_age, TimeDelta::days(30));
+    }
+
+    #[test]
+    fn later_layers_win() {
+        let file = ServeFile {
+            broker: Some("mqtt://file:1".into()),
+            flush_rows: Some(7),
+            ..ServeFile::default()
+        };
+        let flags = ServeFile {
+            broker: Some("mqtt://flag:2".into()),
+            ..ServeFile::default()
+        };
+        let config = ServeConfig::resolve(file.overlay(flags)).expect("valid");
+        assert_eq!(config.subscriber.broker.host, "flag");
+        assert_eq!(config.subscriber.flush_rows, 7);
+        assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<ServeFile>("brokr = \"mqtt://x:1\"").is_err());
+        assert!(toml::from_str::<ServeFile>("flush_interval = \"soon\"").is_err());
+        let zero = ServeFile {
+            flush_interval: Some(Duration::ZERO),
+            ..ServeFile::default()
+        };
+        assert!(matches!(
+            ServeConfig::resolve(zero),
+            Err(ConfigError::Invalid { key: "flush_interval", .. })
+        ));
+        let bad_broker = ServeFile {
+            broker: Some("http://x".into()),
+            ..ServeFile::default()
+        };
+        assert!(matches!(ServeConfig::resolve(bad_broker), Err(ConfigError::Broker(_))));
+    }
+}

@@ -1,0 +1,252 @@
+//! `driftline-collector demo`: the whole loop in one process, with no
+//! external service. An embedded MQTT broker (rumqttd) on loopback, the
+//! collector's subscriber writing the lake, and a simulated fleet that
+//! backfills recent hours in accelerated event time up to the present, then
+//! goes on live, with a latency drift injected into `model-0`.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
+use driftline_core::broker::BrokerUrl;
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest::{Counters, IngestLimits};
+use crate::lake::{LakeError, LakeWriter};
+use crate::query::{self, Format, QueryError};
+use crate::subscriber::{self, SubscriberError, SubscriberOptions};
+
+/// What the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Stop after this long; `None` runs until cancelled.
+    pub duration: Option<Duration>,
+    pub data_dir: PathBuf,
+    /// Where the embedded broker listens; port 0 picks a free port.
+    pub mqtt_listen: SocketAddr,
+    pub devices: u32,
+    pub models: u32,
+    /// Event time replayed before going live.
+    pub backfill: Duration,
+    pub window_secs: u32,
+    pub epsilon: f64,
+}
+
+/// Errors of the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot listen on {addr} for the embedded broker: {source}")]
+    BrokerAddress {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the embedded broker did not start: {0}")]
+    Broker(String),
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error(transparent)]
+    Subscriber(#[from] SubscriberError),
+    #[error(transparent)]
+    Simulation(#[from] simulate::SimError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+}
+
+/// What the demo did, for tests and the final printout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemoSummary {
+    pub published: u64,
+    pub stored: u64,
+    pub quarantined: u64,
+}
+
+/// Runs the demo until `options.duration` passes or `cancel` fires.
+pub async fn run(options: DemoOptions, cancel: CancellationToken) -> Result<DemoSummary, DemoError> {
+    let broker_addr = start_broker(options.mqtt_listen)?;
+    let broker = BrokerUrl {
+        host: broker_addr.ip().to_string(),
+        port: broker_addr.port(),
+        tls: false,
+    };
+    let lake = LakeWriter::open(&options.data_dir)?;
+
+    let counters = Arc::new(Counters::default());
+    let stop_collector = CancellationToken::new();
+    let collector = tokio::spawn(subscriber::run(
+        SubscriberOptions {
+            broker: broker.clone(),
+            client_id: "driftline-demo-collector".into(),
+            flush_interval: Duration::from_secs(2),
+            flush_rows: 50_000,
+            limits: IngestLimits::default(),
+        },
+        lake,
+        counters.clone(),
+        stop_collector.clone(),
+    ));
+
+    // The broker keeps nothing for a subscriber it has not seen yet: start
+    // the fleet only once the collector's subscription is confirmed.
+    let until = Instant::now() + Duration::from_secs(10);
+    while counters.subscriptions.load(Ordering::Relaxed) == 0 {
+        if Instant::now() > until || collector.is_finished() {
+            return Err(DemoError::Broker("the collector could not subscribe within 10 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let length = TimeDelta::seconds(i64::from(options.window_secs));
+    let backfill_windows = i64::try_from(options.backfill.as_secs() / u64::from(options.window_secs))
+        .unwrap_or(0);
+    let now = Utc::now().timestamp();
+    let present = now - now.rem_euclid(i64::from(options.window_secs));
+    let start = DateTime::from_timestamp(present, 0).unwrap_or_else(Utc::now)
+        - length * i32::try_from(backfill_windows).unwrap_or(0);
+    let drift_at = u64::try_from(backfill_windows * 2 / 3).unwrap_or(0);
+    let drift_time = start + length * i32::try_from(drift_at).unwrap_or(0);
+    let sim = SimConfig {
+        broker: broker.clone(),
+        fleet: "demo".into(),
+        devices: options.devices,
+        models: options.models,
+        windows: None,
+        window_secs: options.window_secs,
+        start,
+        seed: 42,
+        epsilon: options.epsilon,
+        events_per_window: 30.0,
+        drift: Some(Drift {
+            at: drift_at,
+            model_id: "model-0".into(),
+            kind: DriftKind::Latency,
+            size: 0.5,
+        }),
+        live: true,
+    };
+
+    println!("Driftline demo");
+    println!("  data dir     {}", options.data_dir.display());
+    println!("  MQTT broker  {broker} (embedded)");
+    println!(
+        "  fleet        {} devices x {} models, {} s windows, epsilon {} per window",
+        options.devices, options.models, options.window_secs, options.epsilon
+    );
+    println!("  event time   {start} .. now, then live");
+    println!("  drift        model-0 latency +50% from {drift_time}");
+    println!();
+
+    let progress = Arc::new(SimProgress::default());
+    let stop_sim = CancellationToken::new();
+    let fleet = tokio::spawn(simulate::run(sim, progress.clone(), stop_sim.clone()));
+
+    let started = Instant::now();
+    let deadline = options.duration.map(|d| started + d);
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    ticker.tick().await;
+    loop {
+        let until_deadline = deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(until_deadline) => if deadline.is_some() { break },
+            _ = ticker.tick() => println!(
+                "[{:>4}s] published {:>7}  stored {:>7}  quarantined {}",
+                started.elapsed().as_secs(),
+                progress.published.load(Ordering::Relaxed),
+                counters.stored_windows.load(Ordering::Relaxed),
+                counters.quarantined.load(Ordering::Relaxed),
+            ),
+        }
+    }
+
+    stop_sim.cancel();
+    let sim_summary = fleet
+        .await
+        .map_err(|e| simulate::SimError::Task(e.to_string()))??;
+    // Everything the broker acknowledged reaches the collector; wait for it.
+    let wait_until = Instant::now() + Duration::from_secs(20);
+    while counters.received.load(Ordering::Relaxed) < sim_summary.acknowledged
+        && Instant::now() < wait_until
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_collector.cancel();
+    collector
+        .await
+        .map_err(|e| DemoError::Broker(format!("collector task: {e}")))??;
+
+    let summary = DemoSummary {
+        published: sim_summary.published,
+        stored: counters.stored_windows.load(Ordering::Relaxed),
+        quarantined: counters.stored_quarantine.load(Ordering::Relaxed),
+    };
+    println!();
+    println!(
+        "published {} windows, stored {}, quarantined {}",
+        summary.published, summary.stored, summary.quarantined
+    );
+    let ctx = query::session(&options.data_dir).await?;
+    let sql = "SELECT model_id, model_version, count(*) AS windows, \
+               count(DISTINCT device_id) AS devices, sum(inference_count) AS inferences \
+               FROM metrics GROUP BY model_id, model_version ORDER BY model_id";
+    let batches = query::run(&ctx, sql).await?;
+    println!("{}", query::render(&batches, Format::Table)?);
+    println!();
+    println!("Query the lake:");
+    println!(
+        "  driftline-collector query --data-dir {} \"select model_id, count(*) from metrics group by 1\"",
+        options.data_dir.display()
+    );
+    Ok(summary)
+}
+
+/// Starts rumqttd on its own thread and waits until it accepts connections.
+fn start_broker(listen: SocketAddr) -> Result<SocketAddr, DemoError> {
+    // Bind once ourselves: this picks a free port for port 0 and reports a
+    // taken address clearly instead of connecting to someone else's broker.
+    let addr = TcpListener::bind(listen)
+        .and_then(|l| l.local_addr())
+        .map_err(|source| DemoError::BrokerAddress { addr: listen, source })?;
+    let config = format!(
+        r#"
+id = 0
+[router]
+max_connections = 100000
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "demo"
+listen = "{addr}"
+next_connection_delay_ms = 0
+  [v4.1.connections]
+  connection_timeout_ms = 60000
+  max_payload_size = 1048576
+  max_inflight_count = 500
+  dynamic_filters = true
+"#
+    );
+    let config: rumqttd::Config =
+        toml::from_str(&config).map_err(|e| DemoError::Broker(e.to_string()))?;
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(|e| DemoError::Broker(e.to_string()))?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(addr);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(DemoError::Broker(format!("not listening on {addr} after 10 s")))
+}

@@ -1,0 +1,259 @@
+//! Arrow schemas of the lake's tables and the code that turns accepted
+//! messages and quarantined ones into record batches.
+//!
+//! `metrics` has one row per message (device, model, window). Wire fields
+//! map to columns one to one; histograms are flattened into one column per
+//! bucket (`latency_ms_b00` .. `latency_ms_b15`, NULL past the message's last
+//! bucket) beside their edges (`latency_ms_edges`), because flat columns
+//! aggregate 1.7-1.9x faster than a list column (../shared/DEPENDENCIES.md).
+//! Each noised field's noise scale has a `scale_*` column (NULL when the
+//! mechanism is `none`).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use datafusion::arrow::array::{
+    ArrayRef, BinaryBuilder, Float64Builder, Int32Builder, Int64Builder, ListBuilder,
+    StringBuilder, TimestampMicrosecondBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+use driftline_core::histogram::MAX_BUCKETS;
+use driftline_core::wire::{Histogram, WindowReport};
+
+/// The four standard histograms, in column order.
+pub const HISTOGRAMS: [&str; 4] = ["latency_ms", "confidence", "input_tokens", "output_tokens"];
+
+fn timestamp() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// Column name of bucket `i` of histogram `h`: `latency_ms_b07`.
+pub fn bucket_column(h: &str, i: usize) -> String {
+    format!("{h}_b{i:02}")
+}
+
+/// Schema of the `metrics` files (the `date` partition column comes on top).
+pub fn metrics() -> SchemaRef {
+    let mut fields = vec![
+        Field::new("received_at", timestamp(), false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("fleet", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("model_version", DataType::Utf8, false),
+        Field::new("agent_version", DataType::Utf8, false),
+        Field::new("window_start", timestamp(), false),
+        Field::new("window_secs", DataType::Int32, false),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("schema_version", DataType::Int32, false),
+        Field::new("mechanism", DataType::Utf8, false),
+        Field::new("epsilon", DataType::Float64, true),
+        Field::new("delta", DataType::Float64, true),
+        Field::new("rho", DataType::Float64, true),
+        Field::new("inference_count", DataType::Int64, false),
+        Field::new("error_count", DataType::Int64, false),
+        Field::new("feedback_positive", DataType::Int64, false),
+        Field::new("feedback_negative", DataType::Int64, false),
+        Field::new("feedback_correction", DataType::Int64, false),
+        Field::new("scale_inference_count", DataType::Float64, true),
+        Field::new("scale_error_count", DataType::Float64, true),
+        Field::new("scale_feedback", DataType::Float64, true),
+    ];
+    for h in HISTOGRAMS {
+        fields.push(Field::new(
+            format!("{h}_edges"),
+            DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true))),
+            false,
+        ));
+        for i in 0..MAX_BUCKETS {
+            fields.push(Field::new(bucket_column(h, i), DataType::Int64, true));
+        }
+        fields.push(Field::new(format!("scale_{h}"), DataType::Float64, true));
+    }
+    fields.extend([
+        Field::new("custom", DataType::Utf8, true),
+        Field::new("categories", DataType::Utf8, true),
+        Field::new("noise_scale", DataType::Utf8, true),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// Schema of the `quarantine` files (the `date` partition column comes on top).
+pub fn quarantine() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("received_at", timestamp(), false),
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("fleet", DataType::Utf8, true),
+        Field::new("device_id", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("payload_bytes", DataType::Int64, false),
+        Field::new("payload", DataType::Binary, false),
+        Field::new("payload_text", DataType::Utf8, true),
+    ]))
+}
+
+/// An accepted message and when it arrived.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredWindow {
+    pub received_at: DateTime<Utc>,
+    pub report: WindowReport,
+}
+
+/// A refused message, kept whole.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuarantinedMessage {
+    pub received_at: DateTime<Utc>,
+    pub topic: String,
+    /// Stable reason code (`driftline_core::wire::Rejection::code`).
+    pub reason: &'static str,
+    pub detail: String,
+    pub payload: Vec<u8>,
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn json_or_null<T: serde::Serialize>(value: &T, empty: bool) -> Option<String> {
+    if empty {
+        None
+    } else {
+        serde_json::to_string(value).ok()
+    }
+}
+
+/// One batch of `metrics` rows, in the order given.
+pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
+    let n = rows.len();
+    let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let text = || StringBuilder::with_capacity(n, n * 16);
+    let (mut received_at, mut window_start) = (ts(), ts());
+    let (mut device_id, mut fleet, mut model_id) = (text(), text(), text());
+    let (mut model_version, mut agent_version, mut mechanism) = (text(), text(), text());
+    let (mut window_secs, mut schema_version) = (Int32Builder::new(), Int32Builder::new());
+    let mut seq = Int64Builder::new();
+    let (mut epsilon, mut delta, mut rho) = (Float64Builder::new(), Float64Builder::new(), Float64Builder::new());
+    let mut counts: [Int64Builder; 5] = Default::default();
+    let mut scales: [Float64Builder; 3] = Default::default();
+    let mut hist_edges: Vec<ListBuilder<Float64Builder>> =
+        HISTOGRAMS.iter().map(|_| ListBuilder::new(Float64Builder::new())).collect();
+    let mut hist_buckets: Vec<Vec<Int64Builder>> = HISTOGRAMS
+        .iter()
+        .map(|_| (0..MAX_BUCKETS).map(|_| Int64Builder::with_capacity(n)).collect())
+        .collect();
+    let mut hist_scales: Vec<Float64Builder> = HISTOGRAMS.iter().map(|_| Float64Builder::new()).collect();
+    let (mut custom, mut categories, mut noise_scale) = (text(), text(), text());
+
+    for StoredWindow { received_at: at, report: r } in rows {
+        received_at.append_value(micros(*at));
+        window_start.append_value(micros(r.window_start));
+        device_id.append_value(&r.device_id);
+        fleet.append_value(&r.fleet);
+        model_id.append_value(&r.model_id);
+        model_version.append_value(&r.model_version);
+        agent_version.append_value(&r.agent_version);
+        mechanism.append_value(r.privacy.mechanism.as_str());
+        window_secs.append_value(i32::try_from(r.window_secs).unwrap_or(i32::MAX));
+        schema_version.append_value(i32::try_from(r.schema_version).unwrap_or(i32::MAX));
+        seq.append_value(i64::try_from(r.seq).unwrap_or(i64::MAX));
+        epsilon.append_option(r.privacy.epsilon);
+        delta.append_option(r.privacy.delta);
+        rho.append_option(r.privacy.rho);
+        let values = [
+            r.inference_count,
+            r.error_count,
+            r.feedback.positive,
+            r.feedback.negative,
+            r.feedback.correction,
+        ];
+        for (b, v) in counts.iter_mut().zip(values) {
+            b.append_value(v);
+        }
+        let scale = |name: &str| r.privacy.noise_scale.get(name).copied();
+        for (b, name) in scales.iter_mut().zip(["inference_count", "error_count", "feedback"]) {
+            b.append_option(scale(name));
+        }
+        let hists: [&Histogram; 4] = [&r.latency_ms, &r.confidence, &r.input_tokens, &r.output_tokens];
+        for (k, h) in hists.iter().enumerate() {
+            hist_edges[k].append_value(h.edges.iter().map(|e| Some(*e)));
+            for (i, b) in hist_buckets[k].iter_mut().enumerate() {
+                b.append_option(h.counts.get(i).copied());
+            }
+            hist_scales[k].append_option(scale(HISTOGRAMS[k]));
+        }
+        custom.append_option(json_or_null(&r.custom, r.custom.is_empty()));
+        categories.append_option(json_or_null(&r.categories, r.categories.is_empty()));
+        noise_scale.append_option(json_or_null(
+            &r.privacy.noise_scale,
+            r.privacy.noise_scale.is_empty(),
+        ));
+    }
+
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(received_at.finish()),
+        Arc::new(device_id.finish()),
+        Arc::new(fleet.finish()),
+        Arc::new(model_id.finish()),
+        Arc::new(model_version.finish()),
+        Arc::new(agent_version.finish()),
+        Arc::new(window_start.finish()),
+        Arc::new(window_secs.finish()),
+        Arc::new(seq.finish()),
+        Arc::new(schema_version.finish()),
+        Arc::new(mechanism.finish()),
+        Arc::new(epsilon.finish()),
+        Arc::new(delta.finish()),
+        Arc::new(rho.finish()),
+    ];
+    columns.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.extend(scales.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    for k in 0..HISTOGRAMS.len() {
+        columns.push(Arc::new(hist_edges[k].finish()));
+        columns.extend(hist_buckets[k].iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        columns.push(Arc::new(hist_scales[k].finish()));
+    }
+    columns.push(Arc::new(custom.finish()));
+    columns.push(Arc::new(categories.finish()));
+    columns.push(Arc::new(noise_scale.finish()));
+    RecordBatch::try_new(metrics(), columns)
+}
+
+/// One batch of `quarantine` rows, in the order given.
+pub fn quarantine_batch(rows: &[QuarantinedMessage]) -> Result<RecordBatch, ArrowError> {
+    let n = rows.len();
+    let mut received_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut topic = StringBuilder::new();
+    let mut fleet = StringBuilder::new();
+    let mut device_id = StringBuilder::new();
+    let mut reason = StringBuilder::new();
+    let mut detail = StringBuilder::new();
+    let mut payload_bytes = Int64Builder::new();
+    let mut payload = BinaryBuilder::new();
+    let mut payload_text = StringBuilder::new();
+    for q in rows {
+        received_at.append_value(micros(q.received_at));
+        topic.append_value(&q.topic);
+        let parsed = driftline_core::topic::parse(&q.topic);
+        fleet.append_option(parsed.map(|t| t.fleet));
+        device_id.append_option(parsed.map(|t| t.device_id));
+        reason.append_value(q.reason);
+        detail.append_value(&q.detail);
+        payload_bytes.append_value(i64::try_from(q.payload.len()).unwrap_or(i64::MAX));
+        payload.append_value(&q.payload);
+        payload_text.append_option(std::str::from_utf8(&q.payload).ok());
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(received_at.finish()),
+        Arc::new(topic.finish()),
+        Arc::new(fleet.finish()),
+        Arc::new(device_id.finish()),
+        Arc::new(reason.finish()),
+        Arc::new(detail.finish()),
+        Arc::new(payload_bytes.finish()),
+        Arc::new(payload.finish()),
+        Arc::new(payload_text.finish()),
+    ];
+    RecordBatch::try_new(quarantine(), columns)
+}

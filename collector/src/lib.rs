@@ -1,0 +1,24 @@
+//! # driftline-collector
+//!
+//! ingest -> validate -> store -> query:
+//!
+//! - [`subscriber`]: MQTT subscription (QoS 1, persistent session), drives
+//!   [`ingest`].
+//! - [`ingest`]: validates each message with `driftline_core::wire::accept`
+//!   and queues it for `metrics`, or for `quarantine` with its reason.
+//! - [`lake`]: Parquet files, hive-partitioned by date, and the DataFusion
+//!   tables over them ([`lake::schema`] maps wire fields to columns).
+//! - [`query`]: the DataFusion session shared by every SQL user.
+//! - [`demo`]: the whole loop in one process.
+//!
+//! Invariants: nothing received is dropped silently (every message becomes
+//! a `metrics` or a `quarantine` row, and both are counted); files appear in
+//! the lake atomically; only this crate depends on Arrow, Parquet and
+//! DataFusion.
+
+pub mod config;
+pub mod demo;
+pub mod ingest;
+pub mod lake;
+pub mod query;
+pub mod subscriber;

@@ -1,0 +1,210 @@
+//! `driftline-collector`: see `driftline-collector --help` and CONTRACT.md.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use driftline_collector::config::{ServeConfig, ServeFile, DEFAULT_DATA_DIR};
+use driftline_collector::demo::{self, DemoOptions};
+use driftline_collector::ingest::Counters;
+use driftline_collector::lake::LakeWriter;
+use driftline_collector::query::{self, Format};
+use driftline_collector::subscriber;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "driftline-collector",
+    version,
+    about = "Driftline collector: MQTT ingest into a Parquet lake, SQL over it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole system in one process: embedded broker, collector, simulated fleet.
+    Demo(DemoArgs),
+    /// Long-running collector against an external MQTT broker.
+    Serve(ServeArgs),
+    /// Run one SQL statement over the lake and print the result.
+    Query(QueryArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Stop after this long (30s, 5m, 2h). Default: until Ctrl-C.
+    #[arg(long, env = "DRIFTLINE_DURATION", value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Lake directory. Default: a fresh folder under the system temp dir.
+    #[arg(long, env = "DRIFTLINE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the embedded MQTT broker. Default: a free port on loopback.
+    #[arg(long, env = "DRIFTLINE_MQTT_LISTEN", default_value = "127.0.0.1:0")]
+    mqtt_listen: SocketAddr,
+    /// Simulated devices.
+    #[arg(long, env = "DRIFTLINE_DEVICES", default_value_t = 200)]
+    devices: u32,
+    /// Models per device.
+    #[arg(long, env = "DRIFTLINE_MODELS", default_value_t = 2)]
+    models: u32,
+    /// Event time replayed before going live (30m, 3h).
+    #[arg(long, env = "DRIFTLINE_BACKFILL", default_value = "3h", value_parser = humantime::parse_duration)]
+    backfill: Duration,
+    /// Epsilon spent per window by each simulated device.
+    #[arg(long, env = "DRIFTLINE_EPSILON", default_value_t = 1.0)]
+    epsilon: f64,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file (see collector/collector.example.toml).
+    #[arg(long, env = "DRIFTLINE_CONFIG")]
+    config: Option<PathBuf>,
+    /// MQTT broker, mqtt://host:port. Default: mqtt://127.0.0.1:1883
+    #[arg(long, env = "DRIFTLINE_BROKER")]
+    broker: Option<String>,
+    /// Lake directory. Default: ./driftline-data
+    #[arg(long, env = "DRIFTLINE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// MQTT client id (the broker keeps the persistent session under it).
+    #[arg(long, env = "DRIFTLINE_CLIENT_ID")]
+    client_id: Option<String>,
+    /// How often received rows are written to Parquet. Default: 10s
+    #[arg(long, env = "DRIFTLINE_FLUSH_INTERVAL", value_parser = humantime::parse_duration)]
+    flush_interval: Option<Duration>,
+    /// Pending rows that trigger an early flush. Default: 50000
+    #[arg(long, env = "DRIFTLINE_FLUSH_ROWS")]
+    flush_rows: Option<usize>,
+    /// Oldest accepted window start, relative to reception. Default: 30d
+    #[arg(long, env = "DRIFTLINE_MAX_EVENT_AGE", value_parser = humantime::parse_duration)]
+    max_event_age: Option<Duration>,
+    /// How far past the collector's clock a window may end. Default: 1h
+    #[arg(long, env = "DRIFTLINE_MAX_FUTURE_SKEW", value_parser = humantime::parse_duration)]
+    max_future_skew: Option<Duration>,
+}
+
+#[derive(clap::Args)]
+struct QueryArgs {
+    /// Lake directory.
+    #[arg(long, env = "DRIFTLINE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Output format.
+    #[arg(long, env = "DRIFTLINE_FORMAT", value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// The SQL statement (read-only).
+    sql: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Query(_) => "warn",
+        Command::Demo(_) => "warn,driftline_collector=warn",
+        Command::Serve(_) => "info,rumqttc=warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|rt| rt.block_on(dispatch(cli.command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo(args) => demo_command(args).await,
+        Command::Serve(args) => serve_command(args).await,
+        Command::Query(args) => query_command(args).await,
+    }
+}
+
+/// Cancelled on SIGTERM or SIGINT (Ctrl-C).
+fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+    });
+    Ok(token)
+}
+
+async fn demo_command(args: DemoArgs) -> anyhow::Result<()> {
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => {
+            let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
+            std::env::temp_dir().join(format!("driftline-demo-{stamp}-{}", std::process::id()))
+        }
+    };
+    let options = DemoOptions {
+        duration: args.duration,
+        data_dir,
+        mqtt_listen: args.mqtt_listen,
+        devices: args.devices,
+        models: args.models,
+        backfill: args.backfill,
+        window_secs: 60,
+        epsilon: args.epsilon,
+    };
+    demo::run(options, shutdown_on_signal()?).await?;
+    Ok(())
+}
+
+async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => ServeFile::load(path)?,
+        None => ServeFile::default(),
+    };
+    let flags = ServeFile {
+        broker: args.broker,
+        data_dir: args.data_dir,
+        client_id: args.client_id,
+        flush_interval: args.flush_interval,
+        flush_rows: args.flush_rows,
+        max_event_age: args.max_event_age,
+        max_future_skew: args.max_future_skew,
+    };
+    let config = ServeConfig::resolve(file.overlay(flags))?;
+    let lake = LakeWriter::open(&config.data_dir)?;
+    tracing::info!(data_dir = %config.data_dir.display(), "lake opened");
+    let shutdown = shutdown_on_signal()?;
+    subscriber::run(config.subscriber, lake, std::sync::Arc::new(Counters::default()), shutdown).await?;
+    Ok(())
+}
+
+async fn query_command(args: QueryArgs) -> anyhow::Result<()> {
+    if !args.data_dir.is_dir() {
+        anyhow::bail!("no lake at {} (use --data-dir)", args.data_dir.display());
+    }
+    let ctx = query::session(&args.data_dir).await?;
+    let batches = query::run(&ctx, &args.sql).await?;
+    print!("{}", query::render(&batches, args.format)?);
+    if args.format == Format::Table {
+        println!();
+    }
+    Ok(())
+}

@@ -1,0 +1,392 @@
+//! End-to-end tests: a real Mosquitto started on a free port, the real
+//! `driftline-collector` binary, devices publishing through the agent library
+//! and through `mosquitto_pub`, and the lake read back with `query`.
+//!
+//! Mosquitto is required: these tests fail, never skip, when it is missing.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use driftline_agent::simulate::{self, SimConfig, SimProgress};
+use driftline_core::broker::BrokerUrl;
+use tokio_util::sync::CancellationToken;
+
+const COLLECTOR: &str = env!("CARGO_BIN_EXE_driftline-collector");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} is not listening on port {port}");
+}
+
+/// A Mosquitto broker on a free loopback port, stopped on drop.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (apt-get install mosquitto); .ci/run installs it");
+        wait_for_port(port, "mosquitto");
+        Mosquitto {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> BrokerUrl {
+        BrokerUrl {
+            host: "127.0.0.1".into(),
+            port: self.port,
+            tls: false,
+        }
+    }
+
+    fn publish(&self, topic: &str, payload_file: &Path) {
+        let status = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic, "-f"])
+            .arg(payload_file)
+            .status()
+            .expect("mosquitto_pub must be installed (apt-get install mosquitto-clients)");
+        assert!(status.success(), "mosquitto_pub failed for {topic}");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `driftline-collector serve`, started and waited for until subscribed.
+struct Collector {
+    child: Child,
+    log: mpsc::Receiver<String>,
+}
+
+impl Collector {
+    fn serve(broker: &BrokerUrl, data_dir: &Path, client_id: &str) -> Self {
+        let mut child = Command::new(COLLECTOR)
+            .args(["serve", "--broker", &broker.to_string(), "--client-id", client_id])
+            .args(["--flush-interval", "300ms", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start collector");
+        let (tx, log) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let collector = Collector { child, log };
+        collector.wait_for_log("subscribed", Duration::from_secs(15));
+        collector
+    }
+
+    fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!("collector never logged {needle:?}; log so far:\n{}", seen.join("\n"));
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then the exit status must be 0.
+    fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        assert!(status.success());
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "collector exited with {status} after SIGTERM");
+                return;
+            }
+            assert!(Instant::now() < until, "collector did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `driftline-collector query --format csv` and returns the rows
+/// (without the header).
+fn query(data_dir: &Path, sql: &str) -> Vec<Vec<String>> {
+    let out = Command::new(COLLECTOR)
+        .args(["query", "--format", "csv", "--data-dir"])
+        .arg(data_dir)
+        .arg(sql)
+        .output()
+        .expect("run query");
+    assert!(
+        out.status.success(),
+        "query failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_owned).collect())
+        .collect()
+}
+
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "parquet") {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+fn recent_window_start(window_secs: i64, windows_back: i64) -> DateTime<Utc> {
+    let now = Utc::now().timestamp();
+    let aligned = now - now.rem_euclid(window_secs) - windows_back * window_secs;
+    DateTime::from_timestamp(aligned, 0).expect("timestamp")
+}
+
+#[test]
+fn agent_windows_reach_the_lake_exactly_once() {
+    let broker = Mosquitto::start();
+    let data = tempfile::tempdir().expect("tempdir");
+    let collector = Collector::serve(&broker.url(), data.path(), "e2e-agent");
+
+    let (devices, models, windows) = (3u32, 2u32, 4u64);
+    let config = SimConfig {
+        broker: broker.url(),
+        fleet: "e2e".into(),
+        devices,
+        models,
+        windows: Some(windows),
+        window_secs: 60,
+        start: recent_window_start(60, 10),
+        seed: 7,
+        epsilon: 1.0,
+        events_per_window: 20.0,
+        drift: None,
+        live: false,
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let summary = rt
+        .block_on(simulate::run(
+            config,
+            Arc::new(SimProgress::default()),
+            CancellationToken::new(),
+        ))
+        .expect("simulation");
+    let expected = u64::from(devices * models) * windows;
+    assert_eq!(summary.published, expected);
+    assert_eq!(summary.acknowledged, expected);
+
+    // Everything acknowledged by the broker must be stored once SIGTERM
+    // returns: give the broker a moment to hand it over, then stop.
+    std::thread::sleep(Duration::from_secs(1));
+    collector.terminate();
+
+    let rows = query(
+        data.path(),
+        "SELECT count(*) AS n, count(DISTINCT device_id) AS devices, \
+         count(DISTINCT model_id) AS models, \
+         count(DISTINCT device_id || model_id || CAST(window_start AS VARCHAR)) AS keys, \
+         min(mechanism) AS mechanism, max(epsilon) AS eps FROM metrics",
+    );
+    assert_eq!(
+        rows,
+        vec![vec![
+            expected.to_string(),
+            devices.to_string(),
+            models.to_string(),
+            expected.to_string(),
+            "laplace".to_string(),
+            "1.0".to_string()
+        ]]
+    );
+    let per_device_seq = query(
+        data.path(),
+        "SELECT device_id, min(seq) AS lo, max(seq) AS hi, count(*) AS n FROM metrics \
+         GROUP BY device_id ORDER BY device_id",
+    );
+    assert_eq!(per_device_seq.len(), devices as usize);
+    for row in per_device_seq {
+        let per_device = u64::from(models) * windows;
+        assert_eq!(row[1..], ["0".to_string(), (per_device - 1).to_string(), per_device.to_string()]);
+    }
+    let files = parquet_files(&data.path().join("metrics"));
+    assert!(!files.is_empty());
+    assert!(
+        files.iter().all(|f| f.parent().and_then(|p| p.file_name()).is_some_and(|n| n.to_string_lossy().starts_with("date="))),
+        "files are in date= partitions: {files:?}"
+    );
+    let quarantined = query(data.path(), "SELECT count(*) FROM quarantine");
+    assert_eq!(quarantined, vec![vec!["0".to_string()]]);
+}
+
+#[test]
+fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
+    let broker = Mosquitto::start();
+    let data = tempfile::tempdir().expect("tempdir");
+    let files = tempfile::tempdir().expect("tempdir");
+    let mut collector = Collector::serve(&broker.url(), data.path(), "e2e-manual");
+
+    // The example of docs/wire-format.md, moved to a recent window.
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/wire-format.md"))
+        .expect("docs/wire-format.md");
+    let start = doc.find("```json\n").expect("json block") + "```json\n".len();
+    let end = start + doc[start..].find("```").expect("end of block");
+    let recent = recent_window_start(60, 2).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let example = doc[start..end].replace("2026-11-27T10:00:00Z", &recent);
+    let topic = "driftline/v1/eu-kiosks/kiosk-0007/metrics";
+    let write = |name: &str, body: &[u8]| {
+        let p = files.path().join(name);
+        std::fs::write(&p, body).expect("write payload");
+        p
+    };
+    broker.publish(topic, &write("good.json", example.as_bytes()));
+
+    let mut doc_json: serde_json::Value = serde_json::from_str(&example).expect("json");
+    let variant = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = doc_json.clone();
+        f(&mut v);
+        serde_json::to_vec(&v).expect("json")
+    };
+    let malformed: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not json", b"{ this is not json".to_vec(), "invalid_json"),
+        ("unknown version", variant(&|v| v["schema_version"] = 99.into()), "unsupported_schema_version"),
+        ("wrong type", variant(&|v| v["inference_count"] = "many".into()), "schema_violation"),
+        ("missing field", variant(&|v| { v.as_object_mut().map(|o| o.remove("latency_ms")); }), "schema_violation"),
+        ("too large", vec![b' '; 70 * 1024], "payload_too_large"),
+        ("device mismatch", variant(&|v| v["device_id"] = "someone-else".into()), "topic_mismatch"),
+        ("ancient", variant(&|v| v["window_start"] = "2001-01-01T00:00:00Z".into()), "timestamp_out_of_range"),
+    ];
+    for (i, (what, body, _)) in malformed.iter().enumerate() {
+        broker.publish(topic, &write(&format!("bad-{i}.json"), body));
+        assert!(collector.is_running(), "collector died after {what}");
+    }
+    // Still healthy: one more valid message, seq 2, is stored too.
+    doc_json["seq"] = 2.into();
+    broker.publish(topic, &write("good-2.json", &serde_json::to_vec(&doc_json).expect("json")));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(collector.is_running());
+    collector.terminate();
+
+    let stored = query(data.path(), "SELECT seq, inference_count, latency_ms_b01 FROM metrics ORDER BY seq");
+    assert_eq!(stored, vec![vec!["1", "4", "2"], vec!["2", "4", "2"]]);
+    let reasons = query(
+        data.path(),
+        "SELECT reason, count(*) AS n FROM quarantine GROUP BY reason ORDER BY reason",
+    );
+    let mut expected: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (_, _, reason) in &malformed {
+        *expected.entry(reason).or_default() += 1;
+    }
+    let expected: Vec<Vec<String>> = expected
+        .into_iter()
+        .map(|(r, n)| vec![r.to_string(), n.to_string()])
+        .collect();
+    assert_eq!(reasons, expected);
+    // The raw payload is kept whole, with the topic and a readable detail.
+    let kept = query(
+        data.path(),
+        "SELECT payload_bytes, device_id, length(detail) > 10 AS has_detail FROM quarantine \
+         WHERE reason = 'payload_too_large'",
+    );
+    assert_eq!(kept, vec![vec![(70 * 1024).to_string(), "kiosk-0007".into(), "true".into()]]);
+}
+
+#[test]
+fn demo_runs_and_leaves_a_queryable_lake() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(COLLECTOR)
+        .args(["demo", "--duration", "10s", "--devices", "4", "--backfill", "20m", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("driftline-collector query"), "demo prints how to query: {stdout}");
+    assert!(!parquet_files(&data.path().join("metrics")).is_empty());
+    // 4 devices x 2 models x 20 backfilled windows at least.
+    let rows = query(
+        data.path(),
+        "SELECT model_id, count(*) AS windows, count(DISTINCT device_id) AS devices \
+         FROM metrics GROUP BY 1 ORDER BY 1",
+    );
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (row, model) in rows.iter().zip(["model-0", "model-1"]) {
+        assert_eq!(row[0], model);
+        assert!(row[1].parse::<u64>().expect("count") >= 80, "{row:?}");
+        assert_eq!(row[2], "4");
+    }
+    let since = (Utc::now() - TimeDelta::minutes(25)).to_rfc3339();
+    let recent = query(
+        data.path(),
+        &format!("SELECT count(*) FROM metrics WHERE window_start < TIMESTAMP '{since}'"),
+    );
+    assert_eq!(recent, vec![vec!["0".to_string()]], "event time ends at the present");
+}

@@ -1,0 +1,608 @@
+//! Wire schema v1: one JSON message per device, model and window.
+//!
+//! The full field reference is `docs/wire-format.md`, with a JSON Schema in
+//! `docs/wire-format.schema.json`; golden fixtures live in
+//! `core/tests/fixtures/v1/`. In short:
+//!
+//! - identity: `device_id`, `fleet` (both must match the topic), `model_id`,
+//!   `model_version`, `agent_version`;
+//! - window: `window_start` (RFC 3339, UTC, aligned to a multiple of
+//!   `window_secs` since the Unix epoch), `window_secs`, and `seq`, strictly
+//!   increasing per device across restarts;
+//! - `privacy`: the mechanism, what this message spent (`epsilon`, `delta`,
+//!   `rho`) and `noise_scale`, the noise scale of every noised field;
+//! - noised integer counts: `inference_count`, `error_count`, `feedback`,
+//!   four standard histograms, optional `custom` histograms and categorical
+//!   `categories`. Noised counts may be negative: they are never clamped,
+//!   so sums over a fleet stay unbiased.
+//!
+//! [`accept`] is the collector's single entry point: size limit, topic,
+//! version dispatch, strict decoding (unknown fields are errors), then
+//! [`WindowReport::validate`] and the time bounds. Every failure is a
+//! [`Rejection`] with a stable [`Rejection::code`] that ends up in the
+//! `quarantine` table.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::histogram::{self, EdgesError};
+use crate::topic::{self, IdentifierError, TopicKind};
+
+/// The schema version this crate writes. Older versions keep decoding.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Largest payload accepted, in bytes. A v1 message with the default layouts
+/// is about 1.5 KiB.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Longest window accepted, in seconds (one day).
+pub const MAX_WINDOW_SECS: u32 = 86_400;
+/// Most custom numeric histograms per message.
+pub const MAX_CUSTOM_HISTOGRAMS: usize = 16;
+/// Most categorical features per message.
+pub const MAX_CATEGORY_FEATURES: usize = 8;
+/// Most categories per categorical feature.
+pub const MAX_CATEGORIES: usize = 64;
+
+/// One device's report for one model and one window (schema v1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowReport {
+    /// Always [`SCHEMA_VERSION`] when written by this crate.
+    pub schema_version: u32,
+    pub device_id: String,
+    pub fleet: String,
+    pub model_id: String,
+    pub model_version: String,
+    pub agent_version: String,
+    /// Start of the tumbling window, UTC.
+    pub window_start: DateTime<Utc>,
+    /// Window length in seconds, 1 to [`MAX_WINDOW_SECS`].
+    pub window_secs: u32,
+    /// Per-device sequence number, strictly increasing across restarts.
+    pub seq: u64,
+    pub privacy: Privacy,
+    /// Inferences recorded in the window (noised).
+    pub inference_count: i64,
+    /// Inferences that ended in an error (noised).
+    pub error_count: i64,
+    /// User feedback recorded in the window (noised).
+    pub feedback: Feedback,
+    /// Inference latency, milliseconds.
+    pub latency_ms: Histogram,
+    /// Output confidence, 0 to 1.
+    pub confidence: Histogram,
+    /// Input size, tokens.
+    pub input_tokens: Histogram,
+    /// Output size, tokens.
+    pub output_tokens: Histogram,
+    /// Application-defined numeric features, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom: BTreeMap<String, Histogram>,
+    /// Application-defined categorical features (e.g. predicted label): for
+    /// each feature, a count per category. The category set is fixed by the
+    /// agent's configuration, never by what was observed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub categories: BTreeMap<String, BTreeMap<String, i64>>,
+}
+
+/// The privacy block: which mechanism noised the counts and what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Privacy {
+    pub mechanism: Mechanism,
+    /// Pure-DP epsilon spent by this message (`laplace`), or the epsilon of
+    /// the (epsilon, delta) guarantee implied by `rho` (`gaussian`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// Delta of the (epsilon, delta) guarantee (`gaussian` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+    /// Zero-concentrated DP rho spent by this message (`gaussian` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rho: Option<f64>,
+    /// Noise scale of every noised field, keyed by field name (see
+    /// [`WindowReport::noised_fields`]): the Laplace scale `b` or the
+    /// Gaussian standard deviation `sigma` of the noise added to each count.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub noise_scale: BTreeMap<String, f64>,
+}
+
+/// How the counts of a message were noised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mechanism {
+    /// Exact counts, no differential privacy (e.g. a trusted test device).
+    None,
+    /// Discrete Laplace noise, pure epsilon-DP.
+    Laplace,
+    /// Discrete Gaussian noise, rho-zCDP.
+    Gaussian,
+}
+
+impl Mechanism {
+    /// The name used on the wire and in the `metrics.mechanism` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::None => "none",
+            Mechanism::Laplace => "laplace",
+            Mechanism::Gaussian => "gaussian",
+        }
+    }
+}
+
+/// Feedback counts (noised).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feedback {
+    pub positive: i64,
+    pub negative: i64,
+    pub correction: i64,
+}
+
+/// A histogram: `counts[i]` events fell in `[edges[i], edges[i+1])`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Histogram {
+    pub edges: Vec<f64>,
+    pub counts: Vec<i64>,
+}
+
+impl Histogram {
+    /// An all-zero histogram over `edges`.
+    pub fn zeros(edges: &[f64]) -> Self {
+        Histogram {
+            edges: edges.to_vec(),
+            counts: vec![0; edges.len().saturating_sub(1)],
+        }
+    }
+}
+
+/// Why a message was refused. [`Rejection::code`] is the stable reason stored
+/// in `quarantine.reason`; `Display` is the human detail.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("payload is {size} bytes, over the limit of {limit}")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("topic {topic:?} is not a Driftline metrics topic (driftline/v1/{{fleet}}/{{device_id}}/metrics)")]
+    BadTopic { topic: String },
+    #[error("payload is not valid JSON: {detail}")]
+    InvalidJson { detail: String },
+    #[error("payload has no schema_version")]
+    MissingSchemaVersion,
+    #[error("schema_version {found} is not supported (supported: 1)")]
+    UnsupportedSchemaVersion { found: String },
+    #[error("payload does not match schema v{version}: {detail}")]
+    SchemaViolation { version: u32, detail: String },
+    #[error("{field} is {found:?} in the payload but {expected:?} in the topic")]
+    TopicMismatch {
+        field: &'static str,
+        found: String,
+        expected: String,
+    },
+    #[error("{field} {problem}")]
+    InvalidField { field: String, problem: FieldProblem },
+    #[error("window_start {window_start} is outside the accepted range {earliest} .. {latest}")]
+    TimestampOutOfRange {
+        window_start: DateTime<Utc>,
+        earliest: DateTime<Utc>,
+        latest: DateTime<Utc>,
+    },
+}
+
+impl Rejection {
+    /// Stable, snake_case reason code (the `quarantine.reason` column).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::PayloadTooLarge { .. } => "payload_too_large",
+            Rejection::BadTopic { .. } => "bad_topic",
+            Rejection::InvalidJson { .. } => "invalid_json",
+            Rejection::MissingSchemaVersion => "missing_schema_version",
+            Rejection::UnsupportedSchemaVersion { .. } => "unsupported_schema_version",
+            Rejection::SchemaViolation { .. } => "schema_violation",
+            Rejection::TopicMismatch { .. } => "topic_mismatch",
+            Rejection::InvalidField { .. } => "invalid_field",
+            Rejection::TimestampOutOfRange { .. } => "timestamp_out_of_range",
+        }
+    }
+
+    fn field(field: impl Into<String>, problem: FieldProblem) -> Self {
+        Rejection::InvalidField {
+            field: field.into(),
+            problem,
+        }
+    }
+}
+
+/// What is wrong with one field of an otherwise well-formed message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FieldProblem {
+    #[error("{0}")]
+    Identifier(#[from] IdentifierError),
+    #[error("{0}")]
+    Edges(#[from] EdgesError),
+    #[error("has {counts} counts for {edges} edges (need edges - 1)")]
+    CountsMismatch { counts: usize, edges: usize },
+    #[error("is {value}, outside {min} ..= {max}")]
+    OutOfRange { value: String, min: String, max: String },
+    #[error("is not aligned to the window length ({window_secs} s since the Unix epoch)")]
+    Misaligned { window_secs: u32 },
+    #[error("is negative ({value}) although the mechanism is \"none\"")]
+    NegativeExactCount { value: i64 },
+    #[error("has {count} entries, over the limit of {limit}")]
+    TooMany { count: usize, limit: usize },
+    #[error("is required by mechanism {mechanism:?}")]
+    MissingForMechanism { mechanism: &'static str },
+    #[error("is not allowed with mechanism {mechanism:?}")]
+    NotAllowedForMechanism { mechanism: &'static str },
+    #[error("names {name:?}, which is not a noised field of this message")]
+    UnknownNoisedField { name: String },
+    #[error("must be a finite number > 0, got {value}")]
+    NotPositive { value: f64 },
+}
+
+/// How far from the collector's clock a window may be.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeBounds {
+    /// The collector's clock at reception.
+    pub now: DateTime<Utc>,
+    /// Oldest accepted `window_start`, as an age relative to `now`.
+    pub max_age: TimeDelta,
+    /// How far past `now` the window's end may lie (clock skew).
+    pub max_future: TimeDelta,
+}
+
+/// The collector's entry point: checks a message received on `topic` and
+/// returns the validated report, or why it was refused.
+pub fn accept(topic: &str, payload: &[u8], bounds: &TimeBounds) -> Result<WindowReport, Rejection> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(Rejection::PayloadTooLarge {
+            size: payload.len(),
+            limit: MAX_PAYLOAD_BYTES,
+        });
+    }
+    let parsed = topic::parse(topic)
+        .filter(|t| t.kind == TopicKind::Metrics)
+        .ok_or_else(|| Rejection::BadTopic {
+            topic: topic.to_owned(),
+        })?;
+    let report = decode(payload)?;
+    if report.device_id != parsed.device_id {
+        return Err(Rejection::TopicMismatch {
+            field: "device_id",
+            found: report.device_id,
+            expected: parsed.device_id.to_owned(),
+        });
+    }
+    if report.fleet != parsed.fleet {
+        return Err(Rejection::TopicMismatch {
+            field: "fleet",
+            found: report.fleet,
+            expected: parsed.fleet.to_owned(),
+        });
+    }
+    report.validate()?;
+    report.check_time(bounds)?;
+    Ok(report)
+}
+
+/// Decodes a payload of any supported schema version, strictly (unknown
+/// fields are errors), without the semantic checks of [`WindowReport::validate`].
+pub fn decode(payload: &[u8]) -> Result<WindowReport, Rejection> {
+    #[derive(Deserialize)]
+    struct VersionProbe {
+        schema_version: Option<serde_json::Value>,
+    }
+    let probe: VersionProbe = serde_json::from_slice(payload).map_err(|e| json_error(&e, 0))?;
+    match probe.schema_version {
+        None | Some(serde_json::Value::Null) => Err(Rejection::MissingSchemaVersion),
+        Some(v) if v.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {
+            serde_json::from_slice(payload).map_err(|e| json_error(&e, SCHEMA_VERSION))
+        }
+        Some(other) => Err(Rejection::UnsupportedSchemaVersion {
+            found: other.to_string(),
+        }),
+    }
+}
+
+fn json_error(e: &serde_json::Error, version: u32) -> Rejection {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => Rejection::SchemaViolation {
+            version,
+            detail: e.to_string(),
+        },
+        Category::Syntax | Category::Eof | Category::Io => Rejection::InvalidJson {
+            detail: e.to_string(),
+        },
+    }
+}
+
+impl WindowReport {
+    /// Encodes the report as compact JSON after checking it with
+    /// [`WindowReport::validate`] and the payload size limit, so an agent
+    /// never publishes what a collector would refuse.
+    pub fn encode(&self) -> Result<Vec<u8>, Rejection> {
+        self.validate()?;
+        let bytes = serde_json::to_vec(self).map_err(|e| json_error(&e, self.schema_version))?;
+        if bytes.len() > MAX_PAYLOAD_BYTES {
+            return Err(Rejection::PayloadTooLarge {
+                size: bytes.len(),
+                limit: MAX_PAYLOAD_BYTES,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Names of the noised fields of this message, the keys that
+    /// `privacy.noise_scale` must hold: `inference_count`, `error_count`,
+    /// `feedback`, `latency_ms`, `confidence`, `input_tokens`,
+    /// `output_tokens`, `custom.{name}` and `categories.{name}`.
+    pub fn noised_fields(&self) -> Vec<String> {
+        let mut names: Vec<String> = [
+            "inference_count",
+            "error_count",
+            "feedback",
+            "latency_ms",
+            "confidence",
+            "input_tokens",
+            "output_tokens",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        names.extend(self.custom.keys().map(|k| format!("custom.{k}")));
+        names.extend(self.categories.keys().map(|k| format!("categories.{k}")));
+        names
+    }
+
+    /// Semantic checks beyond the JSON shape: identifiers, window alignment,
+    /// histogram layouts, privacy block consistency, limits.
+    pub fn validate(&self) -> Result<(), Rejection> {
+        if self.schema_version != SCHEMA_VERSION {
+            return Err(Rejection::UnsupportedSchemaVersion {
+                found: self.schema_version.to_string(),
+            });
+        }
+        for (field, value) in [
+            ("device_id", &self.device_id),
+            ("fleet", &self.fleet),
+            ("model_id", &self.model_id),
+        ] {
+            topic::check_identifier(value).map_err(|e| Rejection::field(field, e.into()))?;
+        }
+        for (field, value) in [
+            ("model_version", &self.model_version),
+            ("agent_version", &self.agent_version),
+        ] {
+            topic::check_version(value).map_err(|e| Rejection::field(field, e.into()))?;
+        }
+        if !(1..=MAX_WINDOW_SECS).contains(&self.window_secs) {
+            return Err(Rejection::field(
+                "window_secs",
+                FieldProblem::OutOfRange {
+                    value: self.window_secs.to_string(),
+                    min: "1".into(),
+                    max: MAX_WINDOW_SECS.to_string(),
+                },
+            ));
+        }
+        let aligned = self.window_start.timestamp_subsec_nanos() == 0
+            && self
+                .window_start
+                .timestamp()
+                .rem_euclid(i64::from(self.window_secs))
+                == 0;
+        if !aligned {
+            return Err(Rejection::field(
+                "window_start",
+                FieldProblem::Misaligned {
+                    window_secs: self.window_secs,
+                },
+            ));
+        }
+        if i64::try_from(self.seq).is_err() {
+            return Err(Rejection::field(
+                "seq",
+                FieldProblem::OutOfRange {
+                    value: self.seq.to_string(),
+                    min: "0".into(),
+                    max: i64::MAX.to_string(),
+                },
+            ));
+        }
+        self.validate_histograms()?;
+        self.validate_privacy()
+    }
+
+    fn validate_histograms(&self) -> Result<(), Rejection> {
+        if self.custom.len() > MAX_CUSTOM_HISTOGRAMS {
+            return Err(Rejection::field(
+                "custom",
+                FieldProblem::TooMany {
+                    count: self.custom.len(),
+                    limit: MAX_CUSTOM_HISTOGRAMS,
+                },
+            ));
+        }
+        if self.categories.len() > MAX_CATEGORY_FEATURES {
+            return Err(Rejection::field(
+                "categories",
+                FieldProblem::TooMany {
+                    count: self.categories.len(),
+                    limit: MAX_CATEGORY_FEATURES,
+                },
+            ));
+        }
+        let standard = [
+            ("latency_ms", &self.latency_ms),
+            ("confidence", &self.confidence),
+            ("input_tokens", &self.input_tokens),
+            ("output_tokens", &self.output_tokens),
+        ];
+        for (name, h) in standard {
+            check_histogram(name.to_owned(), h)?;
+        }
+        for (name, h) in &self.custom {
+            topic::check_identifier(name)
+                .map_err(|e| Rejection::field(format!("custom.{name}"), e.into()))?;
+            check_histogram(format!("custom.{name}"), h)?;
+        }
+        for (name, cats) in &self.categories {
+            let field = format!("categories.{name}");
+            topic::check_identifier(name).map_err(|e| Rejection::field(&field, e.into()))?;
+            if cats.len() > MAX_CATEGORIES {
+                return Err(Rejection::field(
+                    field,
+                    FieldProblem::TooMany {
+                        count: cats.len(),
+                        limit: MAX_CATEGORIES,
+                    },
+                ));
+            }
+            for cat in cats.keys() {
+                topic::check_version(cat)
+                    .map_err(|e| Rejection::field(format!("{field}.{cat}"), e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_privacy(&self) -> Result<(), Rejection> {
+        let p = &self.privacy;
+        let mechanism = p.mechanism.as_str();
+        let required = |name: &str, v: Option<f64>| match v {
+            Some(x) if x.is_finite() && x > 0.0 => Ok(()),
+            Some(x) => Err(Rejection::field(
+                format!("privacy.{name}"),
+                FieldProblem::NotPositive { value: x },
+            )),
+            None => Err(Rejection::field(
+                format!("privacy.{name}"),
+                FieldProblem::MissingForMechanism { mechanism },
+            )),
+        };
+        let forbidden = |name: &str, v: Option<f64>| match v {
+            Some(_) => Err(Rejection::field(
+                format!("privacy.{name}"),
+                FieldProblem::NotAllowedForMechanism { mechanism },
+            )),
+            None => Ok(()),
+        };
+        match p.mechanism {
+            Mechanism::None => {
+                forbidden("epsilon", p.epsilon)?;
+                forbidden("delta", p.delta)?;
+                forbidden("rho", p.rho)?;
+                if !p.noise_scale.is_empty() {
+                    return Err(Rejection::field(
+                        "privacy.noise_scale",
+                        FieldProblem::NotAllowedForMechanism { mechanism },
+                    ));
+                }
+                return self.check_exact_counts_non_negative();
+            }
+            Mechanism::Laplace => {
+                required("epsilon", p.epsilon)?;
+                forbidden("delta", p.delta)?;
+                forbidden("rho", p.rho)?;
+            }
+            Mechanism::Gaussian => {
+                required("rho", p.rho)?;
+                if p.epsilon.is_some() || p.delta.is_some() {
+                    required("epsilon", p.epsilon)?;
+                    required("delta", p.delta)?;
+                }
+            }
+        }
+        let fields = self.noised_fields();
+        for name in &fields {
+            match p.noise_scale.get(name) {
+                Some(s) if s.is_finite() && *s > 0.0 => {}
+                Some(s) => {
+                    return Err(Rejection::field(
+                        format!("privacy.noise_scale.{name}"),
+                        FieldProblem::NotPositive { value: *s },
+                    ))
+                }
+                None => {
+                    return Err(Rejection::field(
+                        format!("privacy.noise_scale.{name}"),
+                        FieldProblem::MissingForMechanism { mechanism },
+                    ))
+                }
+            }
+        }
+        if let Some(extra) = p.noise_scale.keys().find(|k| !fields.contains(k)) {
+            return Err(Rejection::field(
+                "privacy.noise_scale",
+                FieldProblem::UnknownNoisedField {
+                    name: extra.clone(),
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_exact_counts_non_negative(&self) -> Result<(), Rejection> {
+        let mut counts: Vec<(String, i64)> = vec![
+            ("inference_count".into(), self.inference_count),
+            ("error_count".into(), self.error_count),
+            ("feedback.positive".into(), self.feedback.positive),
+            ("feedback.negative".into(), self.feedback.negative),
+            ("feedback.correction".into(), self.feedback.correction),
+        ];
+        let histograms = [
+            ("latency_ms", &self.latency_ms),
+            ("confidence", &self.confidence),
+            ("input_tokens", &self.input_tokens),
+            ("output_tokens", &self.output_tokens),
+        ];
+        for (name, h) in histograms {
+            counts.extend(h.counts.iter().map(|c| (format!("{name}.counts"), *c)));
+        }
+        for (name, h) in &self.custom {
+            counts.extend(h.counts.iter().map(|c| (format!("custom.{name}.counts"), *c)));
+        }
+        for (name, cats) in &self.categories {
+            counts.extend(cats.iter().map(|(k, c)| (format!("categories.{name}.{k}"), *c)));
+        }
+        match counts.into_iter().find(|(_, c)| *c < 0) {
+            Some((field, value)) => Err(Rejection::field(
+                field,
+                FieldProblem::NegativeExactCount { value },
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks `window_start` against the collector's clock.
+    pub fn check_time(&self, bounds: &TimeBounds) -> Result<(), Rejection> {
+        let earliest = bounds.now - bounds.max_age;
+        let latest = bounds.now + bounds.max_future;
+        let end = self.window_start + TimeDelta::seconds(i64::from(self.window_secs));
+        if self.window_start < earliest || end > latest {
+            return Err(Rejection::TimestampOutOfRange {
+                window_start: self.window_start,
+                earliest,
+                latest,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_histogram(field: String, h: &Histogram) -> Result<(), Rejection> {
+    histogram::check_edges(&h.edges)
+        .map_err(|e| Rejection::field(format!("{field}.edges"), e.into()))?;
+    if h.counts.len() + 1 != h.edges.len() {
+        return Err(Rejection::field(
+            format!("{field}.counts"),
+            FieldProblem::CountsMismatch {
+                counts: h.counts.len(),
+                edges: h.edges.len(),
+            },
+        ));
+    }
+    Ok(())
+}
