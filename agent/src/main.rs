@@ -13,7 +13,11 @@ use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "driftline-agent", version, about = "Driftline on-device agent and fleet simulator")]
+#[command(
+    name = "driftline-agent",
+    version,
+    about = "Driftline on-device agent and fleet simulator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -104,7 +108,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
-    let drift = match (args.drift_at, args.drift_model, args.drift_kind, args.drift_size) {
+    let drift = match (
+        args.drift_at,
+        args.drift_model,
+        args.drift_kind,
+        args.drift_size,
+    ) {
         (Some(at), Some(model_id), Some(kind), Some(size)) => Some(Drift {
             at,
             model_id,

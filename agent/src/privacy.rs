@@ -159,7 +159,12 @@ fn flatten(c: &WindowCounts) -> Vec<i64> {
     let mut v = Vec::with_capacity(64);
     v.extend([c.inference_count, c.error_count]);
     v.extend(c.feedback);
-    for h in [&c.latency_ms, &c.confidence, &c.input_tokens, &c.output_tokens] {
+    for h in [
+        &c.latency_ms,
+        &c.confidence,
+        &c.input_tokens,
+        &c.output_tokens,
+    ] {
         v.extend_from_slice(h);
     }
     v.extend_from_slice(&c.labels);
@@ -237,7 +242,10 @@ mod tests {
         let at: DateTime<Utc> = "2026-11-27T10:00:00Z".parse().expect("ts");
         let mut w = Windower::new(60, at);
         let m = ModelKey::new("m", "1");
-        w.register(m.clone(), &ModelSpec::default().with_labels(labels.iter().copied()));
+        w.register(
+            m.clone(),
+            &ModelSpec::default().with_labels(labels.iter().copied()),
+        );
         for _ in 0..events {
             let e = InferenceEvent {
                 latency_ms: 12.0,
@@ -255,17 +263,24 @@ mod tests {
     #[test]
     fn noised_window_is_a_valid_message_with_declared_scales() {
         let p = Privatizer::laplace(1.0).expect("privatizer");
-        let private = p.privatize(closed_window(&["cat", "dog"], 40)).expect("noised");
+        let private = p
+            .privatize(closed_window(&["cat", "dog"], 40))
+            .expect("noised");
         let device = DeviceIdentity {
             device_id: "d".into(),
             fleet: "f".into(),
             agent_version: "0.1.0".into(),
         };
         let report = private.into_report(&device, 7);
-        report.validate().expect("agent output passes the collector's checks");
+        report
+            .validate()
+            .expect("agent output passes the collector's checks");
         assert_eq!(report.privacy.mechanism, Mechanism::Laplace);
         let eps = report.privacy.epsilon.expect("epsilon");
-        assert!((eps - 1.0).abs() < 1e-9, "OpenDP's map gives the configured epsilon, got {eps}");
+        assert!(
+            (eps - 1.0).abs() < 1e-9,
+            "OpenDP's map gives the configured epsilon, got {eps}"
+        );
         assert_eq!(report.privacy.noise_scale["latency_ms"], 7.0);
         assert_eq!(report.privacy.noise_scale.len(), 8);
         assert_eq!(report.categories["label"].len(), 3);
@@ -312,6 +327,9 @@ mod tests {
         assert!(mean.abs() < 5.0 * (variance / n).sqrt(), "mean {mean}");
         // Var of the sample variance ~ (mu4 - sigma^4) / n; for Laplace mu4 = 6 sigma^4.
         let se_var = (5.0 * variance * variance / n).sqrt();
-        assert!((var - variance).abs() < 5.0 * se_var, "variance {var}, expected {variance}");
+        assert!(
+            (var - variance).abs() < 5.0 * se_var,
+            "variance {var}, expected {variance}"
+        );
     }
 }

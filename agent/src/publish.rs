@@ -36,7 +36,10 @@ pub enum PublishError {
 impl PublishError {
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, PublishError::ClientClosed(_) | PublishError::Unacknowledged { .. })
+        matches!(
+            self,
+            PublishError::ClientClosed(_) | PublishError::Unacknowledged { .. }
+        )
     }
 }
 

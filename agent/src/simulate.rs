@@ -131,7 +131,9 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<SimSummary, SimError> {
     if config.windows.is_none() && !config.live {
-        return Err(SimError::Config("without --windows the simulation must be live".into()));
+        return Err(SimError::Config(
+            "without --windows the simulation must be live".into(),
+        ));
     }
     let config = Arc::new(config);
     let mut tasks = tokio::task::JoinSet::new();
@@ -183,12 +185,18 @@ async fn run_device(
         device: device.device_id.clone(),
         source,
     };
-    let mut publisher = Publisher::connect(&config.broker, device.clone(), 0).map_err(publish_error)?;
+    let mut publisher =
+        Publisher::connect(&config.broker, device.clone(), 0).map_err(publish_error)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20));
     let mut windower = Windower::new(config.window_secs, config.start);
     let privatizer = Privatizer::laplace(config.epsilon)?;
     let models: Vec<(ModelKey, ModelProfile)> = (0..config.models)
-        .map(|m| (ModelKey::new(format!("model-{m}"), "1.0.0"), ModelProfile::new(m)))
+        .map(|m| {
+            (
+                ModelKey::new(format!("model-{m}"), "1.0.0"),
+                ModelProfile::new(m),
+            )
+        })
         .collect();
     let spec = ModelSpec::default().with_labels(LABELS);
     for (key, _) in &models {
@@ -287,7 +295,11 @@ impl ModelProfile {
         let lognormal = |median: f64, sigma: f64, rng: &mut ChaCha8Rng| {
             LogNormal::new(median.ln(), sigma).map_or(median, |d| d.sample(rng))
         };
-        let latency_ms = lognormal(self.latency_median_ms * factor(DriftKind::Latency), 0.5, rng);
+        let latency_ms = lognormal(
+            self.latency_median_ms * factor(DriftKind::Latency),
+            0.5,
+            rng,
+        );
         let input_tokens = lognormal(self.input_median * factor(DriftKind::Input), 0.8, rng);
         let output_tokens = lognormal(self.output_median, 0.6, rng);
         let confidence = Beta::new(8.0, 2.0).map_or(0.8, |d| d.sample(rng))

@@ -122,7 +122,10 @@ impl WindowCounts {
             let idx = spec
                 .labels
                 .binary_search_by(|l| l.as_str().cmp(label))
-                .or_else(|_| spec.labels.binary_search_by(|l| l.as_str().cmp(OTHER_LABEL)));
+                .or_else(|_| {
+                    spec.labels
+                        .binary_search_by(|l| l.as_str().cmp(OTHER_LABEL))
+                });
             if let Ok(i) = idx {
                 self.labels[i] += 1;
             }
@@ -207,7 +210,12 @@ impl Windower {
     }
 
     /// Records feedback at time `at`, like [`Windower::record`].
-    pub fn feedback(&mut self, at: DateTime<Utc>, model: &ModelKey, f: Feedback) -> Vec<ClosedWindow> {
+    pub fn feedback(
+        &mut self,
+        at: DateTime<Utc>,
+        model: &ModelKey,
+        f: Feedback,
+    ) -> Vec<ClosedWindow> {
         let closed = self.advance(at);
         self.counts(model).add_feedback(f);
         closed
@@ -285,8 +293,12 @@ mod tests {
     fn windows_are_aligned_and_close_when_time_moves_on() {
         let mut w = Windower::new(60, t("2026-11-27T10:00:30Z"));
         let m = ModelKey::new("m", "1");
-        assert!(w.record(t("2026-11-27T10:00:59Z"), &m, &event(3.0, None)).is_empty());
-        assert!(w.record(t("2026-11-27T10:00:01Z"), &m, &event(7.0, None)).is_empty());
+        assert!(w
+            .record(t("2026-11-27T10:00:59Z"), &m, &event(3.0, None))
+            .is_empty());
+        assert!(w
+            .record(t("2026-11-27T10:00:01Z"), &m, &event(7.0, None))
+            .is_empty());
         let closed = w.record(t("2026-11-27T10:01:00Z"), &m, &event(7.0, None));
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].window_start, t("2026-11-27T10:00:00Z"));
@@ -305,7 +317,10 @@ mod tests {
         w.record(t("2026-11-27T10:00:10Z"), &busy, &event(1.0, None));
         let closed = w.close_due(t("2026-11-27T10:01:00Z"));
         assert_eq!(closed.len(), 2);
-        let idle_window = closed.iter().find(|c| c.model == idle).expect("idle window");
+        let idle_window = closed
+            .iter()
+            .find(|c| c.model == idle)
+            .expect("idle window");
         assert_eq!(idle_window.counts.inference_count, 0);
         assert!(w.close_due(t("2026-11-27T10:01:30Z")).is_empty());
         // Three quiet periods later, each period still yields its windows.

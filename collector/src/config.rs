@@ -200,12 +200,18 @@ mod tests {
         };
         assert!(matches!(
             ServeConfig::resolve(zero),
-            Err(ConfigError::Invalid { key: "flush_interval", .. })
+            Err(ConfigError::Invalid {
+                key: "flush_interval",
+                ..
+            })
         ));
         let bad_broker = ServeFile {
             broker: Some("http://x".into()),
             ..ServeFile::default()
         };
-        assert!(matches!(ServeConfig::resolve(bad_broker), Err(ConfigError::Broker(_))));
+        assert!(matches!(
+            ServeConfig::resolve(bad_broker),
+            Err(ConfigError::Broker(_))
+        ));
     }
 }

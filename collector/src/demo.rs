@@ -65,7 +65,10 @@ pub struct DemoSummary {
 }
 
 /// Runs the demo until `options.duration` passes or `cancel` fires.
-pub async fn run(options: DemoOptions, cancel: CancellationToken) -> Result<DemoSummary, DemoError> {
+pub async fn run(
+    options: DemoOptions,
+    cancel: CancellationToken,
+) -> Result<DemoSummary, DemoError> {
     let broker_addr = start_broker(options.mqtt_listen)?;
     let broker = BrokerUrl {
         host: broker_addr.ip().to_string(),
@@ -94,14 +97,16 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> Result<Demo
     let until = Instant::now() + Duration::from_secs(10);
     while counters.subscriptions.load(Ordering::Relaxed) == 0 {
         if Instant::now() > until || collector.is_finished() {
-            return Err(DemoError::Broker("the collector could not subscribe within 10 s".into()));
+            return Err(DemoError::Broker(
+                "the collector could not subscribe within 10 s".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     let length = TimeDelta::seconds(i64::from(options.window_secs));
-    let backfill_windows = i64::try_from(options.backfill.as_secs() / u64::from(options.window_secs))
-        .unwrap_or(0);
+    let backfill_windows =
+        i64::try_from(options.backfill.as_secs() / u64::from(options.window_secs)).unwrap_or(0);
     let now = Utc::now().timestamp();
     let present = now - now.rem_euclid(i64::from(options.window_secs));
     let start = DateTime::from_timestamp(present, 0).unwrap_or_else(Utc::now)
@@ -148,7 +153,9 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> Result<Demo
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     ticker.tick().await;
     loop {
-        let until_deadline = deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
+        let until_deadline = deadline.map_or(Duration::from_secs(3600), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(until_deadline) => if deadline.is_some() { break },
@@ -209,7 +216,10 @@ fn start_broker(listen: SocketAddr) -> Result<SocketAddr, DemoError> {
     // taken address clearly instead of connecting to someone else's broker.
     let addr = TcpListener::bind(listen)
         .and_then(|l| l.local_addr())
-        .map_err(|source| DemoError::BrokerAddress { addr: listen, source })?;
+        .map_err(|source| DemoError::BrokerAddress {
+            addr: listen,
+            source,
+        })?;
     let config = format!(
         r#"
 id = 0
@@ -248,5 +258,7 @@ next_connection_delay_ms = 0
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(DemoError::Broker(format!("not listening on {addr} after 10 s")))
+    Err(DemoError::Broker(format!(
+        "not listening on {addr} after 10 s"
+    )))
 }

@@ -123,13 +123,16 @@ impl Ingest {
                     *m.entry(reason).or_default() += 1;
                 }
                 let date = received_at.format("%Y-%m-%d").to_string();
-                self.quarantine.entry(date).or_default().push(QuarantinedMessage {
-                    received_at,
-                    topic: topic.to_owned(),
-                    reason,
-                    detail: rejection.to_string(),
-                    payload: payload.to_vec(),
-                });
+                self.quarantine
+                    .entry(date)
+                    .or_default()
+                    .push(QuarantinedMessage {
+                        received_at,
+                        topic: topic.to_owned(),
+                        reason,
+                        detail: rejection.to_string(),
+                        payload: payload.to_vec(),
+                    });
                 Outcome::Quarantined { reason }
             }
         }
@@ -142,13 +145,26 @@ impl Ingest {
         let mut first_error = None;
         let dates: Vec<String> = self.metrics.keys().cloned().collect();
         for date in dates {
-            let Some(mut rows) = self.metrics.remove(&date) else { continue };
+            let Some(mut rows) = self.metrics.remove(&date) else {
+                continue;
+            };
             rows.sort_by(|a, b| {
-                (&a.report.model_id, a.report.window_start, &a.report.device_id)
-                    .cmp(&(&b.report.model_id, b.report.window_start, &b.report.device_id))
+                (
+                    &a.report.model_id,
+                    a.report.window_start,
+                    &a.report.device_id,
+                )
+                    .cmp(&(
+                        &b.report.model_id,
+                        b.report.window_start,
+                        &b.report.device_id,
+                    ))
             });
             let written = schema::metrics_batch(&rows)
-                .map_err(|source| LakeError::Arrow { table: METRICS, source })
+                .map_err(|source| LakeError::Arrow {
+                    table: METRICS,
+                    source,
+                })
                 .and_then(|batch| lake.write(METRICS, &date, &batch));
             match written {
                 Ok(path) => {
@@ -165,9 +181,14 @@ impl Ingest {
         }
         let dates: Vec<String> = self.quarantine.keys().cloned().collect();
         for date in dates {
-            let Some(rows) = self.quarantine.remove(&date) else { continue };
+            let Some(rows) = self.quarantine.remove(&date) else {
+                continue;
+            };
             let written = schema::quarantine_batch(&rows)
-                .map_err(|source| LakeError::Arrow { table: QUARANTINE, source })
+                .map_err(|source| LakeError::Arrow {
+                    table: QUARANTINE,
+                    source,
+                })
                 .and_then(|batch| lake.write(QUARANTINE, &date, &batch));
             match written {
                 Ok(path) => {

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -96,7 +96,12 @@ impl LakeWriter {
 
     /// Writes `batch` as one new file of `table` in partition `date=...`.
     /// Returns the file's path.
-    pub fn write(&self, table: &str, date: &str, batch: &RecordBatch) -> Result<PathBuf, LakeError> {
+    pub fn write(
+        &self,
+        table: &str,
+        date: &str,
+        batch: &RecordBatch,
+    ) -> Result<PathBuf, LakeError> {
         let dir = self.root.join(table).join(format!("date={date}"));
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -115,7 +120,8 @@ impl LakeWriter {
             path: tmp.clone(),
             source,
         };
-        let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(parquet)?;
+        let mut writer =
+            ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(parquet)?;
         writer.write(batch).map_err(parquet)?;
         let file = writer.into_inner().map_err(parquet)?;
         file.sync_all().map_err(io(&tmp))?;
@@ -133,7 +139,11 @@ fn instance_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    format!("{:x}{:05x}", nanos & 0xffff_ffff_ffff, std::process::id() & 0xfffff)
+    format!(
+        "{:x}{:05x}",
+        nanos & 0xffff_ffff_ffff,
+        std::process::id() & 0xfffff
+    )
 }
 
 /// Registers the lake's tables in `ctx`, creating empty directories if the
@@ -168,6 +178,7 @@ async fn register_table(
         .with_listing_options(options)
         .with_schema(file_schema);
     let listing = ListingTable::try_new(config).map_err(register)?;
-    ctx.register_table(table, Arc::new(listing)).map_err(register)?;
+    ctx.register_table(table, Arc::new(listing))
+        .map_err(register)?;
     Ok(())
 }

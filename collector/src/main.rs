@@ -192,7 +192,13 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     let lake = LakeWriter::open(&config.data_dir)?;
     tracing::info!(data_dir = %config.data_dir.display(), "lake opened");
     let shutdown = shutdown_on_signal()?;
-    subscriber::run(config.subscriber, lake, std::sync::Arc::new(Counters::default()), shutdown).await?;
+    subscriber::run(
+        config.subscriber,
+        lake,
+        std::sync::Arc::new(Counters::default()),
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

@@ -124,10 +124,12 @@ pub async fn run(
         }
     })
     .await;
-    ingest.flush(&lake).map_err(|source| SubscriberError::FinalFlush {
-        pending: ingest.pending(),
-        source,
-    })?;
+    ingest
+        .flush(&lake)
+        .map_err(|source| SubscriberError::FinalFlush {
+            pending: ingest.pending(),
+            source,
+        })?;
     tracing::info!("collector stopped; everything received is in the lake");
     Ok(())
 }

@@ -79,7 +79,17 @@ impl Mosquitto {
 
     fn publish(&self, topic: &str, payload_file: &Path) {
         let status = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic, "-f"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-f",
+            ])
             .arg(payload_file)
             .status()
             .expect("mosquitto_pub must be installed (apt-get install mosquitto-clients)");
@@ -103,7 +113,13 @@ struct Collector {
 impl Collector {
     fn serve(broker: &BrokerUrl, data_dir: &Path, client_id: &str) -> Self {
         let mut child = Command::new(COLLECTOR)
-            .args(["serve", "--broker", &broker.to_string(), "--client-id", client_id])
+            .args([
+                "serve",
+                "--broker",
+                &broker.to_string(),
+                "--client-id",
+                client_id,
+            ])
             .args(["--flush-interval", "300ms", "--data-dir"])
             .arg(data_dir)
             .env("RUST_LOG", "info")
@@ -133,7 +149,10 @@ impl Collector {
                 Err(_) => break,
             }
         }
-        panic!("collector never logged {needle:?}; log so far:\n{}", seen.join("\n"));
+        panic!(
+            "collector never logged {needle:?}; log so far:\n{}",
+            seen.join("\n")
+        );
     }
 
     fn is_running(&mut self) -> bool {
@@ -143,15 +162,24 @@ impl Collector {
     /// SIGTERM, then the exit status must be 0.
     fn terminate(mut self) {
         let pid = self.child.id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
         assert!(status.success());
         let until = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "collector exited with {status} after SIGTERM");
+                assert!(
+                    status.success(),
+                    "collector exited with {status} after SIGTERM"
+                );
                 return;
             }
-            assert!(Instant::now() < until, "collector did not exit after SIGTERM");
+            assert!(
+                Instant::now() < until,
+                "collector did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -271,12 +299,22 @@ fn agent_windows_reach_the_lake_exactly_once() {
     assert_eq!(per_device_seq.len(), devices as usize);
     for row in per_device_seq {
         let per_device = u64::from(models) * windows;
-        assert_eq!(row[1..], ["0".to_string(), (per_device - 1).to_string(), per_device.to_string()]);
+        assert_eq!(
+            row[1..],
+            [
+                "0".to_string(),
+                (per_device - 1).to_string(),
+                per_device.to_string()
+            ]
+        );
     }
     let files = parquet_files(&data.path().join("metrics"));
     assert!(!files.is_empty());
     assert!(
-        files.iter().all(|f| f.parent().and_then(|p| p.file_name()).is_some_and(|n| n.to_string_lossy().starts_with("date="))),
+        files.iter().all(|f| f
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n.to_string_lossy().starts_with("date="))),
         "files are in date= partitions: {files:?}"
     );
     let quarantined = query(data.path(), "SELECT count(*) FROM quarantine");
@@ -291,8 +329,10 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
     let mut collector = Collector::serve(&broker.url(), data.path(), "e2e-manual");
 
     // The example of docs/wire-format.md, moved to a recent window.
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/wire-format.md"))
-        .expect("docs/wire-format.md");
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/wire-format.md"),
+    )
+    .expect("docs/wire-format.md");
     let start = doc.find("```json\n").expect("json block") + "```json\n".len();
     let end = start + doc[start..].find("```").expect("end of block");
     let recent = recent_window_start(60, 2).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -313,12 +353,34 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
     };
     let malformed: Vec<(&str, Vec<u8>, &str)> = vec![
         ("not json", b"{ this is not json".to_vec(), "invalid_json"),
-        ("unknown version", variant(&|v| v["schema_version"] = 99.into()), "unsupported_schema_version"),
-        ("wrong type", variant(&|v| v["inference_count"] = "many".into()), "schema_violation"),
-        ("missing field", variant(&|v| { v.as_object_mut().map(|o| o.remove("latency_ms")); }), "schema_violation"),
+        (
+            "unknown version",
+            variant(&|v| v["schema_version"] = 99.into()),
+            "unsupported_schema_version",
+        ),
+        (
+            "wrong type",
+            variant(&|v| v["inference_count"] = "many".into()),
+            "schema_violation",
+        ),
+        (
+            "missing field",
+            variant(&|v| {
+                v.as_object_mut().map(|o| o.remove("latency_ms"));
+            }),
+            "schema_violation",
+        ),
         ("too large", vec![b' '; 70 * 1024], "payload_too_large"),
-        ("device mismatch", variant(&|v| v["device_id"] = "someone-else".into()), "topic_mismatch"),
-        ("ancient", variant(&|v| v["window_start"] = "2001-01-01T00:00:00Z".into()), "timestamp_out_of_range"),
+        (
+            "device mismatch",
+            variant(&|v| v["device_id"] = "someone-else".into()),
+            "topic_mismatch",
+        ),
+        (
+            "ancient",
+            variant(&|v| v["window_start"] = "2001-01-01T00:00:00Z".into()),
+            "timestamp_out_of_range",
+        ),
     ];
     for (i, (what, body, _)) in malformed.iter().enumerate() {
         broker.publish(topic, &write(&format!("bad-{i}.json"), body));
@@ -326,12 +388,18 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
     }
     // Still healthy: one more valid message, seq 2, is stored too.
     doc_json["seq"] = 2.into();
-    broker.publish(topic, &write("good-2.json", &serde_json::to_vec(&doc_json).expect("json")));
+    broker.publish(
+        topic,
+        &write("good-2.json", &serde_json::to_vec(&doc_json).expect("json")),
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert!(collector.is_running());
     collector.terminate();
 
-    let stored = query(data.path(), "SELECT seq, inference_count, latency_ms_b01 FROM metrics ORDER BY seq");
+    let stored = query(
+        data.path(),
+        "SELECT seq, inference_count, latency_ms_b01 FROM metrics ORDER BY seq",
+    );
     assert_eq!(stored, vec![vec!["1", "4", "2"], vec!["2", "4", "2"]]);
     let reasons = query(
         data.path(),
@@ -352,14 +420,30 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
         "SELECT payload_bytes, device_id, length(detail) > 10 AS has_detail FROM quarantine \
          WHERE reason = 'payload_too_large'",
     );
-    assert_eq!(kept, vec![vec![(70 * 1024).to_string(), "kiosk-0007".into(), "true".into()]]);
+    assert_eq!(
+        kept,
+        vec![vec![
+            (70 * 1024).to_string(),
+            "kiosk-0007".into(),
+            "true".into()
+        ]]
+    );
 }
 
 #[test]
 fn demo_runs_and_leaves_a_queryable_lake() {
     let data = tempfile::tempdir().expect("tempdir");
     let out = Command::new(COLLECTOR)
-        .args(["demo", "--duration", "10s", "--devices", "4", "--backfill", "20m", "--data-dir"])
+        .args([
+            "demo",
+            "--duration",
+            "10s",
+            "--devices",
+            "4",
+            "--backfill",
+            "20m",
+            "--data-dir",
+        ])
         .arg(data.path())
         .output()
         .expect("run demo");
@@ -369,7 +453,10 @@ fn demo_runs_and_leaves_a_queryable_lake() {
         "demo failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("driftline-collector query"), "demo prints how to query: {stdout}");
+    assert!(
+        stdout.contains("driftline-collector query"),
+        "demo prints how to query: {stdout}"
+    );
     assert!(!parquet_files(&data.path().join("metrics")).is_empty());
     // 4 devices x 2 models x 20 backfilled windows at least.
     let rows = query(
@@ -388,5 +475,9 @@ fn demo_runs_and_leaves_a_queryable_lake() {
         data.path(),
         &format!("SELECT count(*) FROM metrics WHERE window_start < TIMESTAMP '{since}'"),
     );
-    assert_eq!(recent, vec![vec!["0".to_string()]], "event time ends at the present");
+    assert_eq!(
+        recent,
+        vec![vec!["0".to_string()]],
+        "event time ends at the present"
+    );
 }

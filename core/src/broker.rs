@@ -74,9 +74,15 @@ mod tests {
     #[test]
     fn parses_the_documented_forms() {
         let u: BrokerUrl = "mqtt://127.0.0.1:18830".parse().expect("valid");
-        assert_eq!((u.host.as_str(), u.port, u.tls), ("127.0.0.1", 18830, false));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.tls),
+            ("127.0.0.1", 18830, false)
+        );
         let u: BrokerUrl = "mqtts://broker.example".parse().expect("valid");
-        assert_eq!((u.host.as_str(), u.port, u.tls), ("broker.example", 8883, true));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.tls),
+            ("broker.example", 8883, true)
+        );
         let u: BrokerUrl = "mqtt://[::1]:1884".parse().expect("valid");
         assert_eq!((u.host.as_str(), u.port), ("::1", 1884));
         assert_eq!(u.to_string(), "mqtt://[::1]:1884");
@@ -84,9 +90,21 @@ mod tests {
 
     #[test]
     fn refuses_other_forms() {
-        assert!(matches!("tcp://h:1".parse::<BrokerUrl>(), Err(BrokerUrlError::Scheme(_))));
-        assert!(matches!("mqtt://h:port".parse::<BrokerUrl>(), Err(BrokerUrlError::Port(_))));
-        assert!(matches!("mqtt://:1883".parse::<BrokerUrl>(), Err(BrokerUrlError::NoHost(_))));
-        assert!(matches!("mqtt://h:99999".parse::<BrokerUrl>(), Err(BrokerUrlError::Port(_))));
+        assert!(matches!(
+            "tcp://h:1".parse::<BrokerUrl>(),
+            Err(BrokerUrlError::Scheme(_))
+        ));
+        assert!(matches!(
+            "mqtt://h:port".parse::<BrokerUrl>(),
+            Err(BrokerUrlError::Port(_))
+        ));
+        assert!(matches!(
+            "mqtt://:1883".parse::<BrokerUrl>(),
+            Err(BrokerUrlError::NoHost(_))
+        ));
+        assert!(matches!(
+            "mqtt://h:99999".parse::<BrokerUrl>(),
+            Err(BrokerUrlError::Port(_))
+        ));
     }
 }

@@ -17,8 +17,8 @@ pub const MAX_BUCKETS: usize = 16;
 
 /// Default latency buckets, milliseconds (16 buckets, roughly 1-2-5 steps).
 pub const LATENCY_MS_EDGES: [f64; 17] = [
-    0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1_000.0, 2_000.0, 5_000.0,
-    10_000.0, 20_000.0, 50_000.0, 100_000.0,
+    0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1_000.0, 2_000.0, 5_000.0, 10_000.0,
+    20_000.0, 50_000.0, 100_000.0,
 ];
 
 /// Default output-confidence buckets (10 buckets of width 0.1 over 0..1).

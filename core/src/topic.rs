@@ -81,7 +81,9 @@ pub enum IdentifierError {
 /// Identifiers (fleet, device id, model id) are 1 to 128 characters from
 /// `[A-Za-z0-9._:-]`: safe as MQTT topic levels, file names and SQL literals.
 pub fn check_identifier(s: &str) -> Result<(), IdentifierError> {
-    check_chars(s, |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+    check_chars(s, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+    })
 }
 
 /// Versions (model version, agent version) also allow `+` for semver build

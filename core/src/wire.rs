@@ -181,7 +181,10 @@ pub enum Rejection {
         expected: String,
     },
     #[error("{field} {problem}")]
-    InvalidField { field: String, problem: FieldProblem },
+    InvalidField {
+        field: String,
+        problem: FieldProblem,
+    },
     #[error("window_start {window_start} is outside the accepted range {earliest} .. {latest}")]
     TimestampOutOfRange {
         window_start: DateTime<Utc>,
@@ -224,7 +227,11 @@ pub enum FieldProblem {
     #[error("has {counts} counts for {edges} edges (need edges - 1)")]
     CountsMismatch { counts: usize, edges: usize },
     #[error("is {value}, outside {min} ..= {max}")]
-    OutOfRange { value: String, min: String, max: String },
+    OutOfRange {
+        value: String,
+        min: String,
+        max: String,
+    },
     #[error("is not aligned to the window length ({window_secs} s since the Unix epoch)")]
     Misaligned { window_secs: u32 },
     #[error("is negative ({value}) although the mechanism is \"none\"")]
@@ -562,10 +569,17 @@ impl WindowReport {
             counts.extend(h.counts.iter().map(|c| (format!("{name}.counts"), *c)));
         }
         for (name, h) in &self.custom {
-            counts.extend(h.counts.iter().map(|c| (format!("custom.{name}.counts"), *c)));
+            counts.extend(
+                h.counts
+                    .iter()
+                    .map(|c| (format!("custom.{name}.counts"), *c)),
+            );
         }
         for (name, cats) in &self.categories {
-            counts.extend(cats.iter().map(|(k, c)| (format!("categories.{name}.{k}"), *c)));
+            counts.extend(
+                cats.iter()
+                    .map(|(k, c)| (format!("categories.{name}.{k}"), *c)),
+            );
         }
         match counts.into_iter().find(|(_, c)| *c < 0) {
             Some((field, value)) => Err(Rejection::field(

@@ -10,7 +10,9 @@ use driftline_core::topic;
 use driftline_core::wire::{self, Mechanism, TimeBounds, WindowReport};
 
 fn fixtures(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1").join(kind);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/v1")
+        .join(kind);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|e| e.expect("dir entry").path())
@@ -42,7 +44,9 @@ fn valid_fixtures_decode_and_round_trip() {
         let mut original: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
         // Timestamps are normalised to UTC with a `Z` suffix on encoding.
         original["window_start"] = serde_json::Value::String(
-            report.window_start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            report
+                .window_start
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         );
         assert_eq!(again, normalise_numbers(original), "{}", path.display());
         assert_eq!(wire::decode(&encoded).expect("decode again"), report);
@@ -59,12 +63,16 @@ fn normalise_numbers(v: serde_json::Value) -> serde_json::Value {
 #[test]
 fn golden_values_of_the_laplace_fixture() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1/valid/laplace.json");
-    let report = wire::accept(TOPIC, &std::fs::read(path).expect("read"), &bounds()).expect("valid");
+    let report =
+        wire::accept(TOPIC, &std::fs::read(path).expect("read"), &bounds()).expect("valid");
     assert_eq!(report.device_id, "kiosk-0007");
     assert_eq!(report.seq, 1042);
     assert_eq!(report.privacy.mechanism, Mechanism::Laplace);
     assert_eq!(report.privacy.epsilon, Some(1.0));
-    assert_eq!(report.error_count, -3, "noised counts stay negative, unclamped");
+    assert_eq!(
+        report.error_count, -3,
+        "noised counts stay negative, unclamped"
+    );
     assert_eq!(report.latency_ms.counts.len(), 16);
     assert_eq!(report.categories["label"]["billing"], 21);
     assert_eq!(report.noised_fields().len(), 8);

@@ -134,19 +134,34 @@ pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
     let (mut model_version, mut agent_version, mut mechanism) = (text(), text(), text());
     let (mut window_secs, mut schema_version) = (Int32Builder::new(), Int32Builder::new());
     let mut seq = Int64Builder::new();
-    let (mut epsilon, mut delta, mut rho) = (Float64Builder::new(), Float64Builder::new(), Float64Builder::new());
+    let (mut epsilon, mut delta, mut rho) = (
+        Float64Builder::new(),
+        Float64Builder::new(),
+        Float64Builder::new(),
+    );
     let mut counts: [Int64Builder; 5] = Default::default();
     let mut scales: [Float64Builder; 3] = Default::default();
-    let mut hist_edges: Vec<ListBuilder<Float64Builder>> =
-        HISTOGRAMS.iter().map(|_| ListBuilder::new(Float64Builder::new())).collect();
+    let mut hist_edges: Vec<ListBuilder<Float64Builder>> = HISTOGRAMS
+        .iter()
+        .map(|_| ListBuilder::new(Float64Builder::new()))
+        .collect();
     let mut hist_buckets: Vec<Vec<Int64Builder>> = HISTOGRAMS
         .iter()
-        .map(|_| (0..MAX_BUCKETS).map(|_| Int64Builder::with_capacity(n)).collect())
+        .map(|_| {
+            (0..MAX_BUCKETS)
+                .map(|_| Int64Builder::with_capacity(n))
+                .collect()
+        })
         .collect();
-    let mut hist_scales: Vec<Float64Builder> = HISTOGRAMS.iter().map(|_| Float64Builder::new()).collect();
+    let mut hist_scales: Vec<Float64Builder> =
+        HISTOGRAMS.iter().map(|_| Float64Builder::new()).collect();
     let (mut custom, mut categories, mut noise_scale) = (text(), text(), text());
 
-    for StoredWindow { received_at: at, report: r } in rows {
+    for StoredWindow {
+        received_at: at,
+        report: r,
+    } in rows
+    {
         received_at.append_value(micros(*at));
         window_start.append_value(micros(r.window_start));
         device_id.append_value(&r.device_id);
@@ -172,10 +187,18 @@ pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
             b.append_value(v);
         }
         let scale = |name: &str| r.privacy.noise_scale.get(name).copied();
-        for (b, name) in scales.iter_mut().zip(["inference_count", "error_count", "feedback"]) {
+        for (b, name) in scales
+            .iter_mut()
+            .zip(["inference_count", "error_count", "feedback"])
+        {
             b.append_option(scale(name));
         }
-        let hists: [&Histogram; 4] = [&r.latency_ms, &r.confidence, &r.input_tokens, &r.output_tokens];
+        let hists: [&Histogram; 4] = [
+            &r.latency_ms,
+            &r.confidence,
+            &r.input_tokens,
+            &r.output_tokens,
+        ];
         for (k, h) in hists.iter().enumerate() {
             hist_edges[k].append_value(h.edges.iter().map(|e| Some(*e)));
             for (i, b) in hist_buckets[k].iter_mut().enumerate() {
@@ -211,7 +234,11 @@ pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
     columns.extend(scales.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
     for k in 0..HISTOGRAMS.len() {
         columns.push(Arc::new(hist_edges[k].finish()));
-        columns.extend(hist_buckets[k].iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        columns.extend(
+            hist_buckets[k]
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
         columns.push(Arc::new(hist_scales[k].finish()));
     }
     columns.push(Arc::new(custom.finish()));
