@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, TimeDelta, Utc};
 use clap::{Parser, Subcommand};
+use driftline_agent::privacy::MechanismConfig;
 use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
@@ -54,9 +55,19 @@ struct SimulateArgs {
     /// Seed of the synthetic events (the privacy noise is never seeded).
     #[arg(long, env = "DRIFTLINE_SEED", default_value_t = 0)]
     seed: u64,
-    /// Epsilon spent per published window (discrete Laplace).
+    /// Privacy mechanism: laplace (pure epsilon-DP) or gaussian (rho-zCDP).
+    #[arg(long, env = "DRIFTLINE_MECHANISM", default_value = "laplace",
+          value_parser = ["laplace", "gaussian"])]
+    mechanism: String,
+    /// Epsilon spent per published window (laplace).
     #[arg(long, env = "DRIFTLINE_EPSILON", default_value_t = 1.0)]
     epsilon: f64,
+    /// zCDP rho spent per published window (gaussian).
+    #[arg(long, env = "DRIFTLINE_RHO", default_value_t = 0.5)]
+    rho: f64,
+    /// Delta of the (epsilon, delta) guarantee reported for gaussian.
+    #[arg(long, env = "DRIFTLINE_DELTA", default_value_t = 1e-6)]
+    delta: f64,
     /// Fleet name used in topics and messages.
     #[arg(long, env = "DRIFTLINE_FLEET", default_value = "sim")]
     fleet: String,
@@ -138,7 +149,15 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         window_secs: args.window_secs,
         start,
         seed: args.seed,
-        epsilon: args.epsilon,
+        mechanism: match args.mechanism.as_str() {
+            "gaussian" => MechanismConfig::Gaussian {
+                rho: args.rho,
+                delta: args.delta,
+            },
+            _ => MechanismConfig::Laplace {
+                epsilon: args.epsilon,
+            },
+        },
         events_per_window: args.events_per_window,
         drift,
         live: args.live,

@@ -19,10 +19,11 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use driftline_core::wire::{self, Histogram, Mechanism, Privacy, WindowReport};
+use opendp::combinators::make_zCDP_to_approxDP;
 use opendp::domains::{AtomDomain, VectorDomain};
-use opendp::measurements::make_laplace;
-use opendp::measures::MaxDivergence;
-use opendp::metrics::L1Distance;
+use opendp::measurements::{make_gaussian, make_laplace};
+use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
+use opendp::metrics::{L1Distance, L2Distance};
 
 use crate::window::{ClosedWindow, ModelKey, WindowCounts, LABEL_FEATURE};
 
@@ -31,6 +32,10 @@ use crate::window::{ClosedWindow, ModelKey, WindowCounts, LABEL_FEATURE};
 pub enum PrivacyError {
     #[error("epsilon per window must be a finite number > 0, got {0}")]
     BadEpsilon(f64),
+    #[error("rho per window must be a finite number > 0, got {0}")]
+    BadRho(f64),
+    #[error("delta must lie strictly between 0 and 1, got {0}")]
+    BadDelta(f64),
     #[error("OpenDP refused the {step}: {message}")]
     OpenDp { step: &'static str, message: String },
 }
@@ -42,66 +47,130 @@ fn opendp_error(step: &'static str) -> impl Fn(opendp::error::Error) -> PrivacyE
     }
 }
 
-/// Turns exact windows into noised ones, spending `epsilon` per window.
+/// Which mechanism noises the counts, and its per-window budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MechanismConfig {
+    /// Discrete Laplace, pure `epsilon`-DP per window.
+    Laplace { epsilon: f64 },
+    /// Discrete Gaussian, `rho`-zCDP per window; `delta` is only used to
+    /// report the equivalent (epsilon, delta) guarantee on the wire.
+    Gaussian { rho: f64, delta: f64 },
+}
+
+/// Turns exact windows into noised ones, spending the configured budget
+/// per window.
 ///
 /// OpenDP measurements are not `Send`, so one is built for each window (a
 /// cheap constructor) rather than kept across awaits.
 #[derive(Debug, Clone)]
 pub struct Privatizer {
-    epsilon: f64,
+    mechanism: MechanismConfig,
 }
 
 impl Privatizer {
     /// Discrete Laplace noise with pure `epsilon`-DP per window.
     pub fn laplace(epsilon: f64) -> Result<Self, PrivacyError> {
-        if !(epsilon.is_finite() && epsilon > 0.0) {
-            return Err(PrivacyError::BadEpsilon(epsilon));
+        Privatizer::new(MechanismConfig::Laplace { epsilon })
+    }
+
+    /// A privatizer for `mechanism`, after checking its parameters.
+    pub fn new(mechanism: MechanismConfig) -> Result<Self, PrivacyError> {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        match mechanism {
+            MechanismConfig::Laplace { epsilon } if !positive(epsilon) => {
+                Err(PrivacyError::BadEpsilon(epsilon))
+            }
+            MechanismConfig::Gaussian { rho, .. } if !positive(rho) => {
+                Err(PrivacyError::BadRho(rho))
+            }
+            MechanismConfig::Gaussian { delta, .. } if !(positive(delta) && delta < 1.0) => {
+                Err(PrivacyError::BadDelta(delta))
+            }
+            _ => Ok(Privatizer { mechanism }),
         }
-        Ok(Privatizer { epsilon })
     }
 
-    /// Epsilon spent by each published window.
-    pub fn epsilon(&self) -> f64 {
-        self.epsilon
+    pub fn mechanism(&self) -> MechanismConfig {
+        self.mechanism
     }
 
-    /// The Laplace scale `b` used for a window with this L1 sensitivity.
+    /// The noise scale used for a window with this L1 sensitivity: the
+    /// Laplace `b = Δ / epsilon`, or the Gaussian `sigma = sqrt(Δ / (2 rho))`
+    /// (the L2 sensitivity is `sqrt(Δ)`: Δ counts move by one each).
     pub fn scale_for(&self, sensitivity: i64) -> f64 {
-        sensitivity as f64 / self.epsilon
+        let delta = sensitivity as f64;
+        match self.mechanism {
+            MechanismConfig::Laplace { epsilon } => delta / epsilon,
+            MechanismConfig::Gaussian { rho, .. } => (delta / (2.0 * rho)).sqrt(),
+        }
+    }
+
+    /// Adds noise to `counts` and returns them with the privacy block.
+    fn noise(
+        &self,
+        counts: &[i64],
+        sensitivity: i64,
+        fields: Vec<String>,
+    ) -> Result<(Vec<i64>, Privacy), PrivacyError> {
+        let scale = self.scale_for(sensitivity);
+        let noise_scale = fields.into_iter().map(|f| (f, scale)).collect();
+        match self.mechanism {
+            MechanismConfig::Laplace { .. } => {
+                let m = make_laplace::<_, _, MaxDivergence>(
+                    VectorDomain::new(AtomDomain::<i64>::default()),
+                    L1Distance::<i64>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(opendp_error("Laplace measurement"))?;
+                let epsilon = m.map(&sensitivity).map_err(opendp_error("privacy map"))?;
+                let noised = m
+                    .invoke(&counts.to_vec())
+                    .map_err(opendp_error("noise sampling"))?;
+                let privacy = Privacy {
+                    mechanism: Mechanism::Laplace,
+                    epsilon: Some(epsilon),
+                    delta: None,
+                    rho: None,
+                    noise_scale,
+                };
+                Ok((noised, privacy))
+            }
+            MechanismConfig::Gaussian { delta, .. } => {
+                // The next f64 above sqrt(Δ), so rounding never understates it.
+                let l2 = f64::from_bits((sensitivity as f64).sqrt().to_bits() + 1);
+                let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+                    VectorDomain::new(AtomDomain::<i64>::default()),
+                    L2Distance::<f64>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(opendp_error("Gaussian measurement"))?;
+                let rho = m.map(&l2).map_err(opendp_error("privacy map"))?;
+                let noised = m
+                    .invoke(&counts.to_vec())
+                    .map_err(opendp_error("noise sampling"))?;
+                let epsilon = make_zCDP_to_approxDP(m)
+                    .and_then(|approx| approx.map(&l2))
+                    .and_then(|profile| profile.epsilon(delta))
+                    .map_err(opendp_error("zCDP to (epsilon, delta) conversion"))?;
+                let privacy = Privacy {
+                    mechanism: Mechanism::Gaussian,
+                    epsilon: Some(epsilon),
+                    delta: Some(delta),
+                    rho: Some(rho),
+                    noise_scale,
+                };
+                Ok((noised, privacy))
+            }
+        }
     }
 
     /// Noises every count of `window`.
     pub fn privatize(&self, window: ClosedWindow) -> Result<PrivateWindow, PrivacyError> {
         let c = &window.counts;
-        let sensitivity = sensitivity(c);
-        let scale = self.scale_for(sensitivity);
-        let measurement = make_laplace::<_, _, MaxDivergence>(
-            VectorDomain::new(AtomDomain::<i64>::default()),
-            L1Distance::<i64>::default(),
-            scale,
-            None,
-        )
-        .map_err(opendp_error("Laplace measurement"))?;
-        let spent = measurement
-            .map(&sensitivity)
-            .map_err(opendp_error("privacy map"))?;
-        let noised = measurement
-            .invoke(&flatten(c))
-            .map_err(opendp_error("noise sampling"))?;
-        let mut values = noised.into_iter();
-        let mut next = |n: usize| -> Vec<i64> { values.by_ref().take(n).collect() };
-        let head = next(5);
         let spec = &c.spec;
-        let hist = |edges: &[f64], counts: Vec<i64>| Histogram {
-            edges: edges.to_vec(),
-            counts,
-        };
-        let latency_ms = hist(&spec.latency_ms_edges, next(c.latency_ms.len()));
-        let confidence = hist(&spec.confidence_edges, next(c.confidence.len()));
-        let input_tokens = hist(&spec.input_tokens_edges, next(c.input_tokens.len()));
-        let output_tokens = hist(&spec.output_tokens_edges, next(c.output_tokens.len()));
-        let mut categories = BTreeMap::new();
-        let mut fields = vec![
+        let mut fields: Vec<String> = [
             "inference_count",
             "error_count",
             "feedback",
@@ -112,27 +181,36 @@ impl Privatizer {
         ]
         .into_iter()
         .map(str::to_owned)
-        .collect::<Vec<_>>();
+        .collect();
+        if !spec.labels.is_empty() {
+            fields.push(format!("categories.{LABEL_FEATURE}"));
+        }
+        let (noised, privacy) = self.noise(&flatten(c), sensitivity(c), fields)?;
+        let mut values = noised.into_iter();
+        let mut next = |n: usize| -> Vec<i64> { values.by_ref().take(n).collect() };
+        let head = next(5);
+        let hist = |edges: &[f64], counts: Vec<i64>| Histogram {
+            edges: edges.to_vec(),
+            counts,
+        };
+        let latency_ms = hist(&spec.latency_ms_edges, next(c.latency_ms.len()));
+        let confidence = hist(&spec.confidence_edges, next(c.confidence.len()));
+        let input_tokens = hist(&spec.input_tokens_edges, next(c.input_tokens.len()));
+        let output_tokens = hist(&spec.output_tokens_edges, next(c.output_tokens.len()));
+        let mut categories = BTreeMap::new();
         if !spec.labels.is_empty() {
             let counts = next(spec.labels.len());
             categories.insert(
                 LABEL_FEATURE.to_owned(),
                 spec.labels.iter().cloned().zip(counts).collect(),
             );
-            fields.push(format!("categories.{LABEL_FEATURE}"));
         }
         let get = |i: usize| head.get(i).copied().unwrap_or(0);
         Ok(PrivateWindow {
             model: window.model,
             window_start: window.window_start,
             window_secs: window.window_secs,
-            privacy: Privacy {
-                mechanism: Mechanism::Laplace,
-                epsilon: Some(spent),
-                delta: None,
-                rho: None,
-                noise_scale: fields.into_iter().map(|f| (f, scale)).collect(),
-            },
+            privacy,
             inference_count: get(0),
             error_count: get(1),
             feedback: wire::Feedback {
@@ -295,41 +373,98 @@ mod tests {
         assert!(Privatizer::laplace(f64::NAN).is_err());
     }
 
-    #[test]
-    fn laplace_noise_matches_its_scale() {
-        // Discrete Laplace with scale b: mean 0, variance
-        // 2 e^(-1/b) / (1 - e^(-1/b))^2. Over n draws the sample mean and
-        // variance must lie within 5 standard errors (false failure ~1e-6).
-        let epsilon = 2.0;
-        let p = Privatizer::laplace(epsilon).expect("privatizer");
-        let b = p.scale_for(6);
-        let q = (-1.0 / b).exp();
-        let variance = 2.0 * q / (1.0 - q).powi(2);
-        let mut draws = Vec::new();
-        while draws.len() < 40_000 {
+    fn device() -> DeviceIdentity {
+        DeviceIdentity {
+            device_id: "d".into(),
+            fleet: "f".into(),
+            agent_version: "0".into(),
+        }
+    }
+
+    /// Noise draws from empty windows (so each count is pure noise).
+    fn draws(p: &Privatizer, n: usize) -> Vec<f64> {
+        let mut out = Vec::with_capacity(n + 20);
+        while out.len() < n {
             let report = p
                 .privatize(closed_window(&[], 0))
                 .expect("noised")
-                .into_report(
-                    &DeviceIdentity {
-                        device_id: "d".into(),
-                        fleet: "f".into(),
-                        agent_version: "0".into(),
-                    },
-                    0,
-                );
-            draws.extend(report.latency_ms.counts.iter().map(|c| *c as f64));
-            draws.push(report.inference_count as f64);
+                .into_report(&device(), 0);
+            out.extend(report.latency_ms.counts.iter().map(|c| *c as f64));
+            out.push(report.inference_count as f64);
         }
+        out
+    }
+
+    /// Sample mean and variance must match the distribution's within 5
+    /// standard errors (a false failure has probability ~1e-6).
+    /// `kurtosis` is mu4 / sigma^4 (6 for Laplace, 3 for Gaussian).
+    fn assert_moments(draws: &[f64], variance: f64, kurtosis: f64) {
         let n = draws.len() as f64;
         let mean = draws.iter().sum::<f64>() / n;
         let var = draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
         assert!(mean.abs() < 5.0 * (variance / n).sqrt(), "mean {mean}");
-        // Var of the sample variance ~ (mu4 - sigma^4) / n; for Laplace mu4 = 6 sigma^4.
-        let se_var = (5.0 * variance * variance / n).sqrt();
+        let se_var = ((kurtosis - 1.0) * variance * variance / n).sqrt();
         assert!(
             (var - variance).abs() < 5.0 * se_var,
             "variance {var}, expected {variance}"
+        );
+    }
+
+    #[test]
+    fn laplace_noise_matches_its_scale() {
+        // Discrete Laplace with scale b: variance 2q / (1 - q)^2, q = e^(-1/b).
+        let p = Privatizer::laplace(2.0).expect("privatizer");
+        let b = p.scale_for(6);
+        assert_eq!(b, 3.0);
+        let q = (-1.0 / b).exp();
+        assert_moments(&draws(&p, 40_000), 2.0 * q / (1.0 - q).powi(2), 6.0);
+    }
+
+    #[test]
+    fn gaussian_noise_matches_its_scale_and_reports_rho() {
+        let p = Privatizer::new(MechanismConfig::Gaussian {
+            rho: 0.5,
+            delta: 1e-6,
+        })
+        .expect("privatizer");
+        let sigma = p.scale_for(6);
+        assert!((sigma - 6f64.sqrt()).abs() < 1e-12);
+        // The discrete Gaussian's variance equals sigma^2 up to e^(-2 pi^2 sigma^2).
+        assert_moments(&draws(&p, 40_000), sigma * sigma, 3.0);
+
+        let report = p
+            .privatize(closed_window(&["cat"], 5))
+            .expect("noised")
+            .into_report(&device(), 3);
+        report.validate().expect("valid message");
+        assert_eq!(report.privacy.mechanism, Mechanism::Gaussian);
+        let rho = report.privacy.rho.expect("rho");
+        assert!((rho - 0.5).abs() < 1e-9, "rho {rho}");
+        let eps = report.privacy.epsilon.expect("epsilon");
+        // rho-zCDP implies (rho + 2 sqrt(rho ln(1/delta)), delta)-DP; OpenDP's
+        // conversion is at least that tight.
+        let classic = 0.5 + 2.0 * (0.5 * (1e6f64).ln()).sqrt();
+        assert!(eps > 0.5 && eps <= classic, "epsilon {eps}");
+        assert_eq!(report.privacy.delta, Some(1e-6));
+    }
+
+    #[test]
+    fn bad_gaussian_parameters_are_refused() {
+        assert_eq!(
+            Privatizer::new(MechanismConfig::Gaussian {
+                rho: -1.0,
+                delta: 1e-6
+            })
+            .err(),
+            Some(PrivacyError::BadRho(-1.0))
+        );
+        assert_eq!(
+            Privatizer::new(MechanismConfig::Gaussian {
+                rho: 1.0,
+                delta: 1.0
+            })
+            .err(),
+            Some(PrivacyError::BadDelta(1.0))
         );
     }
 }

@@ -24,7 +24,7 @@ use rand_distr::{Beta, Distribution, LogNormal, Poisson};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Feedback, InferenceEvent};
-use crate::privacy::{DeviceIdentity, PrivacyError, Privatizer};
+use crate::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, Privatizer};
 use crate::publish::{PublishError, Publisher};
 use crate::window::{ModelKey, ModelSpec, Windower};
 
@@ -87,7 +87,8 @@ pub struct SimConfig {
     pub window_secs: u32,
     pub start: DateTime<Utc>,
     pub seed: u64,
-    pub epsilon: f64,
+    /// Privacy mechanism and per-window budget of every device.
+    pub mechanism: MechanismConfig,
     /// Mean inferences per model and window on each device.
     pub events_per_window: f64,
     pub drift: Option<Drift>,
@@ -189,7 +190,7 @@ async fn run_device(
         Publisher::connect(&config.broker, device.clone(), 0).map_err(publish_error)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20));
     let mut windower = Windower::new(config.window_secs, config.start);
-    let privatizer = Privatizer::laplace(config.epsilon)?;
+    let privatizer = Privatizer::new(config.mechanism)?;
     let models: Vec<(ModelKey, ModelProfile)> = (0..config.models)
         .map(|m| {
             (

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use driftline_agent::privacy::MechanismConfig;
 use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
@@ -122,7 +123,9 @@ pub async fn run(
         window_secs: options.window_secs,
         start,
         seed: 42,
-        epsilon: options.epsilon,
+        mechanism: MechanismConfig::Laplace {
+            epsilon: options.epsilon,
+        },
         events_per_window: 30.0,
         drift: Some(Drift {
             at: drift_at,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use driftline_agent::privacy::MechanismConfig;
 use driftline_agent::simulate::{self, SimConfig, SimProgress};
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
@@ -251,7 +252,7 @@ fn agent_windows_reach_the_lake_exactly_once() {
         window_secs: 60,
         start: recent_window_start(60, 10),
         seed: 7,
-        epsilon: 1.0,
+        mechanism: MechanismConfig::Laplace { epsilon: 1.0 },
         events_per_window: 20.0,
         drift: None,
         live: false,

@@ -1,0 +1,16 @@
+# Multi-stage build of both binaries; the runtime image has only them and libssl.
+FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends libssl-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p driftline-collector -p driftline-agent \
+    && strip target/release/driftline-collector target/release/driftline-agent
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends libssl3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 driftline
+COPY --from=build /src/target/release/driftline-collector /src/target/release/driftline-agent /usr/local/bin/
+USER driftline
+WORKDIR /data
+ENTRYPOINT ["driftline-collector"]
