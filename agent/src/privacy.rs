@@ -319,9 +319,8 @@ mod tests {
     fn closed_window(labels: &[&str], events: usize) -> ClosedWindow {
         let at: DateTime<Utc> = "2026-11-27T10:00:00Z".parse().expect("ts");
         let mut w = Windower::new(60, at);
-        let m = ModelKey::new("m", "1");
-        w.register(
-            m.clone(),
+        let m = w.register(
+            ModelKey::new("m", "1"),
             &ModelSpec::default().with_labels(labels.iter().copied()),
         );
         for _ in 0..events {
@@ -333,7 +332,7 @@ mod tests {
                 error: false,
                 label: Some("cat"),
             };
-            w.record(at, &m, &e);
+            m.record(&e);
         }
         w.close_due(at + chrono::TimeDelta::seconds(60)).remove(0)
     }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::event::{Feedback, InferenceEvent};
 use crate::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, Privatizer};
 use crate::publish::{PublishError, Publisher};
-use crate::window::{ModelKey, ModelSpec, Windower};
+use crate::window::{ModelHandle, ModelKey, ModelSpec, Windower};
 
 /// Labels of the simulated models' `label` feature.
 pub const LABELS: [&str; 4] = ["billing", "cancel", "support", "other"];
@@ -191,18 +191,14 @@ async fn run_device(
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20));
     let mut windower = Windower::new(config.window_secs, config.start);
     let privatizer = Privatizer::new(config.mechanism)?;
-    let models: Vec<(ModelKey, ModelProfile)> = (0..config.models)
+    let spec = ModelSpec::default().with_labels(LABELS);
+    let models: Vec<(String, ModelHandle, ModelProfile)> = (0..config.models)
         .map(|m| {
-            (
-                ModelKey::new(format!("model-{m}"), "1.0.0"),
-                ModelProfile::new(m),
-            )
+            let id = format!("model-{m}");
+            let handle = windower.register(ModelKey::new(id.clone(), "1.0.0"), &spec);
+            (id, handle, ModelProfile::new(m))
         })
         .collect();
-    let spec = ModelSpec::default().with_labels(LABELS);
-    for (key, _) in &models {
-        windower.register(key.clone(), &spec);
-    }
     let length = TimeDelta::seconds(i64::from(config.window_secs));
     let mut w: u64 = 0;
     while config.windows.is_none_or(|n| w < n) && !cancel.is_cancelled() {
@@ -215,22 +211,17 @@ async fn run_device(
                 _ = cancel.cancelled() => break,
             }
         }
-        for (key, profile) in &models {
+        for (model_id, handle, profile) in &models {
             let drift = config
                 .drift
                 .as_ref()
-                .filter(|d| w >= d.at && d.model_id == key.model_id)
+                .filter(|d| w >= d.at && &d.model_id == model_id)
                 .map(|d| (d.kind, d.size));
-            let n = profile.event_count(&mut rng, config.events_per_window);
-            for i in 0..n {
-                // Spread the events evenly over the window.
-                let offset = length.num_milliseconds() * i64::try_from(i).unwrap_or(0)
-                    / i64::try_from(n).unwrap_or(1);
-                let at = start + TimeDelta::milliseconds(offset);
+            for _ in 0..profile.event_count(&mut rng, config.events_per_window) {
                 let (event, feedback) = profile.sample(&mut rng, drift);
-                windower.record(at, key, &event);
+                handle.record(&event);
                 if let Some(f) = feedback {
-                    windower.feedback(at, key, f);
+                    handle.feedback(f);
                 }
             }
         }

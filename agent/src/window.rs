@@ -8,8 +8,10 @@
 //! can only be turned into a message by [`crate::privacy::Privatizer`].
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use driftline_core::histogram::{self, CONFIDENCE_EDGES, LATENCY_MS_EDGES, TOKEN_EDGES};
 
 use crate::event::{Feedback, InferenceEvent};
@@ -88,35 +90,63 @@ pub struct WindowCounts {
     pub(crate) labels: Vec<i64>,
 }
 
-impl WindowCounts {
+/// The live counters of one model's open window: plain atomics, so that
+/// recording takes no lock and allocates nothing.
+#[derive(Debug)]
+struct ModelCells {
+    spec: ModelSpec,
+    inference_count: AtomicI64,
+    error_count: AtomicI64,
+    feedback: [AtomicI64; 3],
+    latency_ms: Box<[AtomicI64]>,
+    confidence: Box<[AtomicI64]>,
+    input_tokens: Box<[AtomicI64]>,
+    output_tokens: Box<[AtomicI64]>,
+    labels: Box<[AtomicI64]>,
+}
+
+fn cells(n: usize) -> Box<[AtomicI64]> {
+    (0..n).map(|_| AtomicI64::new(0)).collect()
+}
+
+fn drain(cells: &[AtomicI64]) -> Vec<i64> {
+    cells.iter().map(|c| c.swap(0, Ordering::Relaxed)).collect()
+}
+
+impl ModelCells {
     fn new(spec: &ModelSpec) -> Self {
-        let zeros = |edges: &[f64]| vec![0; edges.len().saturating_sub(1)];
-        WindowCounts {
-            inference_count: 0,
-            error_count: 0,
-            feedback: [0; 3],
-            latency_ms: zeros(&spec.latency_ms_edges),
-            confidence: zeros(&spec.confidence_edges),
-            input_tokens: zeros(&spec.input_tokens_edges),
-            output_tokens: zeros(&spec.output_tokens_edges),
-            labels: vec![0; spec.labels.len()],
+        let buckets = |edges: &[f64]| cells(edges.len().saturating_sub(1));
+        ModelCells {
+            inference_count: AtomicI64::new(0),
+            error_count: AtomicI64::new(0),
+            feedback: [AtomicI64::new(0), AtomicI64::new(0), AtomicI64::new(0)],
+            latency_ms: buckets(&spec.latency_ms_edges),
+            confidence: buckets(&spec.confidence_edges),
+            input_tokens: buckets(&spec.input_tokens_edges),
+            output_tokens: buckets(&spec.output_tokens_edges),
+            labels: cells(spec.labels.len()),
             spec: spec.clone(),
         }
     }
 
-    fn add(&mut self, e: &InferenceEvent<'_>) {
+    fn add(&self, e: &InferenceEvent<'_>) {
         let spec = &self.spec;
-        self.inference_count += 1;
-        self.error_count += i64::from(e.error);
-        self.latency_ms[histogram::bucket_index(&spec.latency_ms_edges, e.latency_ms)] += 1;
+        let bump = |c: &AtomicI64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
+        bump(&self.inference_count);
+        if e.error {
+            bump(&self.error_count);
+        }
+        bump(&self.latency_ms[histogram::bucket_index(&spec.latency_ms_edges, e.latency_ms)]);
         // A model without a confidence still counts the event, in bucket 0,
         // so that every event moves every histogram by exactly one.
         let confidence = e.confidence.unwrap_or(0.0);
-        self.confidence[histogram::bucket_index(&spec.confidence_edges, confidence)] += 1;
+        bump(&self.confidence[histogram::bucket_index(&spec.confidence_edges, confidence)]);
         let input = f64::from(e.input_tokens);
-        self.input_tokens[histogram::bucket_index(&spec.input_tokens_edges, input)] += 1;
+        bump(&self.input_tokens[histogram::bucket_index(&spec.input_tokens_edges, input)]);
         let output = f64::from(e.output_tokens);
-        self.output_tokens[histogram::bucket_index(&spec.output_tokens_edges, output)] += 1;
+        bump(&self.output_tokens[histogram::bucket_index(&spec.output_tokens_edges, output)]);
         if !spec.labels.is_empty() {
             let label = e.label.unwrap_or(OTHER_LABEL);
             let idx = spec
@@ -127,18 +157,50 @@ impl WindowCounts {
                         .binary_search_by(|l| l.as_str().cmp(OTHER_LABEL))
                 });
             if let Ok(i) = idx {
-                self.labels[i] += 1;
+                bump(&self.labels[i]);
             }
         }
     }
 
-    fn add_feedback(&mut self, f: Feedback) {
+    fn add_feedback(&self, f: Feedback) {
         let i = match f {
             Feedback::Positive => 0,
             Feedback::Negative => 1,
             Feedback::Correction => 2,
         };
-        self.feedback[i] += 1;
+        self.feedback[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the counts so far and resets them to zero. An event recorded
+    /// concurrently may land partly in this window and partly in the next;
+    /// that costs no privacy (see docs/privacy.md, "Windows").
+    fn drain(&self) -> WindowCounts {
+        WindowCounts {
+            inference_count: self.inference_count.swap(0, Ordering::Relaxed),
+            error_count: self.error_count.swap(0, Ordering::Relaxed),
+            feedback: [0, 1, 2].map(|i| self.feedback[i].swap(0, Ordering::Relaxed)),
+            latency_ms: drain(&self.latency_ms),
+            confidence: drain(&self.confidence),
+            input_tokens: drain(&self.input_tokens),
+            output_tokens: drain(&self.output_tokens),
+            labels: drain(&self.labels),
+            spec: self.spec.clone(),
+        }
+    }
+
+    fn zeros(&self) -> WindowCounts {
+        let zeros = |c: &[AtomicI64]| vec![0; c.len()];
+        WindowCounts {
+            inference_count: 0,
+            error_count: 0,
+            feedback: [0; 3],
+            latency_ms: zeros(&self.latency_ms),
+            confidence: zeros(&self.confidence),
+            input_tokens: zeros(&self.input_tokens),
+            output_tokens: zeros(&self.output_tokens),
+            labels: zeros(&self.labels),
+            spec: self.spec.clone(),
+        }
     }
 }
 
@@ -151,19 +213,65 @@ pub struct ClosedWindow {
     pub(crate) counts: WindowCounts,
 }
 
-/// Per-model tumbling windows of a fixed length, aligned to the Unix epoch.
+/// State shared by the [`Windower`] and every [`ModelHandle`].
+#[derive(Debug)]
+struct Shared {
+    /// Start of the open window, Unix seconds.
+    open: AtomicI64,
+    late_events: AtomicU64,
+}
+
+/// The recording side of one model: cheap to clone, safe to share between
+/// threads, lock-free and allocation-free to record with.
+#[derive(Debug, Clone)]
+pub struct ModelHandle {
+    cells: Arc<ModelCells>,
+    shared: Arc<Shared>,
+}
+
+impl ModelHandle {
+    /// Records an inference in the open window.
+    #[inline]
+    pub fn record(&self, event: &InferenceEvent<'_>) {
+        self.cells.add(event);
+    }
+
+    /// Records an inference that happened at `at`. An event older than the
+    /// open window still goes to the open window, and is counted as late.
+    pub fn record_at(&self, at: DateTime<Utc>, event: &InferenceEvent<'_>) {
+        self.note_late(at);
+        self.cells.add(event);
+    }
+
+    /// Records user feedback in the open window.
+    #[inline]
+    pub fn feedback(&self, f: Feedback) {
+        self.cells.add_feedback(f);
+    }
+
+    /// Records feedback given at `at` (late ones are counted, as above).
+    pub fn feedback_at(&self, at: DateTime<Utc>, f: Feedback) {
+        self.note_late(at);
+        self.cells.add_feedback(f);
+    }
+
+    fn note_late(&self, at: DateTime<Utc>) {
+        if at.timestamp() < self.shared.open.load(Ordering::Relaxed) {
+            self.shared.late_events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Tumbling windows of a fixed length, aligned to the Unix epoch, over a
+/// set of registered models.
 ///
 /// Every period from the first window on is closed, with or without
 /// events, so the messages a device publishes do not depend on its events.
 #[derive(Debug)]
 pub struct Windower {
     window_secs: u32,
-    /// Start of the open window.
-    open: DateTime<Utc>,
-    models: BTreeMap<ModelKey, WindowCounts>,
-    /// Events whose time fell before the open window (counted, then
-    /// recorded in the open window).
-    late_events: u64,
+    shared: Arc<Shared>,
+    models: BTreeMap<ModelKey, Arc<ModelCells>>,
 }
 
 impl Windower {
@@ -173,9 +281,11 @@ impl Windower {
         let window_secs = window_secs.max(1);
         Windower {
             window_secs,
-            open: align(start, window_secs),
+            shared: Arc::new(Shared {
+                open: AtomicI64::new(align(start, window_secs).timestamp()),
+                late_events: AtomicU64::new(0),
+            }),
             models: BTreeMap::new(),
-            late_events: 0,
         }
     }
 
@@ -183,81 +293,53 @@ impl Windower {
         self.window_secs
     }
 
-    /// Events recorded after their window had closed.
+    /// Start of the open window.
+    pub fn open_window(&self) -> DateTime<Utc> {
+        let secs = self.shared.open.load(Ordering::Relaxed);
+        DateTime::from_timestamp(secs, 0).unwrap_or_default()
+    }
+
+    /// Events recorded with a time before their window had closed.
     pub fn late_events(&self) -> u64 {
-        self.late_events
+        self.shared.late_events.load(Ordering::Relaxed)
     }
 
-    /// Registers a model; from now on it publishes a window every period.
-    pub fn register(&mut self, model: ModelKey, spec: &ModelSpec) {
-        self.models
+    /// Registers a model (once; later calls return the same handle and keep
+    /// the first spec). From now on it yields a window every period.
+    pub fn register(&mut self, model: ModelKey, spec: &ModelSpec) -> ModelHandle {
+        let cells = self
+            .models
             .entry(model)
-            .or_insert_with(|| WindowCounts::new(spec));
-    }
-
-    /// Records an inference at time `at`. Returns the windows that closed
-    /// because `at` lies past the open window. Unregistered models are
-    /// registered with the default spec.
-    pub fn record(
-        &mut self,
-        at: DateTime<Utc>,
-        model: &ModelKey,
-        event: &InferenceEvent<'_>,
-    ) -> Vec<ClosedWindow> {
-        let closed = self.advance(at);
-        self.counts(model).add(event);
-        closed
-    }
-
-    /// Records feedback at time `at`, like [`Windower::record`].
-    pub fn feedback(
-        &mut self,
-        at: DateTime<Utc>,
-        model: &ModelKey,
-        f: Feedback,
-    ) -> Vec<ClosedWindow> {
-        let closed = self.advance(at);
-        self.counts(model).add_feedback(f);
-        closed
-    }
-
-    /// Closes every window that ended at or before `now`, one per
-    /// registered model and period, empty periods included.
-    pub fn close_due(&mut self, now: DateTime<Utc>) -> Vec<ClosedWindow> {
-        self.close_before(align(now, self.window_secs))
-    }
-
-    fn counts(&mut self, model: &ModelKey) -> &mut WindowCounts {
-        self.models
-            .entry(model.clone())
-            .or_insert_with(|| WindowCounts::new(&ModelSpec::default()))
-    }
-
-    fn advance(&mut self, at: DateTime<Utc>) -> Vec<ClosedWindow> {
-        let window = align(at, self.window_secs);
-        if window < self.open {
-            self.late_events += 1;
-            return Vec::new();
+            .or_insert_with(|| Arc::new(ModelCells::new(spec)))
+            .clone();
+        ModelHandle {
+            cells,
+            shared: self.shared.clone(),
         }
-        self.close_before(window)
     }
 
-    /// Closes the open window and its successors until `window` is open.
-    fn close_before(&mut self, window: DateTime<Utc>) -> Vec<ClosedWindow> {
-        let length = TimeDelta::seconds(i64::from(self.window_secs));
+    /// Closes every window that ended at or before `now`: one per
+    /// registered model and period, empty periods included. The counts
+    /// recorded so far go to the oldest of them.
+    pub fn close_due(&mut self, now: DateTime<Utc>) -> Vec<ClosedWindow> {
+        let current = align(now, self.window_secs).timestamp();
+        let length = i64::from(self.window_secs);
         let mut closed = Vec::new();
-        while self.open < window {
-            let start = self.open;
-            closed.extend(self.models.iter_mut().map(|(model, counts)| {
-                let fresh = WindowCounts::new(&counts.spec);
-                ClosedWindow {
-                    model: model.clone(),
-                    window_start: start,
-                    window_secs: self.window_secs,
-                    counts: std::mem::replace(counts, fresh),
-                }
+        let mut first = true;
+        loop {
+            let open = self.shared.open.load(Ordering::Relaxed);
+            if open >= current {
+                break;
+            }
+            let window_start = DateTime::from_timestamp(open, 0).unwrap_or_default();
+            closed.extend(self.models.iter().map(|(model, cells)| ClosedWindow {
+                model: model.clone(),
+                window_start,
+                window_secs: self.window_secs,
+                counts: if first { cells.drain() } else { cells.zeros() },
             }));
-            self.open = start + length;
+            first = false;
+            self.shared.open.store(open + length, Ordering::Relaxed);
         }
         closed
     }
@@ -290,69 +372,120 @@ mod tests {
     }
 
     #[test]
-    fn windows_are_aligned_and_close_when_time_moves_on() {
+    fn windows_are_aligned_and_close_when_their_period_ends() {
         let mut w = Windower::new(60, t("2026-11-27T10:00:30Z"));
-        let m = ModelKey::new("m", "1");
-        assert!(w
-            .record(t("2026-11-27T10:00:59Z"), &m, &event(3.0, None))
-            .is_empty());
-        assert!(w
-            .record(t("2026-11-27T10:00:01Z"), &m, &event(7.0, None))
-            .is_empty());
-        let closed = w.record(t("2026-11-27T10:01:00Z"), &m, &event(7.0, None));
+        assert_eq!(w.open_window(), t("2026-11-27T10:00:00Z"));
+        let m = w.register(ModelKey::new("m", "1"), &ModelSpec::default());
+        m.record(&event(3.0, None));
+        m.record(&event(7.0, None));
+        assert!(w.close_due(t("2026-11-27T10:00:59Z")).is_empty());
+        let closed = w.close_due(t("2026-11-27T10:01:00Z"));
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].window_start, t("2026-11-27T10:00:00Z"));
         assert_eq!(closed[0].counts.inference_count, 2);
         assert_eq!(closed[0].counts.latency_ms[2], 1, "3 ms is in [2, 5)");
         assert_eq!(closed[0].counts.latency_ms[3], 1, "7 ms is in [5, 10)");
         assert_eq!(closed[0].counts.latency_ms.iter().sum::<i64>(), 2);
+        assert_eq!(
+            closed[0].counts.confidence[9], 2,
+            "0.95 is in the last bucket"
+        );
     }
 
     #[test]
     fn registered_models_publish_empty_windows() {
         let mut w = Windower::new(60, t("2026-11-27T10:00:00Z"));
-        let busy = ModelKey::new("busy", "1");
-        let idle = ModelKey::new("idle", "1");
-        w.register(idle.clone(), &ModelSpec::default());
-        w.record(t("2026-11-27T10:00:10Z"), &busy, &event(1.0, None));
+        let busy = w.register(ModelKey::new("busy", "1"), &ModelSpec::default());
+        w.register(ModelKey::new("idle", "1"), &ModelSpec::default());
+        busy.record(&event(1.0, None));
         let closed = w.close_due(t("2026-11-27T10:01:00Z"));
         assert_eq!(closed.len(), 2);
-        let idle_window = closed
+        let idle = closed
             .iter()
-            .find(|c| c.model == idle)
+            .find(|c| c.model.model_id == "idle")
             .expect("idle window");
-        assert_eq!(idle_window.counts.inference_count, 0);
+        assert_eq!(idle.counts.inference_count, 0);
         assert!(w.close_due(t("2026-11-27T10:01:30Z")).is_empty());
         // Three quiet periods later, each period still yields its windows.
+        busy.record(&event(1.0, None));
         let quiet = w.close_due(t("2026-11-27T10:04:10Z"));
         assert_eq!(quiet.len(), 6);
         assert_eq!(quiet[4].window_start, t("2026-11-27T10:03:00Z"));
+        let busy_counts: Vec<i64> = quiet
+            .iter()
+            .filter(|c| c.model.model_id == "busy")
+            .map(|c| c.counts.inference_count)
+            .collect();
+        assert_eq!(
+            busy_counts,
+            vec![1, 0, 0],
+            "counts go to the oldest closed window"
+        );
     }
 
     #[test]
     fn late_events_go_to_the_open_window_and_are_counted() {
         let mut w = Windower::new(60, t("2026-11-27T10:05:00Z"));
-        let m = ModelKey::new("m", "1");
-        w.record(t("2026-11-27T10:05:00Z"), &m, &event(1.0, None));
-        w.record(t("2026-11-27T10:03:00Z"), &m, &event(1.0, None));
-        assert_eq!(w.late_events(), 1);
+        let m = w.register(ModelKey::new("m", "1"), &ModelSpec::default());
+        m.record_at(t("2026-11-27T10:05:10Z"), &event(1.0, None));
+        m.record_at(t("2026-11-27T10:03:00Z"), &event(1.0, None));
+        m.feedback_at(t("2026-11-27T10:04:59Z"), Feedback::Positive);
+        assert_eq!(w.late_events(), 2);
         let closed = w.close_due(t("2026-11-27T10:06:00Z"));
         assert_eq!(closed[0].counts.inference_count, 2);
+        assert_eq!(closed[0].counts.feedback, [1, 0, 0]);
     }
 
     #[test]
     fn labels_outside_the_declared_set_count_as_other() {
         let mut w = Windower::new(60, t("2026-11-27T10:00:00Z"));
-        let m = ModelKey::new("m", "1");
-        w.register(m.clone(), &ModelSpec::default().with_labels(["cat", "dog"]));
-        w.record(t("2026-11-27T10:00:00Z"), &m, &event(1.0, Some("dog")));
-        w.record(t("2026-11-27T10:00:00Z"), &m, &event(1.0, Some("axolotl")));
-        w.record(t("2026-11-27T10:00:00Z"), &m, &event(1.0, None));
-        w.feedback(t("2026-11-27T10:00:00Z"), &m, Feedback::Negative);
+        let m = w.register(
+            ModelKey::new("m", "1"),
+            &ModelSpec::default().with_labels(["cat", "dog"]),
+        );
+        m.record(&event(1.0, Some("dog")));
+        m.record(&event(1.0, Some("axolotl")));
+        m.record(&event(1.0, None));
+        m.feedback(Feedback::Negative);
         let closed = w.close_due(t("2026-11-27T10:01:00Z"));
         let c = &closed[0].counts;
         assert_eq!(c.spec.labels, vec!["cat", "dog", "other"]);
         assert_eq!(c.labels, vec![0, 1, 2]);
         assert_eq!(c.feedback, [0, 1, 0]);
+    }
+
+    #[test]
+    fn concurrent_recording_loses_no_event() {
+        let mut w = Windower::new(60, t("2026-11-27T10:00:00Z"));
+        let m = w.register(ModelKey::new("m", "1"), &ModelSpec::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        m.record(&event(12.0, None));
+                    }
+                })
+            })
+            .collect();
+        let mut total = 0;
+        let mut minute = t("2026-11-27T10:01:00Z");
+        for _ in 0..20 {
+            total += w
+                .close_due(minute)
+                .iter()
+                .map(|c| c.counts.inference_count)
+                .sum::<i64>();
+            minute += chrono::TimeDelta::minutes(1);
+        }
+        for th in threads {
+            th.join().expect("thread");
+        }
+        total += w
+            .close_due(minute)
+            .iter()
+            .map(|c| c.counts.inference_count)
+            .sum::<i64>();
+        assert_eq!(total, 40_000);
     }
 }

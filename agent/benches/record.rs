@@ -1,0 +1,46 @@
+//! Cost of recording one inference event on the hot path, against the
+//! floor of one relaxed atomic increment measured in the same run.
+//! Results go to BENCHMARKS.md (`cargo bench -p driftline-agent --bench record`).
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::Utc;
+use criterion::{criterion_group, criterion_main, Criterion};
+use driftline_agent::event::{Feedback, InferenceEvent};
+use driftline_agent::window::{ModelKey, ModelSpec, Windower};
+
+fn record(c: &mut Criterion) {
+    let mut windower = Windower::new(60, Utc::now());
+    let labels = ModelSpec::default().with_labels(["billing", "cancel", "support", "other"]);
+    let model = windower.register(ModelKey::new("intent", "1.0.0"), &labels);
+    let events: Vec<InferenceEvent<'static>> = (0..64)
+        .map(|i| InferenceEvent {
+            latency_ms: f64::from(i * 37 % 900),
+            input_tokens: (i * 53 % 4000) as u32,
+            output_tokens: (i * 7 % 300) as u32,
+            confidence: Some(f64::from(i % 10) / 10.0),
+            error: i % 50 == 0,
+            label: Some(["billing", "cancel", "support", "unknown"][(i % 4) as usize]),
+        })
+        .collect();
+    let mut group = c.benchmark_group("record");
+    let floor = AtomicU64::new(0);
+    group.bench_function("reference: one relaxed atomic add", |b| {
+        b.iter(|| floor.fetch_add(black_box(1), Ordering::Relaxed))
+    });
+    let mut i = 0usize;
+    group.bench_function("ModelHandle::record (with label)", |b| {
+        b.iter(|| {
+            i = (i + 1) & 63;
+            model.record(black_box(&events[i]));
+        })
+    });
+    group.bench_function("ModelHandle::feedback", |b| {
+        b.iter(|| model.feedback(black_box(Feedback::Negative)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, record);
+criterion_main!(benches);
