@@ -14,6 +14,7 @@
 //! - No Arrow, Parquet or DataFusion: the agent stays small for devices.
 
 pub mod event;
+pub mod ledger;
 pub mod privacy;
 pub mod publish;
 pub mod simulate;
