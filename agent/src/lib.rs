@@ -13,6 +13,7 @@
 //! - Payloads are built by `driftline_core::wire`, never by hand.
 //! - No Arrow, Parquet or DataFusion: the agent stays small for devices.
 
+pub mod buffer;
 pub mod event;
 pub mod ledger;
 pub mod privacy;
