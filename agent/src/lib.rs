@@ -14,10 +14,13 @@
 //! - No Arrow, Parquet or DataFusion: the agent stays small for devices.
 
 pub mod buffer;
+pub mod config;
 pub mod event;
+pub mod http;
 pub mod ledger;
 pub mod privacy;
 pub mod publish;
+pub mod runtime;
 pub mod simulate;
 pub mod window;
 

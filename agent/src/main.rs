@@ -1,5 +1,6 @@
 //! `driftline-agent`: see `driftline-agent --help` and CONTRACT.md.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, TimeDelta, Utc};
 use clap::{Parser, Subcommand};
+use driftline_agent::config::{AgentConfig, AgentFile, Overrides};
 use driftline_agent::privacy::MechanismConfig;
+use driftline_agent::runtime;
 use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
@@ -26,8 +29,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: local ingest, windows, privacy noise, buffer, publish.
+    Run(RunArgs),
     /// Simulate N devices, each a full agent pipeline, publishing W windows.
     Simulate(SimulateArgs),
+    /// Check a configuration file and print the resolved settings.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config file (see agent/agent.example.toml).
+    #[arg(long, env = "DRIFTLINE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Broker address, mqtt://host:port.
+    #[arg(long, env = "DRIFTLINE_BROKER")]
+    broker: Option<String>,
+    /// This device's id.
+    #[arg(long, env = "DRIFTLINE_DEVICE_ID")]
+    device_id: Option<String>,
+    /// Fleet the device belongs to.
+    #[arg(long, env = "DRIFTLINE_FLEET")]
+    fleet: Option<String>,
+    /// Directory for the ledger, sequence number and buffer.
+    #[arg(long, env = "DRIFTLINE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Address of the local HTTP ingest.
+    #[arg(long, env = "DRIFTLINE_HTTP_LISTEN")]
+    http_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct CheckConfigArgs {
+    /// TOML config file.
+    #[arg(long, env = "DRIFTLINE_CONFIG")]
+    config: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -114,8 +150,68 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => run_command(args).await,
         Command::Simulate(args) => simulate_command(args).await,
+        Command::CheckConfig(args) => check_config_command(&args),
     }
+}
+
+fn resolve(config: Option<&Path>, over: Overrides) -> anyhow::Result<AgentConfig> {
+    let file = match config {
+        Some(path) => AgentFile::load(path)?,
+        None => AgentFile::default(),
+    };
+    Ok(AgentConfig::resolve(file, over)?)
+}
+
+async fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    let over = Overrides {
+        broker: args.broker,
+        device_id: args.device_id,
+        fleet: args.fleet,
+        state_dir: args.state_dir,
+        http_listen: args.http_listen,
+    };
+    let config = resolve(args.config.as_deref(), over)?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        stop.cancel();
+    });
+    runtime::run(config, shutdown).await?;
+    Ok(())
+}
+
+fn check_config_command(args: &CheckConfigArgs) -> anyhow::Result<()> {
+    let c = resolve(Some(&args.config), Overrides::default())?;
+    println!("{}: valid", args.config.display());
+    println!("  device       {} in fleet {}", c.device_id, c.fleet);
+    println!("  broker       {}", c.broker);
+    println!("  window       {} s", c.window_secs);
+    println!("  mechanism    {:?}", c.mechanism);
+    let period = c.budget.period.to_std().unwrap_or_default();
+    println!(
+        "  budget       {} rho per {}",
+        c.budget.rho,
+        humantime::format_duration(period)
+    );
+    println!("  state dir    {}", c.state_dir.display());
+    println!("  local ingest http://{}", c.http_listen);
+    for (model, spec) in &c.models {
+        println!(
+            "  model        {} {} ({} labels)",
+            model.model_id,
+            model.model_version,
+            spec.labels.len()
+        );
+    }
+    Ok(())
 }
 
 async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {

@@ -94,6 +94,16 @@ impl Privatizer {
         self.mechanism
     }
 
+    /// What one window costs in zCDP rho, for the budget ledger: `rho` for
+    /// gaussian, `epsilon^2 / 2` for laplace (pure epsilon-DP implies
+    /// `epsilon^2 / 2`-zCDP).
+    pub fn rho_per_window(&self) -> f64 {
+        match self.mechanism {
+            MechanismConfig::Laplace { epsilon } => epsilon * epsilon / 2.0,
+            MechanismConfig::Gaussian { rho, .. } => rho,
+        }
+    }
+
     /// The noise scale used for a window with this L1 sensitivity: the
     /// Laplace `b = Δ / epsilon`, or the Gaussian `sigma = sqrt(Δ / (2 rho))`
     /// (the L2 sensitivity is `sqrt(Δ)`: Δ counts move by one each).

@@ -36,15 +36,26 @@ impl FromStr for BrokerUrl {
         };
         let rest = rest.trim_end_matches('/');
         let default_port = if tls { 8883 } else { 1883 };
-        let (host, port) = match rest.rsplit_once(':') {
-            // `[::1]:1883` or `host:1883`; a bare IPv6 literal needs brackets.
-            Some((h, p)) if !h.is_empty() && (h.starts_with('[') || !h.contains(':')) => {
-                let port = p.parse().map_err(|_| BrokerUrlError::Port(s.to_owned()))?;
-                (h, port)
-            }
-            _ => (rest, default_port),
+        let port_of = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| BrokerUrlError::Port(s.to_owned()))
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        // `[::1]:1883` (IPv6 needs brackets) or `host:1883` or `host`.
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| BrokerUrlError::NoHost(s.to_owned()))?;
+            match after.strip_prefix(':') {
+                Some(p) => (host, port_of(p)?),
+                None if after.is_empty() => (host, default_port),
+                None => return Err(BrokerUrlError::Port(s.to_owned())),
+            }
+        } else {
+            match rest.split_once(':') {
+                Some((host, p)) => (host, port_of(p)?),
+                None => (rest, default_port),
+            }
+        };
         if host.is_empty() || host.contains('/') {
             return Err(BrokerUrlError::NoHost(s.to_owned()));
         }

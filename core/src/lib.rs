@@ -15,5 +15,6 @@
 
 pub mod broker;
 pub mod histogram;
+pub mod status;
 pub mod topic;
 pub mod wire;

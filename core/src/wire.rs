@@ -300,6 +300,18 @@ pub fn decode(payload: &[u8]) -> Result<WindowReport, Rejection> {
     struct VersionProbe {
         schema_version: Option<serde_json::Value>,
     }
+    // serde would also read a struct from a JSON array: insist on an object.
+    if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(payload) {
+                Ok(_) => Rejection::SchemaViolation {
+                    version: 0,
+                    detail: "the payload must be a JSON object".into(),
+                },
+                Err(e) => json_error(&e, 0),
+            },
+        );
+    }
     let probe: VersionProbe = serde_json::from_slice(payload).map_err(|e| json_error(&e, 0))?;
     match probe.schema_version {
         None | Some(serde_json::Value::Null) => Err(Rejection::MissingSchemaVersion),

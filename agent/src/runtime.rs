@@ -1,0 +1,403 @@
+//! `driftline-agent run`: the agent as a long-running sidecar.
+//!
+//! One loop drives plain state: every second it closes due windows
+//! ([`Windower`]), spends their budget write-ahead ([`Ledger`]), noises
+//! them ([`Privatizer`]), stamps the next `seq` ([`SeqFile`]) and appends
+//! the encoded message to the on-disk queue ([`DiskQueue`]); and it sends
+//! the queue's front to the broker in batches, acknowledging queue records
+//! only once the broker acknowledged them (QoS 1). The local HTTP ingest
+//! ([`crate::http`]) records into the same lock-free model handles.
+//!
+//! MQTT: a retained status message on connect and on every state change,
+//! and the same topic as last will (`offline`, retained), so the fleet
+//! view knows when a device drops. Reconnects back off exponentially with
+//! jitter, capped at 30 s.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use driftline_core::status::{DeviceState, StatusModel, StatusReport};
+use driftline_core::topic;
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{BufferError, DiskQueue};
+use crate::config::AgentConfig;
+use crate::http::{self, Shared};
+use crate::ledger::{Ledger, LedgerError};
+use crate::privacy::{DeviceIdentity, PrivacyError, Privatizer};
+use crate::window::Windower;
+
+/// Records sent to the broker per batch.
+const BATCH: usize = 64;
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error(transparent)]
+    Privacy(#[from] PrivacyError),
+    #[error("cannot listen for local events on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS (mqtts://) is not supported by this build yet")]
+    TlsUnsupported,
+}
+
+/// The per-device sequence number, strictly increasing across restarts.
+///
+/// The file holds a high-water mark reserved ahead of use (in blocks of
+/// 1000, written with fsync and an atomic rename): after a crash the agent
+/// resumes above everything it may have used, skipping at most one block.
+#[derive(Debug)]
+pub struct SeqFile {
+    path: PathBuf,
+    next: u64,
+    reserved: u64,
+}
+
+impl SeqFile {
+    const BLOCK: u64 = 1000;
+
+    pub fn open(path: &Path) -> Result<Self, AgentError> {
+        let next = match std::fs::read_to_string(path) {
+            Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+                tracing::error!(path = %path.display(), "unreadable seq file; restarting above the current time in ms");
+                u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(source) => {
+                return Err(AgentError::State {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let mut seq = SeqFile {
+            path: path.to_path_buf(),
+            next,
+            reserved: next,
+        };
+        seq.reserve()?;
+        Ok(seq)
+    }
+
+    fn reserve(&mut self) -> Result<(), AgentError> {
+        let reserved = self.next + Self::BLOCK;
+        let tmp = self.path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(reserved.to_string().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|source| AgentError::State {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.reserved = reserved;
+        Ok(())
+    }
+
+    /// The next sequence number.
+    pub fn take(&mut self) -> Result<u64, AgentError> {
+        if self.next >= self.reserved {
+            self.reserve()?;
+        }
+        let n = self.next;
+        self.next += 1;
+        Ok(n)
+    }
+}
+
+/// What the loop keeps between ticks.
+struct Loop {
+    config: AgentConfig,
+    identity: DeviceIdentity,
+    windower: Windower,
+    privatizer: Privatizer,
+    ledger: Ledger,
+    seq: SeqFile,
+    queue: DiskQueue,
+    shared: Arc<Shared>,
+    withheld: u64,
+    exhausted_until: Option<DateTime<Utc>>,
+}
+
+impl Loop {
+    /// Closes due windows: spend, noise, stamp, queue.
+    fn close_windows(&mut self, now: DateTime<Utc>) -> Result<(), AgentError> {
+        let cost = self.privatizer.rho_per_window();
+        for window in self.windower.close_due(now) {
+            match self.ledger.try_spend(now, cost) {
+                Ok(()) => {
+                    self.exhausted_until = None;
+                    let private = self.privatizer.privatize(window)?;
+                    let report = private.into_report(&self.identity, self.seq.take()?);
+                    match report.encode() {
+                        Ok(bytes) => {
+                            self.queue.push(&bytes)?;
+                        }
+                        Err(e) => tracing::error!(error = %e, "window does not encode; dropped"),
+                    }
+                }
+                Err(LedgerError::Exhausted { resumes_at, .. }) => {
+                    self.withheld += 1;
+                    if self.exhausted_until.is_none() {
+                        tracing::warn!(%resumes_at, "privacy budget exhausted; withholding windows");
+                    }
+                    self.exhausted_until = Some(resumes_at);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self, state: DeviceState, now: DateTime<Utc>) -> StatusReport {
+        let losses = self.queue.losses();
+        StatusReport {
+            schema_version: 1,
+            device_id: self.identity.device_id.clone(),
+            fleet: self.identity.fleet.clone(),
+            state,
+            at: now,
+            agent_version: Some(self.identity.agent_version.clone()),
+            models: self
+                .config
+                .models
+                .iter()
+                .map(|(k, _)| StatusModel {
+                    model_id: k.model_id.clone(),
+                    model_version: k.model_version.clone(),
+                })
+                .collect(),
+            budget_remaining_rho: Some(self.ledger.remaining(now)),
+            budget_exhausted: self.exhausted_until.is_some(),
+            resumes_at: self.exhausted_until,
+            windows_withheld: self.withheld,
+            buffered_windows: self.queue.len() as u64,
+            lost_windows: losses.dropped_records + losses.corrupt_records,
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` fires.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    if config.broker.tls {
+        return Err(AgentError::TlsUnsupported);
+    }
+    let state_dir = config.state_dir.clone();
+    std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::State {
+        path: state_dir.clone(),
+        source,
+    })?;
+    let now = Utc::now();
+    let ledger = Ledger::open(&state_dir.join("budget.ledger"), config.budget, now)?;
+    let seq = SeqFile::open(&state_dir.join("seq"))?;
+    let queue = DiskQueue::open(&state_dir.join("buffer"), config.buffer_max_bytes)?;
+    let privatizer = Privatizer::new(config.mechanism)?;
+    let mut windower = Windower::new(config.window_secs, now);
+    let models: HashMap<_, _> = config
+        .models
+        .iter()
+        .map(|(key, spec)| (key.clone(), windower.register(key.clone(), spec)))
+        .collect();
+    let identity = DeviceIdentity {
+        device_id: config.device_id.clone(),
+        fleet: config.fleet.clone(),
+        agent_version: crate::AGENT_VERSION.to_owned(),
+    };
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: config.http_listen,
+            source,
+        })?;
+    let placeholder = StatusReport {
+        schema_version: 1,
+        device_id: identity.device_id.clone(),
+        fleet: identity.fleet.clone(),
+        state: DeviceState::Offline,
+        at: now,
+        agent_version: None,
+        models: Vec::new(),
+        budget_remaining_rho: None,
+        budget_exhausted: false,
+        resumes_at: None,
+        windows_withheld: 0,
+        buffered_windows: 0,
+        lost_windows: 0,
+    };
+    let shared = Arc::new(Shared {
+        models,
+        status: Mutex::new(placeholder),
+        max_batch: config.max_batch,
+        events_accepted: AtomicU64::new(0),
+        requests_refused: AtomicU64::new(0),
+    });
+    let router = http::router(shared.clone(), config.max_body_bytes);
+    let http_stop = shutdown.clone();
+    let http_task = tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "local ingest stopped");
+        }
+    });
+    tracing::info!(
+        device_id = identity.device_id,
+        fleet = identity.fleet,
+        broker = %config.broker,
+        http = %config.http_listen,
+        buffered = queue.len(),
+        "agent running"
+    );
+
+    let status_topic = topic::status_topic(&identity.fleet, &identity.device_id);
+    let metrics_topic = topic::metrics_topic(&identity.fleet, &identity.device_id);
+    let mut state = Loop {
+        config,
+        identity,
+        windower,
+        privatizer,
+        ledger,
+        seq,
+        queue,
+        shared,
+        withheld: 0,
+        exhausted_until: None,
+    };
+    let will = state.status(DeviceState::Offline, now);
+    let mut options = MqttOptions::new(
+        format!(
+            "driftline-{}-{}",
+            state.identity.fleet, state.identity.device_id
+        ),
+        state.config.broker.host.clone(),
+        state.config.broker.port,
+    );
+    options.set_keep_alive(state.config.keep_alive);
+    options.set_last_will(LastWill::new(
+        &status_topic,
+        will.encode(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if let (Some(u), Some(p)) = (&state.config.mqtt_username, &state.config.mqtt_password) {
+        options.set_credentials(u.clone(), p.clone());
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 4 * BATCH);
+
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut connected = false;
+    // Records of the queue's front handed to the client, and acks seen.
+    let (mut in_flight, mut acked) = (0usize, 0usize);
+    let mut backoff = Duration::from_millis(250);
+    let mut last_status: Option<StatusReport> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                let now = Utc::now();
+                state.close_windows(now)?;
+                let status = state.status(if connected { DeviceState::Online } else { DeviceState::Offline }, now);
+                if let Ok(mut s) = state.shared.status.lock() {
+                    *s = status.clone();
+                }
+                // Publish the status when its state changes, and at least
+                // once a minute (budget and buffer figures move every window).
+                let changed = last_status.as_ref().is_none_or(|old| {
+                    (old.state, old.budget_exhausted, old.windows_withheld, old.lost_windows)
+                        != (status.state, status.budget_exhausted, status.windows_withheld, status.lost_windows)
+                        || now - old.at >= chrono::TimeDelta::seconds(60)
+                });
+                if connected && changed {
+                    let _ = client.try_publish(&status_topic, QoS::AtMostOnce, true, status.encode());
+                    last_status = Some(status);
+                }
+            }
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    backoff = Duration::from_millis(250);
+                    last_status = None;
+                    tracing::info!("connected to broker");
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acked += 1;
+                    if in_flight > 0 && acked >= in_flight {
+                        state.queue.ack_front(in_flight)?;
+                        (in_flight, acked) = (0, 0);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if connected {
+                        tracing::warn!(error = %e, "lost the broker; buffering on disk");
+                    }
+                    connected = false;
+                    let jitter = rand::rng().random_range(0.5..1.5);
+                    let wait = backoff.mul_f64(jitter);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            },
+        }
+        // Hand the next batch to the client when the previous one is done.
+        if connected && in_flight == 0 && !state.queue.is_empty() {
+            for (_, payload) in state.queue.peek(BATCH)? {
+                if client
+                    .try_publish(&metrics_topic, QoS::AtLeastOnce, false, payload)
+                    .is_err()
+                {
+                    break;
+                }
+                in_flight += 1;
+            }
+        }
+    }
+
+    // Graceful stop: say goodbye, leave unacknowledged windows on disk.
+    let goodbye = state.status(DeviceState::Offline, Utc::now());
+    let _ = client.try_publish(&status_topic, QoS::AtMostOnce, true, goodbye.encode());
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::PubAck(_)) => acked += 1,
+                Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    if in_flight > 0 && acked >= in_flight {
+        state.queue.ack_front(in_flight)?;
+    }
+    let _ = http_task.await;
+    tracing::info!(buffered = state.queue.len(), "agent stopped");
+    Ok(())
+}
