@@ -1,0 +1,364 @@
+//! End-to-end tests of `driftline-agent run` with a real Mosquitto:
+//! local HTTP ingest, store-and-forward across a broker outage and a
+//! `kill -9`, retained status and last will.
+//!
+//! Mosquitto and curl are required: these tests fail, never skip, when
+//! they are missing (.ci/run installs them).
+
+use std::collections::BTreeSet;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use driftline_core::status::{DeviceState, StatusReport};
+use driftline_core::wire::{self, Mechanism};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_driftline-agent");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Mosquitto with persistence in `dir`, so sessions survive its restarts.
+struct Broker {
+    child: Child,
+}
+
+impl Broker {
+    fn start(dir: &Path, port: u16) -> Self {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+                dir.display()
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (apt-get install mosquitto)");
+        wait_for("mosquitto", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Broker { child }
+    }
+
+    /// SIGTERM, so Mosquitto saves its sessions.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, broker_port: u16, http_port: u16) -> PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+device_id = "dev-1"
+fleet = "e2e"
+broker = "mqtt://127.0.0.1:{broker_port}"
+state_dir = "{state}"
+window = "1s"
+[privacy]
+epsilon = 1.0
+[http]
+listen = "127.0.0.1:{http_port}"
+[[models]]
+id = "classifier"
+version = "1.0.0"
+labels = ["cat", "dog"]
+"#,
+            state = dir.join("state").display()
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+fn start_agent(config: &Path, http_port: u16) -> Child {
+    let child = Command::new(AGENT)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start agent");
+    wait_for("the agent's HTTP ingest", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", http_port)).is_ok()
+    });
+    child
+}
+
+/// POSTs `body` to the agent; returns the HTTP status code.
+fn post(http_port: u16, body: &str) -> u16 {
+    use std::io::Write;
+    let mut curl = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "--data-binary",
+            "@-",
+        ])
+        .arg(format!("http://127.0.0.1:{http_port}/v1/events"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl must be installed (apt-get install curl)");
+    if let Some(mut stdin) = curl.stdin.take() {
+        stdin.write_all(body.as_bytes()).expect("write body");
+    }
+    let out = curl.wait_with_output().expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// A persistent MQTT session that collects every message on the fleet's topics.
+fn probe(port: u16) -> (Client, rumqttc::Connection) {
+    let mut options = MqttOptions::new("e2e-probe", "127.0.0.1", port);
+    options.set_clean_session(false);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = Client::new(options, 64);
+    client
+        .subscribe("driftline/v1/e2e/#", QoS::AtLeastOnce)
+        .expect("subscribe");
+    for event in connection.iter() {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = event {
+            break;
+        }
+    }
+    (client, connection)
+}
+
+#[test]
+fn windows_survive_a_broker_outage_and_a_kill_and_arrive_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker_port, http_port) = (free_port(), free_port());
+    let config = write_config(dir.path(), broker_port, http_port);
+
+    // Create the probe's persistent session, then take the broker down.
+    let broker = Broker::start(dir.path(), broker_port);
+    drop(probe(broker_port));
+    broker.stop();
+
+    // The agent starts with no broker; windows go to disk.
+    let mut agent = start_agent(&config, http_port);
+    let event = r#"{"type":"inference","model_id":"classifier","model_version":"1.0.0","latency_ms":12.5,"confidence":0.9,"label":"cat"}"#;
+    for _ in 0..20 {
+        assert_eq!(post(http_port, event), 202);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // kill -9 mid-outage, then restart on the same state directory.
+    agent.kill().expect("kill -9");
+    agent.wait().expect("wait");
+    let buffered: u64 = std::fs::read_dir(dir.path().join("state/buffer"))
+        .expect("buffer dir")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(
+        buffered > 1000,
+        "windows were buffered on disk ({buffered} bytes)"
+    );
+    let mut agent = start_agent(&config, http_port);
+    for _ in 0..10 {
+        assert_eq!(post(http_port, event), 202);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The broker returns; the probe's session collects what arrives.
+    let broker = Broker::start(dir.path(), broker_port);
+    let broker_up = chrono::Utc::now();
+    let (_client, mut connection) = probe(broker_port);
+    let mut reports = Vec::new();
+    let mut statuses = Vec::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut stopped = false;
+    while Instant::now() < until {
+        match connection.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic.ends_with("/metrics") => {
+                reports.push(wire::accept(&p.topic, &p.payload, &bounds()).expect("valid window"));
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                statuses.push(StatusReport::decode(&p.payload).expect("valid status"));
+            }
+            _ => {}
+        }
+        // Once the backlog is in (windows are live again), stop gracefully.
+        if !stopped && reports.iter().any(|r| r.window_start > broker_up) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &agent.id().to_string()])
+                .status();
+            let status = agent.wait().expect("wait");
+            assert!(status.success(), "agent exits 0 on SIGTERM");
+            stopped = true;
+        }
+        if stopped
+            && statuses
+                .last()
+                .is_some_and(|s| s.state == DeviceState::Offline)
+        {
+            break;
+        }
+    }
+    assert!(
+        stopped,
+        "the agent drained its buffer; got {} windows, statuses {statuses:?}",
+        reports.len()
+    );
+    assert_eq!(
+        statuses.last().map(|s| s.state),
+        Some(DeviceState::Offline),
+        "goodbye status"
+    );
+
+    // Exactly once: no window twice, seq strictly increasing in order of arrival.
+    let keys: BTreeSet<_> = reports
+        .iter()
+        .map(|r| (r.model_id.clone(), r.window_start))
+        .collect();
+    assert_eq!(keys.len(), reports.len(), "a window arrived twice");
+    assert!(
+        reports.windows(2).all(|w| w[0].seq < w[1].seq),
+        "in order, seq increasing"
+    );
+    assert!(reports
+        .windows(2)
+        .all(|w| w[0].window_start < w[1].window_start));
+    assert!(reports
+        .iter()
+        .all(|r| r.privacy.mechanism == Mechanism::Laplace));
+    // The windows recorded before the kill were delivered: the first
+    // window is at least as old as the time the agent was killed.
+    let first = reports.first().expect("windows").window_start;
+    let last = reports.last().expect("windows").window_start;
+    assert!(
+        last - first >= chrono::TimeDelta::seconds(3),
+        "windows from before the kill arrived: {first} .. {last}"
+    );
+    let noisy_total: i64 = reports.iter().map(|r| r.inference_count).sum();
+    assert!(
+        noisy_total > 0,
+        "the recorded events show up in the noised counts"
+    );
+    broker.stop();
+}
+
+fn bounds() -> wire::TimeBounds {
+    wire::TimeBounds {
+        now: chrono::Utc::now(),
+        max_age: chrono::TimeDelta::hours(1),
+        max_future: chrono::TimeDelta::minutes(5),
+    }
+}
+
+#[test]
+fn local_ingest_refuses_bad_requests_with_reasons() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker_port, http_port) = (free_port(), free_port());
+    let config = write_config(dir.path(), broker_port, http_port);
+    let mut agent = start_agent(&config, http_port);
+    let ok = r#"[{"type":"inference","model_id":"classifier","model_version":"1.0.0","latency_ms":3},
+                 {"type":"feedback","model_id":"classifier","model_version":"1.0.0","kind":"negative"}]"#;
+    assert_eq!(post(http_port, ok), 202);
+    assert_eq!(post(http_port, "not json"), 400);
+    assert_eq!(
+        post(
+            http_port,
+            r#"{"type":"inference","model_id":"classifier","model_version":"1.0.0","latency_ms":"fast"}"#
+        ),
+        400
+    );
+    assert_eq!(
+        post(
+            http_port,
+            r#"{"type":"inference","model_id":"classifier","model_version":"1.0.0","latency_ms":3,"prompt":"raw text"}"#
+        ),
+        400
+    );
+    assert_eq!(
+        post(
+            http_port,
+            r#"{"type":"inference","model_id":"other","model_version":"1.0.0","latency_ms":3}"#
+        ),
+        422
+    );
+    let huge = format!("[{}]", vec![r#"{"type":"feedback","model_id":"classifier","model_version":"1.0.0","kind":"positive"}"#; 10_001].join(","));
+    assert_eq!(post(http_port, &huge), 413);
+    agent.kill().expect("kill");
+    let _ = agent.wait();
+}
+
+#[test]
+fn check_config_accepts_the_example_and_names_mistakes() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.example.toml");
+    let out = Command::new(AGENT)
+        .args(["check-config", "--config"])
+        .arg(&example)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("intent-classifier"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "window = \"90m\"\n[[models]]\nid = \"m\"\nversion = \"1\"\nlabels = [\"a b\"]\n",
+    )
+    .expect("write");
+    let out = Command::new(AGENT)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: ") && err.contains("labels"),
+        "{err}"
+    );
+}
