@@ -107,7 +107,17 @@ labels = ["cat", "dog"]
     path
 }
 
-fn start_agent(config: &Path, http_port: u16) -> Child {
+/// A running `driftline-agent run`, killed and reaped on drop.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(config: &Path, http_port: u16) -> Agent {
     let child = Command::new(AGENT)
         .args(["run", "--config"])
         .arg(config)
@@ -118,7 +128,7 @@ fn start_agent(config: &Path, http_port: u16) -> Child {
     wait_for("the agent's HTTP ingest", Duration::from_secs(10), || {
         TcpStream::connect(("127.0.0.1", http_port)).is_ok()
     });
-    child
+    Agent(child)
 }
 
 /// POSTs `body` to the agent; returns the HTTP status code.
@@ -187,8 +197,8 @@ fn windows_survive_a_broker_outage_and_a_kill_and_arrive_once() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // kill -9 mid-outage, then restart on the same state directory.
-    agent.kill().expect("kill -9");
-    agent.wait().expect("wait");
+    agent.0.kill().expect("kill -9");
+    agent.0.wait().expect("wait");
     let buffered: u64 = std::fs::read_dir(dir.path().join("state/buffer"))
         .expect("buffer dir")
         .flatten()
@@ -227,9 +237,9 @@ fn windows_survive_a_broker_outage_and_a_kill_and_arrive_once() {
         // Once the backlog is in (windows are live again), stop gracefully.
         if !stopped && reports.iter().any(|r| r.window_start > broker_up) {
             let _ = Command::new("kill")
-                .args(["-TERM", &agent.id().to_string()])
+                .args(["-TERM", &agent.0.id().to_string()])
                 .status();
-            let status = agent.wait().expect("wait");
+            let status = agent.0.wait().expect("wait");
             assert!(status.success(), "agent exits 0 on SIGTERM");
             stopped = true;
         }
@@ -297,7 +307,7 @@ fn local_ingest_refuses_bad_requests_with_reasons() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (broker_port, http_port) = (free_port(), free_port());
     let config = write_config(dir.path(), broker_port, http_port);
-    let mut agent = start_agent(&config, http_port);
+    let _agent = start_agent(&config, http_port);
     let ok = r#"[{"type":"inference","model_id":"classifier","model_version":"1.0.0","latency_ms":3},
                  {"type":"feedback","model_id":"classifier","model_version":"1.0.0","kind":"negative"}]"#;
     assert_eq!(post(http_port, ok), 202);
@@ -325,8 +335,6 @@ fn local_ingest_refuses_bad_requests_with_reasons() {
     );
     let huge = format!("[{}]", vec![r#"{"type":"feedback","model_id":"classifier","model_version":"1.0.0","kind":"positive"}"#; 10_001].join(","));
     assert_eq!(post(http_port, &huge), 413);
-    agent.kill().expect("kill");
-    let _ = agent.wait();
 }
 
 #[test]
