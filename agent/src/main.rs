@@ -1,5 +1,6 @@
 //! `driftline-agent`: see `driftline-agent --help` and CONTRACT.md.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -10,6 +11,7 @@ use anyhow::Context;
 use chrono::{DateTime, TimeDelta, Utc};
 use clap::{Parser, Subcommand};
 use driftline_agent::config::{AgentConfig, AgentFile, Overrides};
+use driftline_agent::ledger::Budget;
 use driftline_agent::privacy::MechanismConfig;
 use driftline_agent::runtime;
 use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
@@ -110,6 +112,9 @@ struct SimulateArgs {
     /// Mean inferences per model and window on each device.
     #[arg(long, env = "DRIFTLINE_EVENTS_PER_WINDOW", default_value_t = 30.0)]
     events_per_window: f64,
+    /// zCDP rho each device may spend per day; windows over it are withheld.
+    #[arg(long, env = "DRIFTLINE_BUDGET_RHO", default_value_t = 100_000.0)]
+    budget_rho: f64,
     /// After reaching the present, go on publishing at the pace of the clock.
     #[arg(long, env = "DRIFTLINE_LIVE")]
     live: bool,
@@ -257,6 +262,10 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         events_per_window: args.events_per_window,
         drift,
         live: args.live,
+        budget: Budget {
+            rho: args.budget_rho,
+            period: TimeDelta::days(1),
+        },
     };
     let progress = Arc::new(SimProgress::default());
     let cancel = CancellationToken::new();
@@ -266,12 +275,38 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
             stop.cancel();
         }
     });
+    let total = config
+        .windows
+        .map(|w| w * u64::from(config.devices) * u64::from(config.models));
     let reporter = {
         let progress = progress.clone();
         tokio::spawn(async move {
+            // A progress bar on a terminal, a line every 5 s otherwise.
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = total.map_or_else(
+                    indicatif::ProgressBar::new_spinner,
+                    indicatif::ProgressBar::new,
+                );
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} {pos}/{len} windows {per_sec} {elapsed}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar
+            });
             loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                eprintln!("published {}", progress.published.load(Ordering::Relaxed));
+                let published = progress.published.load(Ordering::Relaxed);
+                match &bar {
+                    Some(bar) => {
+                        bar.set_position(published);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    None => {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        eprintln!("published {published}");
+                    }
+                }
             }
         })
     };
@@ -279,8 +314,14 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
     reporter.abort();
     let summary = summary?;
     println!(
-        "published {} messages, {} acknowledged by the broker",
-        summary.published, summary.acknowledged
+        "published {} messages, {} acknowledged by the broker{}",
+        summary.published,
+        summary.acknowledged,
+        if summary.withheld > 0 {
+            format!(", {} withheld (privacy budget spent)", summary.withheld)
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

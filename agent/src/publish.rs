@@ -121,24 +121,32 @@ impl Publisher {
         self.published
     }
 
+    /// Waits until the broker acknowledged everything published so far, at
+    /// most `timeout`; returns whether it did.
+    pub async fn wait_acked(&mut self, timeout: Duration) -> bool {
+        let published = self.published;
+        tokio::time::timeout(timeout, self.acked.wait_for(|n| *n >= published))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Waits until the broker acknowledged everything published (at most
     /// `timeout`), then disconnects. Returns the number acknowledged.
     pub async fn finish(mut self, timeout: Duration) -> Result<u64, PublishError> {
         let published = self.published;
-        let waited = tokio::time::timeout(timeout, self.acked.wait_for(|n| *n >= published))
-            .await
-            .map(|r| r.is_ok());
+        let waited = self.wait_acked(timeout).await;
         let acked = *self.acked.borrow();
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.driver).await;
         self.driver.abort();
-        match waited {
-            Ok(true) => Ok(acked),
-            _ => Err(PublishError::Unacknowledged {
+        if waited {
+            Ok(acked)
+        } else {
+            Err(PublishError::Unacknowledged {
                 published,
                 missing: published.saturating_sub(acked),
                 waited: timeout,
-            }),
+            })
         }
     }
 }

@@ -24,6 +24,7 @@ use rand_distr::{Beta, Distribution, LogNormal, Poisson};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Feedback, InferenceEvent};
+use crate::ledger::{Budget, Ledger};
 use crate::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, Privatizer};
 use crate::publish::{PublishError, Publisher};
 use crate::window::{ModelHandle, ModelKey, ModelSpec, Windower};
@@ -93,6 +94,9 @@ pub struct SimConfig {
     pub events_per_window: f64,
     pub drift: Option<Drift>,
     pub live: bool,
+    /// Each device's privacy budget (kept in memory); windows over it are
+    /// withheld, as on a real device.
+    pub budget: Budget,
 }
 
 /// What a run did.
@@ -100,6 +104,8 @@ pub struct SimConfig {
 pub struct SimSummary {
     pub published: u64,
     pub acknowledged: u64,
+    /// Windows not published because a device's budget was spent.
+    pub withheld: u64,
 }
 
 /// Errors of a simulation run.
@@ -149,6 +155,7 @@ pub async fn run(
             Ok(Ok(s)) => {
                 summary.published += s.published;
                 summary.acknowledged += s.acknowledged;
+                summary.withheld += s.withheld;
             }
             Ok(Err(e)) => {
                 cancel.cancel();
@@ -191,6 +198,8 @@ async fn run_device(
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20));
     let mut windower = Windower::new(config.window_secs, config.start);
     let privatizer = Privatizer::new(config.mechanism)?;
+    let mut ledger = Ledger::in_memory(config.budget);
+    let mut withheld = 0;
     let spec = ModelSpec::default().with_labels(LABELS);
     let models: Vec<(String, ModelHandle, ModelProfile)> = (0..config.models)
         .map(|m| {
@@ -226,6 +235,10 @@ async fn run_device(
             }
         }
         for closed in windower.close_due(end) {
+            if ledger.try_spend(end, privatizer.rho_per_window()).is_err() {
+                withheld += 1;
+                continue;
+            }
             let private = privatizer.privatize(closed)?;
             publisher.publish(private).await.map_err(publish_error)?;
             progress.published.fetch_add(1, Ordering::Relaxed);
@@ -233,13 +246,22 @@ async fn run_device(
         w += 1;
     }
     let published = publisher.published();
+    // A broker that is down is waited for (the client keeps reconnecting)
+    // until every message is acknowledged; once cancelled, for 30 s more.
+    if !cancel.is_cancelled() {
+        tokio::select! {
+            _ = publisher.wait_acked(Duration::from_secs(24 * 3600)) => {}
+            _ = cancel.cancelled() => {}
+        }
+    }
     let acknowledged = publisher
-        .finish(Duration::from_secs(60))
+        .finish(Duration::from_secs(30))
         .await
         .map_err(publish_error)?;
     Ok(SimSummary {
         published,
         acknowledged,
+        withheld,
     })
 }
 

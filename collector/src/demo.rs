@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use driftline_agent::ledger::Budget;
 use driftline_agent::privacy::MechanismConfig;
 use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
 use driftline_core::broker::BrokerUrl;
@@ -134,6 +135,10 @@ pub async fn run(
             size: 0.5,
         }),
         live: true,
+        budget: Budget {
+            rho: 1e6,
+            period: TimeDelta::days(1),
+        },
     };
 
     println!("Driftline demo");

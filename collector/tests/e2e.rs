@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use driftline_agent::ledger::Budget;
 use driftline_agent::privacy::MechanismConfig;
 use driftline_agent::simulate::{self, SimConfig, SimProgress};
 use driftline_core::broker::BrokerUrl;
@@ -256,6 +257,10 @@ fn agent_windows_reach_the_lake_exactly_once() {
         events_per_window: 20.0,
         drift: None,
         live: false,
+        budget: Budget {
+            rho: 1e6,
+            period: TimeDelta::days(1),
+        },
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let summary = rt
