@@ -370,3 +370,29 @@ fn check_config_accepts_the_example_and_names_mistakes() {
         "{err}"
     );
 }
+
+/// Privacy noise must come from a CSPRNG: opendp draws from OpenSSL only
+/// with its `use-openssl` feature (otherwise it falls back to a
+/// non-cryptographic generator whose noise can be predicted and subtracted).
+/// Check that the feature is on in this build, and that the binary links
+/// the system's libcrypto (`OPENSSL_NO_VENDOR`), not a vendored copy.
+#[test]
+fn noise_comes_from_openssl_csprng() {
+    let tree = Command::new(env!("CARGO"))
+        .args(["tree", "-p", "driftline-agent", "-e", "features", "-i", "opendp", "--prefix", "none"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree");
+    assert!(tree.status.success(), "{}", String::from_utf8_lossy(&tree.stderr));
+    let features = String::from_utf8_lossy(&tree.stdout);
+    assert!(
+        features.lines().any(|l| l.trim() == "opendp feature \"use-openssl\""),
+        "opendp is built without use-openssl:\n{features}"
+    );
+    let ldd = Command::new("ldd").arg(AGENT).output().expect("ldd");
+    let linked = String::from_utf8_lossy(&ldd.stdout);
+    assert!(
+        linked.lines().any(|l| l.trim_start().starts_with("libcrypto.so")),
+        "the agent does not link the system libcrypto:\n{linked}"
+    );
+}
