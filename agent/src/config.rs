@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::ledger::Budget;
 use crate::privacy::{MechanismConfig, PrivacyError, Privatizer};
+use crate::tls::TlsFiles;
 use crate::window::{ModelKey, ModelSpec};
 
 /// The TOML file. Every key is optional except the models.
@@ -71,6 +72,12 @@ pub struct MqttSection {
     /// Keep-alive interval (default 30s).
     #[serde(default, with = "humantime_serde")]
     pub keep_alive: Option<Duration>,
+    /// CA certificates (PEM) for mqtts:// (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM), for brokers that require one.
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
@@ -169,6 +176,7 @@ pub struct AgentConfig {
     pub mqtt_username: Option<String>,
     pub mqtt_password: Option<String>,
     pub keep_alive: Duration,
+    pub tls: TlsFiles,
     pub http_listen: SocketAddr,
     pub max_body_bytes: usize,
     pub max_batch: usize,
@@ -297,6 +305,11 @@ impl AgentConfig {
             mqtt_username: file.mqtt.username,
             mqtt_password: file.mqtt.password,
             keep_alive: file.mqtt.keep_alive.unwrap_or(Duration::from_secs(30)),
+            tls: TlsFiles {
+                ca_file: file.mqtt.ca_file,
+                client_cert: file.mqtt.client_cert,
+                client_key: file.mqtt.client_key,
+            },
             http_listen: over
                 .http_listen
                 .or(file.http.listen)

@@ -22,6 +22,7 @@ pub mod privacy;
 pub mod publish;
 pub mod runtime;
 pub mod simulate;
+pub mod tls;
 pub mod window;
 
 /// The agent's version, written into every message as `agent_version`.

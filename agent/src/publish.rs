@@ -19,8 +19,8 @@ use crate::privacy::{DeviceIdentity, PrivateWindow};
 /// Errors of the publisher.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("TLS (mqtts://) is not supported by this build yet")]
-    TlsUnsupported,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("the window does not encode as a valid message: {0}")]
     Encode(#[from] Rejection),
     #[error("the MQTT client stopped: {0}")]
@@ -62,13 +62,15 @@ impl Publisher {
         device: DeviceIdentity,
         first_seq: u64,
     ) -> Result<Self, PublishError> {
-        if broker.tls {
-            return Err(PublishError::TlsUnsupported);
-        }
         let client_id = format!("driftline-{}-{}", device.fleet, device.device_id);
         let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_inflight(100);
+        // The simulator trusts the system's roots for mqtts://.
+        options.set_transport(crate::tls::transport(
+            broker,
+            &crate::tls::TlsFiles::default(),
+        )?);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let (acked_tx, acked) = watch::channel(0u64);
         let device_id = device.device_id.clone();

@@ -55,8 +55,8 @@ pub enum AgentError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("TLS (mqtts://) is not supported by this build yet")]
-    TlsUnsupported,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The per-device sequence number, strictly increasing across restarts.
@@ -200,9 +200,6 @@ impl Loop {
 
 /// Runs the agent until `shutdown` fires.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    if config.broker.tls {
-        return Err(AgentError::TlsUnsupported);
-    }
     let state_dir = config.state_dir.clone();
     std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::State {
         path: state_dir.clone(),
@@ -295,6 +292,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         state.config.broker.port,
     );
     options.set_keep_alive(state.config.keep_alive);
+    options.set_transport(crate::tls::transport(
+        &state.config.broker,
+        &state.config.tls,
+    )?);
     options.set_last_will(LastWill::new(
         &status_topic,
         will.encode(),

@@ -379,20 +379,151 @@ fn check_config_accepts_the_example_and_names_mistakes() {
 #[test]
 fn noise_comes_from_openssl_csprng() {
     let tree = Command::new(env!("CARGO"))
-        .args(["tree", "-p", "driftline-agent", "-e", "features", "-i", "opendp", "--prefix", "none"])
+        .args([
+            "tree",
+            "-p",
+            "driftline-agent",
+            "-e",
+            "features",
+            "-i",
+            "opendp",
+            "--prefix",
+            "none",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo tree");
-    assert!(tree.status.success(), "{}", String::from_utf8_lossy(&tree.stderr));
+    assert!(
+        tree.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tree.stderr)
+    );
     let features = String::from_utf8_lossy(&tree.stdout);
     assert!(
-        features.lines().any(|l| l.trim() == "opendp feature \"use-openssl\""),
+        features
+            .lines()
+            .any(|l| l.trim() == "opendp feature \"use-openssl\""),
         "opendp is built without use-openssl:\n{features}"
     );
     let ldd = Command::new("ldd").arg(AGENT).output().expect("ldd");
     let linked = String::from_utf8_lossy(&ldd.stdout);
     assert!(
-        linked.lines().any(|l| l.trim_start().starts_with("libcrypto.so")),
+        linked
+            .lines()
+            .any(|l| l.trim_start().starts_with("libcrypto.so")),
         "the agent does not link the system libcrypto:\n{linked}"
     );
+}
+
+/// Writes a CA, a server certificate for localhost/127.0.0.1 and a client
+/// certificate, as PEM files in `dir`.
+fn make_certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair};
+    // Distinct subjects: OpenSSL takes a leaf whose subject equals its
+    // issuer for a self-signed certificate.
+    let named = |cn: &str| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        dn
+    };
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.distinguished_name = named("Driftline test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let leaf = |names: Vec<String>, name: &str| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name = named(name);
+        let cert = params.signed_by(&key, &ca, &ca_key).expect("sign");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write key");
+    };
+    leaf(vec!["localhost".into(), "127.0.0.1".into()], "server");
+    leaf(vec!["dev-1".into()], "client");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write ca");
+}
+
+#[test]
+fn publishes_over_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    make_certificates(d);
+    let (broker_port, http_port) = (free_port(), free_port());
+    let conf = d.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {broker_port} 127.0.0.1\nallow_anonymous true\nrequire_certificate true\n\
+             cafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n",
+            d.display()
+        ),
+    )
+    .expect("write conf");
+    let broker = Broker {
+        child: Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto"),
+    };
+    wait_for("mosquitto (TLS)", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", broker_port)).is_ok()
+    });
+    let tls = |name: &str| d.join(name).display().to_string();
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "localhost",
+            "-p",
+            &broker_port.to_string(),
+            "--cafile",
+            &tls("ca.pem"),
+        ])
+        .args(["--cert", &tls("client.pem"), "--key", &tls("client.key")])
+        .args([
+            "-t",
+            "driftline/v1/e2e/dev-1/metrics",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let config = write_config(d, broker_port, http_port);
+    let text = std::fs::read_to_string(&config)
+        .expect("read config")
+        .replace(
+            &format!("mqtt://127.0.0.1:{broker_port}"),
+            &format!("mqtts://localhost:{broker_port}"),
+        )
+        + &format!(
+            "[mqtt]\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+            tls("ca.pem"),
+            tls("client.pem"),
+            tls("client.key")
+        );
+    std::fs::write(&config, text).expect("write config");
+    let _agent = start_agent(&config, http_port);
+    let out = sub.wait_with_output().expect("mosquitto_sub");
+    assert!(
+        out.status.success(),
+        "no window arrived over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = wire::accept(
+        "driftline/v1/e2e/dev-1/metrics",
+        out.stdout.trim_ascii(),
+        &bounds(),
+    )
+    .expect("a valid window over TLS");
+    assert_eq!(report.device_id, "dev-1");
+    drop(broker);
 }

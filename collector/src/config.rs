@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::TimeDelta;
+use driftline_agent::tls::TlsFiles;
 use driftline_core::broker::BrokerUrl;
 use serde::Deserialize;
 
@@ -38,6 +39,12 @@ pub struct ServeFile {
     /// How far in the future a window may end (clock skew).
     #[serde(default, with = "humantime_serde")]
     pub max_future_skew: Option<Duration>,
+    /// CA certificates (PEM) for mqtts:// (default: the system's roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for brokers that require one.
+    pub tls_client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub tls_client_key: Option<PathBuf>,
 }
 
 /// Errors of configuration.
@@ -84,6 +91,9 @@ impl ServeFile {
             flush_rows: over.flush_rows.or(self.flush_rows),
             max_event_age: over.max_event_age.or(self.max_event_age),
             max_future_skew: over.max_future_skew.or(self.max_future_skew),
+            tls_ca_file: over.tls_ca_file.or(self.tls_ca_file),
+            tls_client_cert: over.tls_client_cert.or(self.tls_client_cert),
+            tls_client_key: over.tls_client_key.or(self.tls_client_key),
         }
     }
 }
@@ -154,6 +164,11 @@ impl ServeConfig {
                 flush_interval,
                 flush_rows,
                 limits,
+                tls: TlsFiles {
+                    ca_file: layers.tls_ca_file,
+                    client_cert: layers.tls_client_cert,
+                    client_key: layers.tls_client_key,
+                },
             },
         })
     }

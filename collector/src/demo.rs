@@ -88,6 +88,7 @@ pub async fn run(
             flush_interval: Duration::from_secs(2),
             flush_rows: 50_000,
             limits: IngestLimits::default(),
+            tls: Default::default(),
         },
         lake,
         counters.clone(),

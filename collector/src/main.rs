@@ -87,6 +87,15 @@ struct ServeArgs {
     /// How far past the collector's clock a window may end. Default: 1h
     #[arg(long, env = "DRIFTLINE_MAX_FUTURE_SKEW", value_parser = humantime::parse_duration)]
     max_future_skew: Option<Duration>,
+    /// CA certificates (PEM) for an mqtts:// broker. Default: the system's roots.
+    #[arg(long, env = "DRIFTLINE_TLS_CA_FILE")]
+    tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that require one.
+    #[arg(long, env = "DRIFTLINE_TLS_CLIENT_CERT")]
+    tls_client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, env = "DRIFTLINE_TLS_CLIENT_KEY")]
+    tls_client_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -187,6 +196,9 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         flush_rows: args.flush_rows,
         max_event_age: args.max_event_age,
         max_future_skew: args.max_future_skew,
+        tls_ca_file: args.tls_ca_file,
+        tls_client_cert: args.tls_client_cert,
+        tls_client_key: args.tls_client_key,
     };
     let config = ServeConfig::resolve(file.overlay(flags))?;
     let lake = LakeWriter::open(&config.data_dir)?;

@@ -18,6 +18,8 @@ use driftline_core::topic::METRICS_FILTER;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
+use driftline_agent::tls::TlsFiles;
+
 use crate::ingest::{Counters, Ingest, IngestLimits};
 use crate::lake::LakeWriter;
 
@@ -35,13 +37,15 @@ pub struct SubscriberOptions {
     /// Flush early once this many rows are pending.
     pub flush_rows: usize,
     pub limits: IngestLimits,
+    /// CA and client certificate files for `mqtts://`.
+    pub tls: TlsFiles,
 }
 
 /// Errors that stop the subscriber.
 #[derive(Debug, thiserror::Error)]
 pub enum SubscriberError {
-    #[error("TLS (mqtts://) is not supported by this build yet")]
-    TlsUnsupported,
+    #[error(transparent)]
+    Tls(#[from] driftline_agent::tls::TlsError),
     #[error("final flush failed, {pending} rows not written: {source}")]
     FinalFlush {
         pending: usize,
@@ -56,9 +60,6 @@ pub async fn run(
     counters: Arc<Counters>,
     shutdown: CancellationToken,
 ) -> Result<(), SubscriberError> {
-    if options.broker.tls {
-        return Err(SubscriberError::TlsUnsupported);
-    }
     let mut mqtt = MqttOptions::new(
         options.client_id.clone(),
         options.broker.host.clone(),
@@ -67,6 +68,10 @@ pub async fn run(
     mqtt.set_clean_session(false);
     mqtt.set_keep_alive(Duration::from_secs(30));
     mqtt.set_max_packet_size(MAX_INCOMING_PACKET, 64 * 1024);
+    mqtt.set_transport(driftline_agent::tls::transport(
+        &options.broker,
+        &options.tls,
+    )?);
     let (client, mut eventloop) = AsyncClient::new(mqtt, 16);
     let mut ingest = Ingest::new(options.limits, counters.clone());
     let mut ticker = tokio::time::interval(options.flush_interval);
