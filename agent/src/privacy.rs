@@ -180,18 +180,7 @@ impl Privatizer {
     pub fn privatize(&self, window: ClosedWindow) -> Result<PrivateWindow, PrivacyError> {
         let c = &window.counts;
         let spec = &c.spec;
-        let mut fields: Vec<String> = [
-            "inference_count",
-            "error_count",
-            "feedback",
-            "latency_ms",
-            "confidence",
-            "input_tokens",
-            "output_tokens",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+        let mut fields: Vec<String> = wire::STANDARD_NOISED_FIELDS.map(str::to_owned).to_vec();
         if !spec.labels.is_empty() {
             fields.push(format!("categories.{LABEL_FEATURE}"));
         }

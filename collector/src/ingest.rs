@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
 use driftline_core::wire::{self, TimeBounds};
 
 use crate::lake::schema::{self, QuarantinedMessage, StoredWindow};
@@ -142,68 +144,35 @@ impl Ingest {
     /// A partition whose write fails stays pending for the next flush; the
     /// first error is returned after the other partitions were tried.
     pub fn flush(&mut self, lake: &LakeWriter) -> Result<(), LakeError> {
-        let mut first_error = None;
-        let dates: Vec<String> = self.metrics.keys().cloned().collect();
-        for date in dates {
-            let Some(mut rows) = self.metrics.remove(&date) else {
-                continue;
-            };
+        for rows in self.metrics.values_mut() {
             rows.sort_by(|a, b| {
-                (
-                    &a.report.model_id,
-                    a.report.window_start,
-                    &a.report.device_id,
-                )
-                    .cmp(&(
-                        &b.report.model_id,
-                        b.report.window_start,
-                        &b.report.device_id,
-                    ))
+                let (a, b) = (&a.report, &b.report);
+                (&a.model_id, a.window_start, &a.device_id).cmp(&(
+                    &b.model_id,
+                    b.window_start,
+                    &b.device_id,
+                ))
             });
-            let written = schema::metrics_batch(&rows)
-                .map_err(|source| LakeError::Arrow {
-                    table: METRICS,
-                    source,
-                })
-                .and_then(|batch| lake.write(METRICS, &date, &batch));
-            match written {
-                Ok(path) => {
-                    self.note_written(rows.len(), &path, METRICS);
-                    self.counters
-                        .stored_windows
-                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    self.metrics.insert(date, rows);
-                    first_error.get_or_insert(e);
-                }
-            }
         }
-        let dates: Vec<String> = self.quarantine.keys().cloned().collect();
-        for date in dates {
-            let Some(rows) = self.quarantine.remove(&date) else {
-                continue;
-            };
-            let written = schema::quarantine_batch(&rows)
-                .map_err(|source| LakeError::Arrow {
-                    table: QUARANTINE,
-                    source,
-                })
-                .and_then(|batch| lake.write(QUARANTINE, &date, &batch));
-            match written {
-                Ok(path) => {
-                    self.note_written(rows.len(), &path, QUARANTINE);
-                    self.counters
-                        .stored_quarantine
-                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    self.quarantine.insert(date, rows);
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
+        let counters = &self.counters;
+        let (metrics_rows, metrics_error) = flush_table(
+            lake,
+            METRICS,
+            &mut self.metrics,
+            schema::metrics_batch,
+            &counters.stored_windows,
+            counters,
+        );
+        let (quarantine_rows, quarantine_error) = flush_table(
+            lake,
+            QUARANTINE,
+            &mut self.quarantine,
+            schema::quarantine_batch,
+            &counters.stored_quarantine,
+            counters,
+        );
+        self.pending = self.pending.saturating_sub(metrics_rows + quarantine_rows);
+        match metrics_error.or(quarantine_error) {
             Some(e) => {
                 self.counters.flush_errors.fetch_add(1, Ordering::Relaxed);
                 Err(e)
@@ -211,10 +180,36 @@ impl Ingest {
             None => Ok(()),
         }
     }
+}
 
-    fn note_written(&mut self, rows: usize, path: &std::path::Path, table: &'static str) {
-        self.pending = self.pending.saturating_sub(rows);
-        self.counters.files_written.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(table, rows, path = %path.display(), "flushed");
+/// Writes each date's rows of one table as one file; rows whose write fails
+/// stay in `pending`. Returns the rows written and the first error.
+fn flush_table<T>(
+    lake: &LakeWriter,
+    table: &'static str,
+    pending: &mut BTreeMap<String, Vec<T>>,
+    build: fn(&[T]) -> Result<RecordBatch, ArrowError>,
+    stored: &AtomicU64,
+    counters: &Counters,
+) -> (usize, Option<LakeError>) {
+    let mut written_rows = 0;
+    let mut first_error = None;
+    for (date, rows) in std::mem::take(pending) {
+        let written = build(&rows)
+            .map_err(|source| LakeError::Arrow { table, source })
+            .and_then(|batch| lake.write(table, &date, &batch));
+        match written {
+            Ok(path) => {
+                written_rows += rows.len();
+                stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                counters.files_written.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(table, rows = rows.len(), path = %path.display(), "flushed");
+            }
+            Err(e) => {
+                pending.insert(date, rows);
+                first_error.get_or_insert(e);
+            }
+        }
     }
+    (written_rows, first_error)
 }

@@ -44,6 +44,18 @@ pub const MAX_CATEGORY_FEATURES: usize = 8;
 /// Most categories per categorical feature.
 pub const MAX_CATEGORIES: usize = 64;
 
+/// Noised fields every message has, in the order of `privacy.noise_scale`
+/// documentation; `custom.{name}` and `categories.{name}` come on top.
+pub const STANDARD_NOISED_FIELDS: [&str; 7] = [
+    "inference_count",
+    "error_count",
+    "feedback",
+    "latency_ms",
+    "confidence",
+    "input_tokens",
+    "output_tokens",
+];
+
 /// One device's report for one model and one window (schema v1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -358,18 +370,7 @@ impl WindowReport {
     /// `feedback`, `latency_ms`, `confidence`, `input_tokens`,
     /// `output_tokens`, `custom.{name}` and `categories.{name}`.
     pub fn noised_fields(&self) -> Vec<String> {
-        let mut names: Vec<String> = [
-            "inference_count",
-            "error_count",
-            "feedback",
-            "latency_ms",
-            "confidence",
-            "input_tokens",
-            "output_tokens",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+        let mut names: Vec<String> = STANDARD_NOISED_FIELDS.map(str::to_owned).to_vec();
         names.extend(self.custom.keys().map(|k| format!("custom.{k}")));
         names.extend(self.categories.keys().map(|k| format!("categories.{k}")));
         names
