@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use driftline_agent::event::{Feedback, InferenceEvent};
+use driftline_agent::privacy::{DeviceIdentity, Privatizer};
 use driftline_agent::window::{ModelKey, ModelSpec, Windower};
 
 fn record(c: &mut Criterion) {
@@ -42,5 +43,34 @@ fn record(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, record);
+/// Noising one closed window (67 counts with labels) with OpenDP's exact
+/// discrete Laplace sampler, against encoding the resulting message as JSON.
+fn privatize(c: &mut Criterion) {
+    let mut group = c.benchmark_group("window");
+    let labels = ModelSpec::default().with_labels(["billing", "cancel", "support", "other"]);
+    let start = Utc::now();
+    let privatizer = Privatizer::laplace(1.0).expect("privatizer");
+    let device = DeviceIdentity {
+        device_id: "bench".into(),
+        fleet: "bench".into(),
+        agent_version: "0".into(),
+    };
+    let mut windower = Windower::new(60, start);
+    windower.register(ModelKey::new("intent", "1.0.0"), &labels);
+    let mut minute = start;
+    let mut closed = move || {
+        minute += chrono::TimeDelta::minutes(1);
+        windower.close_due(minute).remove(0)
+    };
+    let report = privatizer.privatize(closed()).expect("noise").into_report(&device, 1);
+    group.bench_function("reference: encode one message (JSON)", |b| {
+        b.iter(|| black_box(&report).encode().expect("encode"))
+    });
+    group.bench_function("privatize one window (Laplace, 67 counts)", |b| {
+        b.iter_batched(&mut closed, |w| privatizer.privatize(w).expect("noise"), criterion::BatchSize::SmallInput)
+    });
+    group.finish();
+}
+
+criterion_group!(benches, record, privatize);
 criterion_main!(benches);
