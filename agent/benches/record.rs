@@ -62,12 +62,19 @@ fn privatize(c: &mut Criterion) {
         minute += chrono::TimeDelta::minutes(1);
         windower.close_due(minute).remove(0)
     };
-    let report = privatizer.privatize(closed()).expect("noise").into_report(&device, 1);
+    let report = privatizer
+        .privatize(closed())
+        .expect("noise")
+        .into_report(&device, 1);
     group.bench_function("reference: encode one message (JSON)", |b| {
         b.iter(|| black_box(&report).encode().expect("encode"))
     });
     group.bench_function("privatize one window (Laplace, 67 counts)", |b| {
-        b.iter_batched(&mut closed, |w| privatizer.privatize(w).expect("noise"), criterion::BatchSize::SmallInput)
+        b.iter_batched(
+            &mut closed,
+            |w| privatizer.privatize(w).expect("noise"),
+            criterion::BatchSize::SmallInput,
+        )
     });
     group.finish();
 }

@@ -6,7 +6,10 @@
 //!   the request with its index and reason, and records nothing.
 //!   `202 {"accepted": n}`; `400` bad JSON or values; `413` body or batch
 //!   too large; `422` a model that is not declared in the configuration.
-//! - `GET /v1/status`: the agent's status (the same as its MQTT status).
+//! - `GET /v1/status`: the agent's status (as published over MQTT) and,
+//!   for the device only, `local`: events accepted, requests refused, late
+//!   events and clipped values (these depend on events, so they never leave
+//!   the device).
 //! - `GET /health`: `200 ok`.
 
 use std::collections::HashMap;
@@ -25,12 +28,14 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::event::{Feedback, InferenceEvent};
-use crate::window::{ModelHandle, ModelKey};
+use crate::window::{ModelHandle, ModelKey, WindowStats};
 
 /// What the HTTP handlers share with the agent loop.
 #[derive(Debug)]
 pub struct Shared {
     pub models: HashMap<ModelKey, ModelHandle>,
+    /// Late events and clipped values, from the windower.
+    pub window_stats: WindowStats,
     pub status: Mutex<StatusReport>,
     pub max_batch: usize,
     pub events_accepted: AtomicU64,
@@ -196,10 +201,24 @@ async fn post_events(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
 }
 
 async fn get_status(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.status.lock() {
-        Ok(s) => Json(s.clone()).into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+    let status = match shared.status.lock() {
+        Ok(s) => s.clone(),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    let (late_events, clipped_values) = (
+        shared.window_stats.late_events(),
+        shared.window_stats.clipped_values(),
+    );
+    Json(json!({
+        "status": status,
+        "local": {
+            "events_accepted": shared.events_accepted.load(Ordering::Relaxed),
+            "requests_refused": shared.requests_refused.load(Ordering::Relaxed),
+            "late_events": late_events,
+            "clipped_values": clipped_values,
+        }
+    }))
+    .into_response()
 }
 
 /// The router, with the body limit applied (413 past it).

@@ -244,6 +244,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     };
     let shared = Arc::new(Shared {
         models,
+        window_stats: windower.stats(),
         status: Mutex::new(placeholder),
         max_batch: config.max_batch,
         events_accepted: AtomicU64::new(0),

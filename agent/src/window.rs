@@ -129,8 +129,17 @@ impl ModelCells {
         }
     }
 
-    fn add(&self, e: &InferenceEvent<'_>) {
+    /// Counts the event; returns how many of its values were clipped into
+    /// a histogram's first or last bucket.
+    fn add(&self, e: &InferenceEvent<'_>) -> u64 {
         let spec = &self.spec;
+        let outside = |edges: &[f64], v: f64| {
+            u64::from(
+                !(edges.first().is_some_and(|lo| v >= *lo)
+                    && edges.last().is_some_and(|hi| v <= *hi)),
+            )
+        };
+        let mut clipped = outside(&spec.latency_ms_edges, e.latency_ms);
         let bump = |c: &AtomicI64| {
             c.fetch_add(1, Ordering::Relaxed);
         };
@@ -142,10 +151,15 @@ impl ModelCells {
         // A model without a confidence still counts the event, in bucket 0,
         // so that every event moves every histogram by exactly one.
         let confidence = e.confidence.unwrap_or(0.0);
+        if e.confidence.is_some() {
+            clipped += outside(&spec.confidence_edges, confidence);
+        }
         bump(&self.confidence[histogram::bucket_index(&spec.confidence_edges, confidence)]);
         let input = f64::from(e.input_tokens);
+        clipped += outside(&spec.input_tokens_edges, input);
         bump(&self.input_tokens[histogram::bucket_index(&spec.input_tokens_edges, input)]);
         let output = f64::from(e.output_tokens);
+        clipped += outside(&spec.output_tokens_edges, output);
         bump(&self.output_tokens[histogram::bucket_index(&spec.output_tokens_edges, output)]);
         if !spec.labels.is_empty() {
             let label = e.label.unwrap_or(OTHER_LABEL);
@@ -160,6 +174,7 @@ impl ModelCells {
                 bump(&self.labels[i]);
             }
         }
+        clipped
     }
 
     fn add_feedback(&self, f: Feedback) {
@@ -219,6 +234,7 @@ struct Shared {
     /// Start of the open window, Unix seconds.
     open: AtomicI64,
     late_events: AtomicU64,
+    clipped_values: AtomicU64,
 }
 
 /// The recording side of one model: cheap to clone, safe to share between
@@ -233,14 +249,19 @@ impl ModelHandle {
     /// Records an inference in the open window.
     #[inline]
     pub fn record(&self, event: &InferenceEvent<'_>) {
-        self.cells.add(event);
+        let clipped = self.cells.add(event);
+        if clipped > 0 {
+            self.shared
+                .clipped_values
+                .fetch_add(clipped, Ordering::Relaxed);
+        }
     }
 
     /// Records an inference that happened at `at`. An event older than the
     /// open window still goes to the open window, and is counted as late.
     pub fn record_at(&self, at: DateTime<Utc>, event: &InferenceEvent<'_>) {
         self.note_late(at);
-        self.cells.add(event);
+        self.record(event);
     }
 
     /// Records user feedback in the open window.
@@ -259,6 +280,21 @@ impl ModelHandle {
         if at.timestamp() < self.shared.open.load(Ordering::Relaxed) {
             self.shared.late_events.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Counters of a [`Windower`], readable from other tasks. They depend on
+/// events: keep them on the device.
+#[derive(Debug, Clone)]
+pub struct WindowStats(Arc<Shared>);
+
+impl WindowStats {
+    pub fn late_events(&self) -> u64 {
+        self.0.late_events.load(Ordering::Relaxed)
+    }
+
+    pub fn clipped_values(&self) -> u64 {
+        self.0.clipped_values.load(Ordering::Relaxed)
     }
 }
 
@@ -284,6 +320,7 @@ impl Windower {
             shared: Arc::new(Shared {
                 open: AtomicI64::new(align(start, window_secs).timestamp()),
                 late_events: AtomicU64::new(0),
+                clipped_values: AtomicU64::new(0),
             }),
             models: BTreeMap::new(),
         }
@@ -301,7 +338,17 @@ impl Windower {
 
     /// Events recorded with a time before their window had closed.
     pub fn late_events(&self) -> u64 {
-        self.shared.late_events.load(Ordering::Relaxed)
+        self.stats().late_events()
+    }
+
+    /// Values clipped into a histogram's first or last bucket.
+    pub fn clipped_values(&self) -> u64 {
+        self.stats().clipped_values()
+    }
+
+    /// A handle on the counters above, for other tasks.
+    pub fn stats(&self) -> WindowStats {
+        WindowStats(self.shared.clone())
     }
 
     /// Registers a model (once; later calls return the same handle and keep
@@ -421,6 +468,24 @@ mod tests {
             vec![1, 0, 0],
             "counts go to the oldest closed window"
         );
+    }
+
+    #[test]
+    fn out_of_range_values_are_clipped_and_counted() {
+        let mut w = Windower::new(60, t("2026-11-27T10:00:00Z"));
+        let m = w.register(ModelKey::new("m", "1"), &ModelSpec::default());
+        m.record(&event(3.0, None));
+        assert_eq!(w.clipped_values(), 0);
+        let mut e = event(-5.0, None);
+        e.confidence = Some(1.7);
+        e.input_tokens = 1_000_000;
+        m.record(&e);
+        assert_eq!(w.clipped_values(), 3);
+        let closed = w.close_due(t("2026-11-27T10:01:00Z"));
+        let c = &closed[0].counts;
+        assert_eq!(c.latency_ms[0], 1, "-5 ms is clipped into the first bucket");
+        assert_eq!(c.confidence[9], 2, "1.7 is clipped into the last bucket");
+        assert_eq!(*c.input_tokens.last().expect("bucket"), 1);
     }
 
     #[test]

@@ -337,6 +337,23 @@ fn local_ingest_refuses_bad_requests_with_reasons() {
         ),
         422
     );
+    // Clipped values are counted in the local status only.
+    assert_eq!(
+        post(
+            http_port,
+            r#"{"type":"inference","model_id":"classifier","model_version":"1.0.0","latency_ms":-1,"confidence":3}"#
+        ),
+        202
+    );
+    let local = Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{http_port}/v1/status")])
+        .output()
+        .expect("curl");
+    let status: serde_json::Value = serde_json::from_slice(&local.stdout).expect("status JSON");
+    assert_eq!(status["local"]["clipped_values"], 2, "{status}");
+    assert_eq!(status["local"]["events_accepted"], 3, "{status}");
+    assert_eq!(status["local"]["requests_refused"], 4, "{status}");
+    assert_eq!(status["status"]["device_id"], "dev-1");
     let huge = format!("[{}]", vec![r#"{"type":"feedback","model_id":"classifier","model_version":"1.0.0","kind":"positive"}"#; 10_001].join(","));
     assert_eq!(post(http_port, &huge), 413);
 }
