@@ -13,6 +13,7 @@ use driftline_core::topic;
 use serde::Deserialize;
 
 use crate::ledger::Budget;
+use crate::mqtt::Protocol;
 use crate::privacy::{MechanismConfig, PrivacyError, Privatizer};
 use crate::tls::TlsFiles;
 use crate::window::{ModelKey, ModelSpec};
@@ -67,6 +68,8 @@ pub struct PrivacySection {
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSection {
+    /// Protocol version: "3.1.1" (default) or "5".
+    pub protocol: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
     /// Keep-alive interval (default 30s).
@@ -173,6 +176,7 @@ pub struct AgentConfig {
     pub window_secs: u32,
     pub mechanism: MechanismConfig,
     pub budget: Budget,
+    pub mqtt_protocol: Protocol,
     pub mqtt_username: Option<String>,
     pub mqtt_password: Option<String>,
     pub keep_alive: Duration,
@@ -302,6 +306,16 @@ impl AgentConfig {
             window_secs,
             mechanism,
             budget,
+            mqtt_protocol: match file.mqtt.protocol.as_deref() {
+                None | Some("3.1.1") => Protocol::V311,
+                Some("5") => Protocol::V5,
+                Some(other) => {
+                    return Err(invalid(
+                        "mqtt.protocol",
+                        format!("{other:?} is not \"3.1.1\" or \"5\""),
+                    ))
+                }
+            },
             mqtt_username: file.mqtt.username,
             mqtt_password: file.mqtt.password,
             keep_alive: file.mqtt.keep_alive.unwrap_or(Duration::from_secs(30)),

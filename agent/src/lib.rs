@@ -18,6 +18,7 @@ pub mod config;
 pub mod event;
 pub mod http;
 pub mod ledger;
+pub mod mqtt;
 pub mod privacy;
 pub mod publish;
 pub mod runtime;

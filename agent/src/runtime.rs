@@ -8,7 +8,8 @@
 //! only once the broker acknowledged them (QoS 1). The local HTTP ingest
 //! ([`crate::http`]) records into the same lock-free model handles.
 //!
-//! MQTT: a retained status message on connect and on every state change,
+//! MQTT (3.1.1 or 5, see [`crate::mqtt`]): a retained status message on
+//! connect and on every state change,
 //! and the same topic as last will (`offline`, retained), so the fleet
 //! view knows when a device drops. Reconnects back off exponentially with
 //! jitter, capped at 30 s.
@@ -23,13 +24,14 @@ use chrono::{DateTime, Utc};
 use driftline_core::status::{DeviceState, StatusModel, StatusReport};
 use driftline_core::topic;
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferError, DiskQueue};
 use crate::config::AgentConfig;
 use crate::http::{self, Shared};
 use crate::ledger::{Ledger, LedgerError};
+use crate::mqtt::{Session, SessionEvent, SessionOptions};
 use crate::privacy::{DeviceIdentity, PrivacyError, Privatizer};
 use crate::window::Windower;
 
@@ -284,29 +286,23 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         exhausted_until: None,
     };
     let will = state.status(DeviceState::Offline, now);
-    let mut options = MqttOptions::new(
-        format!(
+    let mut session = Session::new(SessionOptions {
+        protocol: state.config.mqtt_protocol,
+        client_id: format!(
             "driftline-{}-{}",
             state.identity.fleet, state.identity.device_id
         ),
-        state.config.broker.host.clone(),
-        state.config.broker.port,
-    );
-    options.set_keep_alive(state.config.keep_alive);
-    options.set_transport(crate::tls::transport(
-        &state.config.broker,
-        &state.config.tls,
-    )?);
-    options.set_last_will(LastWill::new(
-        &status_topic,
-        will.encode(),
-        QoS::AtLeastOnce,
-        true,
-    ));
-    if let (Some(u), Some(p)) = (&state.config.mqtt_username, &state.config.mqtt_password) {
-        options.set_credentials(u.clone(), p.clone());
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 4 * BATCH);
+        broker: state.config.broker.clone(),
+        keep_alive: state.config.keep_alive,
+        credentials: state
+            .config
+            .mqtt_username
+            .clone()
+            .zip(state.config.mqtt_password.clone()),
+        tls: state.config.tls.clone(),
+        will: Some((status_topic.clone(), will.encode())),
+        capacity: 4 * BATCH,
+    })?;
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -334,18 +330,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                         || now - old.at >= chrono::TimeDelta::seconds(60)
                 });
                 if connected && changed {
-                    let _ = client.try_publish(&status_topic, QoS::AtMostOnce, true, status.encode());
+                    session.try_publish(&status_topic, false, true, status.encode());
                     last_status = Some(status);
                 }
             }
-            event = eventloop.poll() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            event = session.poll() => match event {
+                Ok(SessionEvent::Connected) => {
                     connected = true;
                     backoff = Duration::from_millis(250);
                     last_status = None;
                     tracing::info!("connected to broker");
                 }
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                Ok(SessionEvent::Acked) => {
                     acked += 1;
                     if in_flight > 0 && acked >= in_flight {
                         state.queue.ack_front(in_flight)?;
@@ -371,10 +367,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         // Hand the next batch to the client when the previous one is done.
         if connected && in_flight == 0 && !state.queue.is_empty() {
             for (_, payload) in state.queue.peek(BATCH)? {
-                if client
-                    .try_publish(&metrics_topic, QoS::AtLeastOnce, false, payload)
-                    .is_err()
-                {
+                if !session.try_publish(&metrics_topic, true, false, payload) {
                     break;
                 }
                 in_flight += 1;
@@ -384,13 +377,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
     // Graceful stop: say goodbye, leave unacknowledged windows on disk.
     let goodbye = state.status(DeviceState::Offline, Utc::now());
-    let _ = client.try_publish(&status_topic, QoS::AtMostOnce, true, goodbye.encode());
-    let _ = client.try_disconnect();
+    session.try_publish(&status_topic, false, true, goodbye.encode());
+    session.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(event) = eventloop.poll().await {
+        while let Ok(event) = session.poll().await {
             match event {
-                Event::Incoming(Packet::PubAck(_)) => acked += 1,
-                Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
+                SessionEvent::Acked => acked += 1,
+                SessionEvent::Disconnected => break,
                 _ => {}
             }
         }

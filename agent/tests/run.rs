@@ -548,3 +548,45 @@ fn publishes_over_mutual_tls() {
     assert_eq!(report.device_id, "dev-1");
     drop(broker);
 }
+
+#[test]
+fn publishes_over_mqtt_5_and_the_last_will_reports_offline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker_port, http_port) = (free_port(), free_port());
+    let _broker = Broker::start(dir.path(), broker_port);
+    let (_client, mut connection) = probe(broker_port);
+    let config = write_config(dir.path(), broker_port, http_port);
+    let text = std::fs::read_to_string(&config).expect("read") + "[mqtt]\nprotocol = \"5\"\n";
+    std::fs::write(&config, text).expect("write");
+    let mut agent = start_agent(&config, http_port);
+
+    let mut got_window = false;
+    let mut killed = false;
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+            connection.recv_timeout(Duration::from_millis(200))
+        else {
+            continue;
+        };
+        if p.topic.ends_with("/metrics") {
+            wire::accept(&p.topic, &p.payload, &bounds()).expect("valid window over MQTT 5");
+            got_window = true;
+            if !killed {
+                agent.0.kill().expect("kill -9");
+                agent.0.wait().expect("wait");
+                killed = true;
+            }
+        } else if killed {
+            let status = StatusReport::decode(&p.payload).expect("status");
+            if status.state == DeviceState::Offline {
+                assert!(
+                    p.retain || !p.dup,
+                    "the will is a normal publish to subscribers"
+                );
+                return;
+            }
+        }
+    }
+    panic!("window over MQTT 5: {got_window}; the last will (offline) did not arrive");
+}
