@@ -45,9 +45,10 @@ pub enum SessionEvent {
     Other,
 }
 
+// Event loops are large; box them so the enum stays small.
 enum Client {
-    V4(rumqttc::AsyncClient, rumqttc::EventLoop),
-    V5(rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop),
+    V4(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
 }
 
 /// The session; poll it continuously, publishing only enqueues.
@@ -98,7 +99,7 @@ impl Session {
                     ));
                 }
                 let (c, e) = rumqttc::AsyncClient::new(m, o.capacity);
-                Client::V4(c, e)
+                Client::V4(c, Box::new(e))
             }
             Protocol::V5 => {
                 let mut m = rumqttc::v5::MqttOptions::new(
@@ -120,7 +121,7 @@ impl Session {
                     ));
                 }
                 let (c, e) = rumqttc::v5::AsyncClient::new(m, o.capacity);
-                Client::V5(c, e)
+                Client::V5(c, Box::new(e))
             }
         }))
     }
