@@ -128,6 +128,8 @@ pub enum SimError {
 #[derive(Debug, Default)]
 pub struct SimProgress {
     pub published: AtomicU64,
+    /// Devices whose event time reached the present (live runs).
+    pub caught_up: AtomicU64,
 }
 
 /// Runs the fleet until every device published its windows (or `cancel`
@@ -210,11 +212,16 @@ async fn run_device(
         .collect();
     let length = TimeDelta::seconds(i64::from(config.window_secs));
     let mut w: u64 = 0;
+    let mut live = false;
     while config.windows.is_none_or(|n| w < n) && !cancel.is_cancelled() {
         let start = config.start + length * i32::try_from(w).unwrap_or(i32::MAX);
         let end = start + length;
         if config.live {
             let wait = (end - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            if !wait.is_zero() && !live {
+                live = true;
+                progress.caught_up.fetch_add(1, Ordering::Relaxed);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = cancel.cancelled() => break,

@@ -161,7 +161,17 @@ pub async fn run(
     let deadline = options.duration.map(|d| started + d);
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     ticker.tick().await;
+    let mut announced_live = false;
     loop {
+        if !announced_live
+            && progress.caught_up.load(Ordering::Relaxed) >= u64::from(options.devices)
+        {
+            announced_live = true;
+            println!(
+                "[{:>4}s] caught up with the present: the fleet is live",
+                started.elapsed().as_secs()
+            );
+        }
         let until_deadline = deadline.map_or(Duration::from_secs(3600), |d| {
             d.saturating_duration_since(Instant::now())
         });

@@ -54,7 +54,7 @@ struct DemoArgs {
     #[arg(long, env = "DRIFTLINE_MODELS", default_value_t = 2)]
     models: u32,
     /// Event time replayed before going live (30m, 3h).
-    #[arg(long, env = "DRIFTLINE_BACKFILL", default_value = "3h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DRIFTLINE_BACKFILL", default_value = "90m", value_parser = humantime::parse_duration)]
     backfill: Duration,
     /// Epsilon spent per window by each simulated device.
     #[arg(long, env = "DRIFTLINE_EPSILON", default_value_t = 1.0)]
@@ -114,7 +114,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Query(_) => "warn",
-        Command::Demo(_) => "warn,driftline_collector=warn",
+        // rumqttd reports every client disconnect as an error: quiet by
+        // default in the demo (RUST_LOG=rumqttd=warn shows it).
+        Command::Demo(_) => "warn,rumqttd=off",
         Command::Serve(_) => "info,rumqttc=warn",
     };
     tracing_subscriber::fmt()
