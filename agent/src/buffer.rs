@@ -24,9 +24,15 @@
 //! lost (`corrupt_records`), is logged, and delivery goes on with the next
 //! segment — never a crash loop.
 //!
-//! The queue is bounded in bytes (default 64 MiB). Past the bound the
-//! oldest segment is dropped and its records counted in `dropped_records`,
-//! which the agent reports in its status message.
+//! The queue is bounded in bytes (default 64 MiB). Past the bound it first
+//! **coarsens** the oldest segment it may touch (not the front one, which
+//! holds the cursor and the records in flight, nor the one being written):
+//! a coarsener given by the agent ([`crate::coarsen::coarsen_payloads`])
+//! merges pairs of windows into windows of twice the length, and the
+//! segment is rewritten atomically (temporary file, fsync, rename). Only
+//! when nothing can be merged is the oldest segment not in flight dropped,
+//! its records counted in `dropped_records`, which the agent reports in its
+//! status message.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -81,10 +87,14 @@ pub struct Losses {
     pub dropped_records: u64,
     /// Records found damaged on open.
     pub corrupt_records: u64,
+    /// Records merged into coarser ones (not lost: their counts live on).
+    pub merged_records: u64,
 }
 
+/// Rewrites a run of payloads into fewer (see [`crate::coarsen`]).
+pub type Coarsener = Box<dyn FnMut(Vec<Vec<u8>>) -> Vec<Vec<u8>> + Send>;
+
 /// The on-disk FIFO.
-#[derive(Debug)]
 pub struct DiskQueue {
     dir: PathBuf,
     max_bytes: u64,
@@ -92,6 +102,20 @@ pub struct DiskQueue {
     segments: VecDeque<Segment>,
     writer: Option<File>,
     losses: Losses,
+    coarsener: Option<Coarsener>,
+    /// Front records handed to the broker and not yet acknowledged: never
+    /// dropped or rewritten.
+    in_flight: usize,
+}
+
+impl std::fmt::Debug for DiskQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskQueue")
+            .field("dir", &self.dir)
+            .field("records", &self.len())
+            .field("losses", &self.losses)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DiskQueue {
@@ -120,6 +144,8 @@ impl DiskQueue {
             segments: VecDeque::new(),
             writer: None,
             losses: Losses::default(),
+            coarsener: None,
+            in_flight: 0,
         };
         for id in ids {
             let path = queue.segment_path(id);
@@ -208,7 +234,9 @@ impl DiskQueue {
             self.start_segment()?;
         }
         while self.disk_bytes() + need > self.max_bytes && self.segments.len() > 1 {
-            self.drop_oldest()?;
+            if !self.coarsen_one()? && !self.drop_oldest()? {
+                break;
+            }
         }
         let segment = self.segments.back_mut().ok_or_else(|| BufferError::Io {
             path: self.dir.clone(),
@@ -265,15 +293,116 @@ impl DiskQueue {
         Ok(())
     }
 
-    fn drop_oldest(&mut self) -> Result<(), BufferError> {
-        if let Some(s) = self.segments.pop_front() {
-            self.losses.dropped_records += s.records.len() as u64;
-            tracing::warn!(
-                records = s.records.len(),
-                "buffer full; dropped the oldest windows"
-            );
-            let path = self.segment_path(s.id);
-            std::fs::remove_file(&path).map_err(|source| BufferError::Io { path, source })?;
+    /// Sets the function that merges records when the queue is full.
+    pub fn set_coarsener(&mut self, coarsener: Coarsener) {
+        self.coarsener = Some(coarsener);
+    }
+
+    /// Tells the queue how many front records are in flight (handed to the
+    /// broker, not yet acknowledged); those are never dropped or rewritten.
+    pub fn set_in_flight(&mut self, n: usize) {
+        self.in_flight = n;
+    }
+
+    fn records_before(&self, i: usize) -> usize {
+        self.segments.iter().take(i).map(|s| s.records.len()).sum()
+    }
+
+    /// Drops the oldest segment that holds no record in flight and is not
+    /// being written; false if there is none.
+    fn drop_oldest(&mut self) -> Result<bool, BufferError> {
+        let last = self.segments.len().saturating_sub(1);
+        // Segment i holds no record in flight iff all in-flight records
+        // come before it (for the front one: iff none is in flight).
+        let candidate = (0..last).find(|&i| self.records_before(i) >= self.in_flight);
+        let Some(s) = candidate.and_then(|i| self.segments.remove(i)) else {
+            return Ok(false);
+        };
+        self.losses.dropped_records += s.records.len() as u64;
+        tracing::warn!(
+            records = s.records.len(),
+            "buffer full; dropped the oldest windows"
+        );
+        let path = self.segment_path(s.id);
+        std::fs::remove_file(&path).map_err(|source| BufferError::Io { path, source })?;
+        Ok(true)
+    }
+
+    /// Coarsens the oldest segment that may be rewritten (not the front
+    /// one, which the cursor points into, not the one being written, none
+    /// holding a record in flight) and that shrinks; false if none does.
+    fn coarsen_one(&mut self) -> Result<bool, BufferError> {
+        let Some(mut coarsen) = self.coarsener.take() else {
+            return Ok(false);
+        };
+        let mut result = Ok(false);
+        let last = self.segments.len().saturating_sub(1);
+        for i in 1..last {
+            if self.records_before(i) < self.in_flight {
+                continue;
+            }
+            let payloads = match self.read_segment(i) {
+                Ok(p) => p,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let before = payloads.len();
+            let merged = coarsen(payloads);
+            if merged.len() < before {
+                result = self.rewrite_segment(i, &merged).map(|()| {
+                    self.losses.merged_records += (before - merged.len()) as u64;
+                    true
+                });
+                break;
+            }
+        }
+        self.coarsener = Some(coarsen);
+        result
+    }
+
+    fn read_segment(&self, i: usize) -> Result<Vec<Vec<u8>>, BufferError> {
+        let skip = self.records_before(i);
+        let n = self.segments.get(i).map_or(0, |s| s.records.len());
+        Ok(self
+            .peek(skip + n)?
+            .into_iter()
+            .skip(skip)
+            .map(|(_, p)| p)
+            .collect())
+    }
+
+    /// Replaces segment `i`'s records with `payloads`, atomically.
+    fn rewrite_segment(&mut self, i: usize, payloads: &[Vec<u8>]) -> Result<(), BufferError> {
+        let Some(id) = self.segments.get(i).map(|s| s.id) else {
+            return Ok(());
+        };
+        let path = self.segment_path(id);
+        let tmp = self.dir.join(format!("{id:016x}.seg.tmp"));
+        let io = |source| BufferError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut bytes = SEGMENT_MAGIC.to_vec();
+        let mut records = VecDeque::new();
+        for p in payloads {
+            records.push_back((bytes.len() as u64, p.len() as u32));
+            bytes.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&crc32fast::hash(p).to_le_bytes());
+            bytes.extend_from_slice(p);
+        }
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        if let Some(s) = self.segments.get_mut(i) {
+            s.records = records;
+            s.len = bytes.len() as u64;
         }
         Ok(())
     }
@@ -329,6 +458,7 @@ impl DiskQueue {
     /// Acknowledges the `n` oldest records, durably: they are never
     /// delivered again, even after a restart.
     pub fn ack_front(&mut self, mut n: usize) -> Result<(), BufferError> {
+        self.in_flight = self.in_flight.saturating_sub(n);
         while n > 0 {
             let Some(front) = self.segments.front_mut() else {
                 break;
@@ -392,6 +522,7 @@ fn read_cursor(path: &Path) -> Option<RecordId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use driftline_core::wire::WindowReport;
     use proptest::prelude::*;
 
     fn payloads(q: &DiskQueue) -> Vec<Vec<u8>> {
@@ -458,6 +589,77 @@ mod tests {
             Some(&vec![199u8; 1000]),
             "the newest are kept"
         );
+    }
+
+    #[test]
+    fn a_full_queue_coarsens_before_it_drops() {
+        use crate::coarsen::coarsen_payloads;
+        use crate::privacy::MechanismConfig;
+        // 600 periods x 2 models of ~1.2 KB windows (about 1.4 MB) into a
+        // 512 KiB queue: its 64 KiB segments are coarsened, pass after pass.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut q = DiskQueue::open(dir.path(), 512 * 1024).expect("open");
+        q.set_coarsener(Box::new(coarsen_payloads));
+        let ws = crate::coarsen::tests::windows(
+            MechanismConfig::Laplace { epsilon: 1.0 },
+            "2026-11-27T00:00:00Z",
+            600,
+        );
+        let total: i64 = ws.iter().map(|r| r.inference_count).sum();
+        for w in &ws {
+            q.push(&w.encode().expect("encode")).expect("push");
+        }
+        assert!(q.disk_bytes() <= 512 * 1024);
+        let losses = q.losses();
+        assert!(losses.merged_records > 0, "{losses:?}");
+        assert_eq!(
+            losses.dropped_records, 0,
+            "coarsening made room: {losses:?}"
+        );
+        let kept: Vec<WindowReport> = payloads(&q)
+            .iter()
+            .map(|p| driftline_core::wire::decode(p).expect("decode"))
+            .collect();
+        assert!(kept.iter().all(|r| r.validate().is_ok()));
+        assert_eq!(
+            kept.iter().map(|r| r.inference_count).sum::<i64>(),
+            total,
+            "no count lost"
+        );
+        // Every minute is still covered exactly once per model.
+        for model in ["m0", "m1"] {
+            let minutes: i64 = kept
+                .iter()
+                .filter(|r| r.model_id == model)
+                .map(|r| i64::from(r.window_secs) / 60)
+                .sum();
+            assert_eq!(minutes, 600, "{model}");
+        }
+        // Old windows got coarser; the newest are still one minute (the
+        // front segment, which holds the cursor, is never rewritten).
+        assert!(kept.iter().map(|r| r.window_secs).max() > Some(120));
+        assert_eq!(kept.last().map(|r| r.window_secs), Some(60));
+    }
+
+    #[test]
+    fn records_in_flight_are_never_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut q = DiskQueue::open(dir.path(), 16 * 1024).expect("open");
+        for i in 0..10u8 {
+            q.push(&[i; 500]).expect("push");
+        }
+        let front = payloads(&q)[..4].to_vec();
+        q.set_in_flight(4);
+        for i in 10..200u8 {
+            q.push(&[i; 500]).expect("push");
+        }
+        assert_eq!(
+            payloads(&q)[..4],
+            front[..],
+            "the in-flight records are still at the front"
+        );
+        q.ack_front(4).expect("ack");
+        assert_ne!(payloads(&q)[0], front[0]);
     }
 
     #[derive(Debug, Clone)]

@@ -14,6 +14,7 @@
 //! - No Arrow, Parquet or DataFusion: the agent stays small for devices.
 
 pub mod buffer;
+pub mod coarsen;
 pub mod config;
 pub mod event;
 pub mod http;

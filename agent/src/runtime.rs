@@ -210,7 +210,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let now = Utc::now();
     let ledger = Ledger::open(&state_dir.join("budget.ledger"), config.budget, now)?;
     let seq = SeqFile::open(&state_dir.join("seq"))?;
-    let queue = DiskQueue::open(&state_dir.join("buffer"), config.buffer_max_bytes)?;
+    let mut queue = DiskQueue::open(&state_dir.join("buffer"), config.buffer_max_bytes)?;
+    queue.set_coarsener(Box::new(crate::coarsen::coarsen_payloads));
     let privatizer = Privatizer::new(config.mechanism)?;
     let mut windower = Windower::new(config.window_secs, now);
     let models: HashMap<_, _> = config
@@ -372,6 +373,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 }
                 in_flight += 1;
             }
+            state.queue.set_in_flight(in_flight);
         }
     }
 

@@ -1,0 +1,313 @@
+//! Coarsening: when the disk buffer is full, two buffered windows of the
+//! same model are merged into one window of twice the length instead of
+//! dropping data. Sums of noised counts stay unbiased, and each event is
+//! still in exactly one published window, so the privacy guarantee per event
+//! is unchanged.
+//!
+//! Windows `[t, t+w)` and `[t+w, t+2w)` merge when `t` is a multiple of
+//! `2w` (the result stays UTC-aligned), everything but the counts is equal,
+//! and `2w` is at most a day; merged windows can merge again (4w, 8w, ...).
+//! Counts are summed. The noise of a merged count is the sum of two draws;
+//! its `noise_scale` is the scale of a single draw with the same variance:
+//! exact for Gaussian (`sqrt(s1^2 + s2^2)`), variance-equivalent for
+//! discrete Laplace (docs/wire-format.md, "Coarsened windows").
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::TimeDelta;
+use driftline_core::wire::{self, Histogram, Mechanism, WindowReport};
+
+/// Variance of discrete Laplace noise of scale `b`: `2q / (1-q)^2`, `q = e^(-1/b)`.
+pub fn laplace_variance(b: f64) -> f64 {
+    let q = (-1.0 / b).exp();
+    2.0 * q / (1.0 - q).powi(2)
+}
+
+/// The discrete Laplace scale whose variance is `v` (inverse of [`laplace_variance`]).
+pub fn laplace_scale_for_variance(v: f64) -> f64 {
+    // v (1-q)^2 = 2q  =>  q = ((v + 1) - sqrt(2v + 1)) / v
+    let q = ((v + 1.0) - (2.0 * v + 1.0).sqrt()) / v;
+    -1.0 / q.ln()
+}
+
+fn combined_scale(mechanism: Mechanism, a: f64, b: f64) -> f64 {
+    match mechanism {
+        Mechanism::Laplace => laplace_scale_for_variance(laplace_variance(a) + laplace_variance(b)),
+        Mechanism::Gaussian | Mechanism::None => (a * a + b * b).sqrt(),
+    }
+}
+
+fn add_histograms(a: &Histogram, b: &Histogram) -> Option<Histogram> {
+    (a.edges == b.edges && a.counts.len() == b.counts.len()).then(|| Histogram {
+        edges: a.edges.clone(),
+        counts: a.counts.iter().zip(&b.counts).map(|(x, y)| x + y).collect(),
+    })
+}
+
+/// Merges `a` and the window right after it, or `None` if they cannot merge.
+pub fn merge(a: &WindowReport, b: &WindowReport) -> Option<WindowReport> {
+    let w = i64::from(a.window_secs);
+    let same = a.schema_version == b.schema_version
+        && a.device_id == b.device_id
+        && a.fleet == b.fleet
+        && a.model_id == b.model_id
+        && a.model_version == b.model_version
+        && a.window_secs == b.window_secs
+        && a.privacy.mechanism == b.privacy.mechanism
+        && a.privacy
+            .noise_scale
+            .keys()
+            .eq(b.privacy.noise_scale.keys())
+        && b.window_start == a.window_start + TimeDelta::seconds(w)
+        && a.window_start.timestamp().rem_euclid(2 * w) == 0
+        && 2 * w <= i64::from(wire::MAX_WINDOW_SECS)
+        && a.custom.keys().eq(b.custom.keys())
+        && a.categories.len() == b.categories.len();
+    if !same {
+        return None;
+    }
+    let mut categories = BTreeMap::new();
+    for ((name, ca), (name_b, cb)) in a.categories.iter().zip(&b.categories) {
+        if name != name_b || !ca.keys().eq(cb.keys()) {
+            return None;
+        }
+        categories.insert(
+            name.clone(),
+            ca.iter().map(|(k, x)| (k.clone(), x + cb[k])).collect(),
+        );
+    }
+    let mut custom = BTreeMap::new();
+    for (name, h) in &a.custom {
+        custom.insert(name.clone(), add_histograms(h, &b.custom[name])?);
+    }
+    let max = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    };
+    let mechanism = a.privacy.mechanism;
+    let noise_scale = a
+        .privacy
+        .noise_scale
+        .iter()
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                combined_scale(mechanism, *s, b.privacy.noise_scale[k]),
+            )
+        })
+        .collect();
+    Some(WindowReport {
+        window_secs: a.window_secs * 2,
+        // Each event is in one of the two windows: the per-event guarantee
+        // of the merged message is that of its parts.
+        privacy: wire::Privacy {
+            mechanism,
+            epsilon: max(a.privacy.epsilon, b.privacy.epsilon),
+            delta: max(a.privacy.delta, b.privacy.delta),
+            rho: max(a.privacy.rho, b.privacy.rho),
+            noise_scale,
+        },
+        inference_count: a.inference_count + b.inference_count,
+        error_count: a.error_count + b.error_count,
+        feedback: wire::Feedback {
+            positive: a.feedback.positive + b.feedback.positive,
+            negative: a.feedback.negative + b.feedback.negative,
+            correction: a.feedback.correction + b.feedback.correction,
+        },
+        latency_ms: add_histograms(&a.latency_ms, &b.latency_ms)?,
+        confidence: add_histograms(&a.confidence, &b.confidence)?,
+        input_tokens: add_histograms(&a.input_tokens, &b.input_tokens)?,
+        output_tokens: add_histograms(&a.output_tokens, &b.output_tokens)?,
+        custom,
+        categories,
+        ..a.clone()
+    })
+}
+
+/// Coarsens a run of encoded messages (one buffer segment): every window
+/// that has its aligned successor in the run absorbs it. Order is kept
+/// (a merged window takes the place of the first); payloads that do not
+/// decode are kept as they are.
+pub fn coarsen_payloads(payloads: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let decoded: Vec<Option<WindowReport>> =
+        payloads.iter().map(|p| wire::decode(p).ok()).collect();
+    let mut by_start: HashMap<(String, String, i64, u32), usize> = HashMap::new();
+    for (i, r) in decoded.iter().enumerate() {
+        if let Some(r) = r {
+            by_start.insert(
+                (
+                    r.model_id.clone(),
+                    r.model_version.clone(),
+                    r.window_start.timestamp(),
+                    r.window_secs,
+                ),
+                i,
+            );
+        }
+    }
+    let mut absorbed = vec![false; payloads.len()];
+    let mut out = Vec::with_capacity(payloads.len());
+    for (i, payload) in payloads.into_iter().enumerate() {
+        if absorbed[i] {
+            continue;
+        }
+        let merged = decoded[i].as_ref().and_then(|a| {
+            let next = a.window_start.timestamp() + i64::from(a.window_secs);
+            let j = *by_start.get(&(
+                a.model_id.clone(),
+                a.model_version.clone(),
+                next,
+                a.window_secs,
+            ))?;
+            let b = decoded[j].as_ref().filter(|_| j > i && !absorbed[j])?;
+            let m = merge(a, b)?;
+            let bytes = m.encode().ok()?;
+            absorbed[j] = true;
+            Some(bytes)
+        });
+        out.push(merged.unwrap_or(payload));
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::privacy::{DeviceIdentity, MechanismConfig, Privatizer};
+    use crate::window::{ModelKey, ModelSpec, Windower};
+    use chrono::{DateTime, Utc};
+
+    /// Noised windows of two models, `n` periods from `start`.
+    pub(crate) fn windows(mechanism: MechanismConfig, start: &str, n: usize) -> Vec<WindowReport> {
+        let start: DateTime<Utc> = start.parse().expect("ts");
+        let mut w = Windower::new(60, start);
+        let spec = ModelSpec::default().with_labels(["a", "b"]);
+        let m0 = w.register(ModelKey::new("m0", "1"), &spec);
+        w.register(ModelKey::new("m1", "1"), &spec);
+        let p = Privatizer::new(mechanism).expect("privatizer");
+        let device = DeviceIdentity {
+            device_id: "d".into(),
+            fleet: "f".into(),
+            agent_version: "0".into(),
+        };
+        let mut out = Vec::new();
+        for i in 0..n {
+            for _ in 0..5 {
+                m0.record(&crate::event::InferenceEvent {
+                    latency_ms: 12.0,
+                    input_tokens: 10,
+                    output_tokens: 2,
+                    confidence: Some(0.9),
+                    error: false,
+                    label: Some("a"),
+                });
+            }
+            let closed = w.close_due(start + TimeDelta::minutes(i as i64 + 1));
+            for c in closed {
+                let seq = out.len() as u64;
+                out.push(p.privatize(c).expect("noise").into_report(&device, seq));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn adjacent_aligned_windows_merge_with_summed_counts() {
+        let ws = windows(
+            MechanismConfig::Laplace { epsilon: 1.0 },
+            "2026-11-27T10:00:00Z",
+            2,
+        );
+        let (a, b) = (&ws[0], &ws[2]); // m0 at 10:00 and 10:01
+        assert_eq!((a.model_id.as_str(), b.model_id.as_str()), ("m0", "m0"));
+        let m = merge(a, b).expect("mergeable");
+        m.validate().expect("a valid message");
+        assert_eq!(m.window_secs, 120);
+        assert_eq!(m.window_start, a.window_start);
+        assert_eq!(m.inference_count, a.inference_count + b.inference_count);
+        assert_eq!(
+            m.latency_ms.counts[4],
+            a.latency_ms.counts[4] + b.latency_ms.counts[4]
+        );
+        assert_eq!(
+            m.categories["label"]["a"],
+            a.categories["label"]["a"] + b.categories["label"]["a"]
+        );
+        assert_eq!(m.privacy.epsilon, a.privacy.epsilon);
+        let (sa, sm) = (
+            a.privacy.noise_scale["latency_ms"],
+            m.privacy.noise_scale["latency_ms"],
+        );
+        assert!(
+            (laplace_variance(sm) - 2.0 * laplace_variance(sa)).abs() < 1e-9 * laplace_variance(sa)
+        );
+        // Not mergeable: other model, wrong order, misaligned start.
+        assert!(merge(&ws[0], &ws[3]).is_none());
+        assert!(merge(b, a).is_none());
+        let odd = windows(
+            MechanismConfig::Laplace { epsilon: 1.0 },
+            "2026-11-27T10:01:00Z",
+            2,
+        );
+        assert!(
+            merge(&odd[0], &odd[2]).is_none(),
+            "10:01-10:03 is not aligned to 2 minutes"
+        );
+    }
+
+    #[test]
+    fn gaussian_scales_add_in_quadrature() {
+        let ws = windows(
+            MechanismConfig::Gaussian {
+                rho: 0.5,
+                delta: 1e-6,
+            },
+            "2026-11-27T10:00:00Z",
+            2,
+        );
+        let m = merge(&ws[0], &ws[2]).expect("mergeable");
+        let s = ws[0].privacy.noise_scale["confidence"];
+        assert!((m.privacy.noise_scale["confidence"] - s * 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn laplace_variance_inverts() {
+        for b in [0.3, 1.0, 7.0, 70.0] {
+            assert!(
+                (laplace_scale_for_variance(laplace_variance(b)) - b).abs() < 1e-9 * b,
+                "{b}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_segment_coarsens_to_half_and_keeps_every_count() {
+        let ws = windows(
+            MechanismConfig::Laplace { epsilon: 1.0 },
+            "2026-11-27T10:00:00Z",
+            8,
+        );
+        let total: i64 = ws.iter().map(|r| r.inference_count).sum();
+        let payloads: Vec<Vec<u8>> = ws.iter().map(|r| r.encode().expect("encode")).collect();
+        let once = coarsen_payloads(payloads);
+        assert_eq!(
+            once.len(),
+            8,
+            "16 one-minute windows of 2 models become 8 two-minute ones"
+        );
+        let twice = coarsen_payloads(once);
+        assert_eq!(twice.len(), 4);
+        let merged: Vec<WindowReport> = twice
+            .iter()
+            .map(|p| wire::decode(p).expect("decode"))
+            .collect();
+        assert!(merged
+            .iter()
+            .all(|r| r.window_secs == 240 && r.validate().is_ok()));
+        assert_eq!(merged.iter().map(|r| r.inference_count).sum::<i64>(), total);
+        assert_eq!(
+            coarsen_payloads(vec![b"not a window".to_vec()]),
+            vec![b"not a window".to_vec()]
+        );
+    }
+}
