@@ -23,6 +23,7 @@ fn record(c: &mut Criterion) {
             confidence: Some(f64::from(i % 10) / 10.0),
             error: i % 50 == 0,
             label: Some(["billing", "cancel", "support", "unknown"][(i % 4) as usize]),
+            custom: &[],
         })
         .collect();
     let mut group = c.benchmark_group("record");

@@ -200,6 +200,7 @@ pub(crate) mod tests {
                     confidence: Some(0.9),
                     error: false,
                     label: Some("a"),
+                    custom: &[],
                 });
             }
             let closed = w.close_due(start + TimeDelta::minutes(i as i64 + 1));

@@ -113,6 +113,16 @@ pub struct ModelSection {
     pub confidence_edges: Option<Vec<f64>>,
     pub input_tokens_edges: Option<Vec<f64>>,
     pub output_tokens_edges: Option<Vec<f64>>,
+    /// Custom numeric features (`[[models.custom]]`: `name`, `edges`).
+    #[serde(default)]
+    pub custom: Vec<CustomSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomSection {
+    pub name: String,
+    pub edges: Vec<f64>,
 }
 
 /// Errors of configuration.
@@ -285,6 +295,21 @@ impl AgentConfig {
                     *slot = edges;
                 }
             }
+            if m.custom.len() > driftline_core::wire::MAX_CUSTOM_HISTOGRAMS {
+                return Err(invalid(
+                    format!("{key}.custom"),
+                    "at most 16 custom features",
+                ));
+            }
+            for (j, c) in m.custom.into_iter().enumerate() {
+                let at = format!("{key}.custom[{j}]");
+                topic::check_identifier(&c.name).map_err(|e| invalid(format!("{at}.name"), e))?;
+                histogram::check_edges(&c.edges).map_err(|e| invalid(format!("{at}.edges"), e))?;
+                if spec.custom.iter().any(|(n, _)| *n == c.name) {
+                    return Err(invalid(at, "declared twice"));
+                }
+                spec.custom.push((c.name, c.edges));
+            }
             for label in &spec.labels {
                 topic::check_version(label).map_err(|e| invalid(format!("{key}.labels"), e))?;
             }
@@ -348,6 +373,7 @@ mod tests {
         assert_eq!(config.device_id, "kiosk-0007");
         assert_eq!(config.window_secs, 60);
         assert_eq!(config.models.len(), 2);
+        assert_eq!(config.models[1].1.custom.len(), 1);
         assert_eq!(
             config.models[0].1.labels,
             vec!["billing", "cancel", "other", "support"]

@@ -2,7 +2,7 @@
 
 /// One inference of a model, as the application saw it. Values outside a
 /// histogram's range are clipped into its first or last bucket.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct InferenceEvent<'a> {
     /// Wall time of the inference, milliseconds.
     pub latency_ms: f64,
@@ -17,6 +17,10 @@ pub struct InferenceEvent<'a> {
     /// Predicted label, counted in the `label` categorical feature when the
     /// model declares one; labels outside the declared set count as `other`.
     pub label: Option<&'a str>,
+    /// Values of the model's custom numeric features, in the order the
+    /// model declares them ([`crate::window::ModelSpec::custom`]); NaN, or a
+    /// missing trailing value, means "no value" and is not counted.
+    pub custom: &'a [f64],
 }
 
 /// User feedback on a model's output.

@@ -12,7 +12,7 @@
 //!   the device).
 //! - `GET /health`: `200 ok`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -58,6 +58,9 @@ enum LocalEvent {
         #[serde(default)]
         error: bool,
         label: Option<String>,
+        /// Custom numeric features by name (declared in the configuration).
+        #[serde(default)]
+        custom: BTreeMap<String, f64>,
         timestamp: Option<DateTime<Utc>>,
     },
     Feedback {
@@ -136,9 +139,11 @@ async fn post_events(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
             let msg = format!("model {model_id:?} version {model_version:?} is not declared in the agent's configuration");
             return refuse(&shared, StatusCode::UNPROCESSABLE_ENTITY, msg, Some(i));
         };
+        let mut custom_values = Vec::new();
         if let LocalEvent::Inference {
             latency_ms,
             confidence,
+            custom,
             ..
         } = &event
         {
@@ -150,11 +155,29 @@ async fn post_events(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
                     Some(i),
                 );
             }
+            let declared = &handle.spec().custom;
+            custom_values = vec![f64::NAN; declared.len()];
+            for (name, value) in custom {
+                let Some(k) = declared.iter().position(|(n, _)| n == name) else {
+                    let msg =
+                        format!("custom feature {name:?} is not declared for model {model_id:?}");
+                    return refuse(&shared, StatusCode::BAD_REQUEST, msg, Some(i));
+                };
+                if !value.is_finite() {
+                    return refuse(
+                        &shared,
+                        StatusCode::BAD_REQUEST,
+                        "numbers must be finite".into(),
+                        Some(i),
+                    );
+                }
+                custom_values[k] = *value;
+            }
         }
-        checked.push((handle, event));
+        checked.push((handle, event, custom_values));
     }
     let n = checked.len();
-    for (handle, event) in checked {
+    for (handle, event, custom_values) in checked {
         match event {
             LocalEvent::Inference {
                 latency_ms,
@@ -173,6 +196,7 @@ async fn post_events(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
                     confidence,
                     error,
                     label: label.as_deref(),
+                    custom: &custom_values,
                 };
                 match timestamp {
                     Some(t) => handle.record_at(t, &e),

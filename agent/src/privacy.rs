@@ -4,9 +4,10 @@
 //! Unit of privacy: **one event** (one inference or one feedback) of one
 //! window. Adding or removing an inference changes `inference_count`,
 //! possibly `error_count`, one bucket of each of the four histograms and,
-//! when the model declares labels, one label count, each by one; a feedback
-//! event changes one feedback count by one. The L1 sensitivity of the whole
-//! window vector is therefore `6 + (1 if labels)`.
+//! when the model declares labels, one label count, and one bucket of each
+//! custom feature it has a value for, each by one; a feedback event changes
+//! one feedback count by one. The L1 sensitivity of the whole window vector
+//! is therefore `6 + (1 if labels) + (number of custom features)`.
 //!
 //! The vector is released with OpenDP's `make_laplace` over
 //! `VectorDomain<AtomDomain<i64>>` and `L1Distance<i64>`, which samples the
@@ -184,6 +185,7 @@ impl Privatizer {
         if !spec.labels.is_empty() {
             fields.push(format!("categories.{LABEL_FEATURE}"));
         }
+        fields.extend(spec.custom.iter().map(|(name, _)| format!("custom.{name}")));
         let (noised, privacy) = self.noise(&flatten(c), sensitivity(c), fields)?;
         let mut values = noised.into_iter();
         let mut next = |n: usize| -> Vec<i64> { values.by_ref().take(n).collect() };
@@ -204,6 +206,12 @@ impl Privatizer {
                 spec.labels.iter().cloned().zip(counts).collect(),
             );
         }
+        let custom = spec
+            .custom
+            .iter()
+            .zip(&c.custom)
+            .map(|((name, edges), counts)| (name.clone(), hist(edges, next(counts.len()))))
+            .collect();
         let get = |i: usize| head.get(i).copied().unwrap_or(0);
         Ok(PrivateWindow {
             model: window.model,
@@ -221,6 +229,7 @@ impl Privatizer {
             confidence,
             input_tokens,
             output_tokens,
+            custom,
             categories,
         })
     }
@@ -228,7 +237,7 @@ impl Privatizer {
 
 /// L1 sensitivity of a window vector to one event (module docs).
 fn sensitivity(c: &WindowCounts) -> i64 {
-    6 + i64::from(!c.spec.labels.is_empty())
+    6 + i64::from(!c.spec.labels.is_empty()) + c.spec.custom.len() as i64
 }
 
 /// The window as one vector, in the order [`Privatizer::privatize`] reads it.
@@ -245,6 +254,9 @@ fn flatten(c: &WindowCounts) -> Vec<i64> {
         v.extend_from_slice(h);
     }
     v.extend_from_slice(&c.labels);
+    for h in &c.custom {
+        v.extend_from_slice(h);
+    }
     v
 }
 
@@ -263,6 +275,7 @@ pub struct PrivateWindow {
     confidence: Histogram,
     input_tokens: Histogram,
     output_tokens: Histogram,
+    custom: BTreeMap<String, Histogram>,
     categories: BTreeMap<String, BTreeMap<String, i64>>,
 }
 
@@ -303,7 +316,7 @@ impl PrivateWindow {
             confidence: self.confidence,
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
-            custom: BTreeMap::new(),
+            custom: self.custom,
             categories: self.categories,
         }
     }
@@ -330,6 +343,7 @@ mod tests {
                 confidence: Some(0.9),
                 error: false,
                 label: Some("cat"),
+                custom: &[],
             };
             m.record(&e);
         }
@@ -360,6 +374,31 @@ mod tests {
         assert_eq!(report.privacy.noise_scale["latency_ms"], 7.0);
         assert_eq!(report.privacy.noise_scale.len(), 8);
         assert_eq!(report.categories["label"].len(), 3);
+    }
+
+    #[test]
+    fn custom_features_are_noised_and_declared() {
+        let at: DateTime<Utc> = "2026-11-27T10:00:00Z".parse().expect("ts");
+        let mut w = Windower::new(60, at);
+        let m = w.register(
+            ModelKey::new("m", "1"),
+            &ModelSpec::default().with_custom("brightness", &[0.0, 0.5, 1.0]),
+        );
+        m.record(&InferenceEvent {
+            custom: &[0.7],
+            ..InferenceEvent::default()
+        });
+        let p = Privatizer::laplace(1.0).expect("privatizer");
+        let report = p
+            .privatize(w.close_due(at + chrono::TimeDelta::seconds(60)).remove(0))
+            .expect("noised")
+            .into_report(&device(), 0);
+        report.validate().expect("valid message");
+        assert_eq!(report.custom["brightness"].counts.len(), 2);
+        assert_eq!(
+            report.privacy.noise_scale["custom.brightness"], 7.0,
+            "sensitivity 6 + 1 custom"
+        );
     }
 
     #[test]

@@ -353,6 +353,7 @@ impl ModelProfile {
             confidence: Some(confidence.clamp(0.0, 1.0)),
             error,
             label: Some(label),
+            custom: &[],
         };
         (event, feedback)
     }

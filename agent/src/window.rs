@@ -47,6 +47,8 @@ pub struct ModelSpec {
     /// Declared labels; empty means the model publishes no `label` feature.
     /// [`OTHER_LABEL`] is added when missing.
     pub labels: Vec<String>,
+    /// Custom numeric features: name and bucket edges, in declaration order.
+    pub custom: Vec<(String, Vec<f64>)>,
 }
 
 impl Default for ModelSpec {
@@ -57,6 +59,7 @@ impl Default for ModelSpec {
             input_tokens_edges: TOKEN_EDGES.to_vec(),
             output_tokens_edges: TOKEN_EDGES.to_vec(),
             labels: Vec::new(),
+            custom: Vec::new(),
         }
     }
 }
@@ -70,6 +73,12 @@ impl ModelSpec {
         }
         self.labels.sort();
         self.labels.dedup();
+        self
+    }
+
+    /// The spec with one more custom numeric feature.
+    pub fn with_custom(mut self, name: impl Into<String>, edges: &[f64]) -> Self {
+        self.custom.push((name.into(), edges.to_vec()));
         self
     }
 }
@@ -88,6 +97,8 @@ pub struct WindowCounts {
     pub(crate) output_tokens: Vec<i64>,
     /// One count per declared label, in `spec.labels` order.
     pub(crate) labels: Vec<i64>,
+    /// One histogram per custom feature, in `spec.custom` order.
+    pub(crate) custom: Vec<Vec<i64>>,
 }
 
 /// The live counters of one model's open window: plain atomics, so that
@@ -103,6 +114,7 @@ struct ModelCells {
     input_tokens: Box<[AtomicI64]>,
     output_tokens: Box<[AtomicI64]>,
     labels: Box<[AtomicI64]>,
+    custom: Box<[Box<[AtomicI64]>]>,
 }
 
 fn cells(n: usize) -> Box<[AtomicI64]> {
@@ -125,6 +137,11 @@ impl ModelCells {
             input_tokens: buckets(&spec.input_tokens_edges),
             output_tokens: buckets(&spec.output_tokens_edges),
             labels: cells(spec.labels.len()),
+            custom: spec
+                .custom
+                .iter()
+                .map(|(_, edges)| buckets(edges))
+                .collect(),
             spec: spec.clone(),
         }
     }
@@ -174,6 +191,15 @@ impl ModelCells {
                 bump(&self.labels[i]);
             }
         }
+        for ((value, (_, edges)), cells) in
+            e.custom.iter().zip(&spec.custom).zip(self.custom.iter())
+        {
+            if value.is_nan() {
+                continue;
+            }
+            clipped += outside(edges, *value);
+            bump(&cells[histogram::bucket_index(edges, *value)]);
+        }
         clipped
     }
 
@@ -199,6 +225,7 @@ impl ModelCells {
             input_tokens: drain(&self.input_tokens),
             output_tokens: drain(&self.output_tokens),
             labels: drain(&self.labels),
+            custom: self.custom.iter().map(|c| drain(c)).collect(),
             spec: self.spec.clone(),
         }
     }
@@ -214,6 +241,7 @@ impl ModelCells {
             input_tokens: zeros(&self.input_tokens),
             output_tokens: zeros(&self.output_tokens),
             labels: zeros(&self.labels),
+            custom: self.custom.iter().map(|c| zeros(c)).collect(),
             spec: self.spec.clone(),
         }
     }
@@ -246,6 +274,11 @@ pub struct ModelHandle {
 }
 
 impl ModelHandle {
+    /// The model's layouts, labels and custom features.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.cells.spec
+    }
+
     /// Records an inference in the open window.
     #[inline]
     pub fn record(&self, event: &InferenceEvent<'_>) {
@@ -415,6 +448,7 @@ mod tests {
             confidence: Some(0.95),
             error: false,
             label,
+            custom: &[],
         }
     }
 
@@ -468,6 +502,36 @@ mod tests {
             vec![1, 0, 0],
             "counts go to the oldest closed window"
         );
+    }
+
+    #[test]
+    fn custom_features_are_counted_in_their_own_histograms() {
+        let mut w = Windower::new(60, t("2026-11-27T10:00:00Z"));
+        let spec = ModelSpec::default()
+            .with_custom("brightness", &[0.0, 0.5, 1.0])
+            .with_custom("temperature_c", &[-20.0, 0.0, 20.0, 40.0]);
+        let m = w.register(ModelKey::new("m", "1"), &spec);
+        m.record(&InferenceEvent {
+            custom: &[0.7, 25.0],
+            ..event(1.0, None)
+        });
+        m.record(&InferenceEvent {
+            custom: &[f64::NAN, -5.0],
+            ..event(1.0, None)
+        });
+        m.record(&InferenceEvent {
+            custom: &[0.1],
+            ..event(1.0, None)
+        });
+        m.record(&event(1.0, None));
+        let closed = w.close_due(t("2026-11-27T10:01:00Z"));
+        let c = &closed[0].counts;
+        assert_eq!(
+            c.custom,
+            vec![vec![1, 1], vec![1, 0, 1]],
+            "NaN and missing values are not counted"
+        );
+        assert_eq!(c.inference_count, 4);
     }
 
     #[test]

@@ -101,6 +101,9 @@ listen = "127.0.0.1:{http_port}"
 id = "classifier"
 version = "1.0.0"
 labels = ["cat", "dog"]
+[[models.custom]]
+name = "brightness"
+edges = [0, 0.5, 1]
 "#,
             state = dir.join("state").display()
         ),
@@ -337,6 +340,17 @@ fn local_ingest_refuses_bad_requests_with_reasons() {
         ),
         422
     );
+    let with_custom = |feature: &str| {
+        format!(
+            r#"{{"type":"inference","model_id":"classifier","model_version":"1.0.0","latency_ms":3,"custom":{{"{feature}":0.7}}}}"#
+        )
+    };
+    assert_eq!(post(http_port, &with_custom("brightness")), 202);
+    assert_eq!(
+        post(http_port, &with_custom("loudness")),
+        400,
+        "undeclared custom feature"
+    );
     // Clipped values are counted in the local status only.
     assert_eq!(
         post(
@@ -351,8 +365,8 @@ fn local_ingest_refuses_bad_requests_with_reasons() {
         .expect("curl");
     let status: serde_json::Value = serde_json::from_slice(&local.stdout).expect("status JSON");
     assert_eq!(status["local"]["clipped_values"], 2, "{status}");
-    assert_eq!(status["local"]["events_accepted"], 3, "{status}");
-    assert_eq!(status["local"]["requests_refused"], 4, "{status}");
+    assert_eq!(status["local"]["events_accepted"], 4, "{status}");
+    assert_eq!(status["local"]["requests_refused"], 5, "{status}");
     assert_eq!(status["status"]["device_id"], "dev-1");
     let huge = format!("[{}]", vec![r#"{"type":"feedback","model_id":"classifier","model_version":"1.0.0","kind":"positive"}"#; 10_001].join(","));
     assert_eq!(post(http_port, &huge), 413);
