@@ -1,9 +1,12 @@
-//! MQTT publishing (QoS 1) of noised windows.
+//! MQTT publishing (QoS 1) of noised windows, for the simulator.
 //!
-//! [`Publisher`] owns one MQTT connection. Its event loop runs in a task
-//! that counts broker acknowledgements and reconnects with backoff;
-//! rumqttc re-sends unacknowledged QoS 1 messages after a reconnect, so
-//! delivery is at least once and `seq` lets the collector drop duplicates.
+//! [`Publisher`] owns one MQTT connection with a persistent session. Its
+//! event loop runs in a task that counts broker acknowledgements and
+//! reconnects with backoff; when the broker kept the session, rumqttc
+//! re-sends unacknowledged QoS 1 messages after a reconnect, so delivery is
+//! at least once and `seq` lets the collector drop duplicates. (A broker
+//! that loses the session loses those messages: the simulator then reports
+//! them as unacknowledged. The agent proper re-sends from its disk buffer.)
 
 use std::time::Duration;
 
@@ -66,6 +69,10 @@ impl Publisher {
         let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_inflight(100);
+        // A persistent session: after a reconnect the client re-sends what
+        // the broker had not acknowledged (with a clean session it would
+        // drop it, and this publisher has no disk buffer to re-send from).
+        options.set_clean_session(false);
         // The simulator trusts the system's roots for mqtts://.
         options.set_transport(crate::tls::transport(
             broker,

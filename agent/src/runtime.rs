@@ -337,6 +337,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             }
             event = session.poll() => match event {
                 Ok(SessionEvent::Connected) => {
+                    // A new session: whatever was in flight on the old
+                    // connection will never be acknowledged (the client
+                    // drops it). It is still at the queue's front and goes
+                    // out again with the next batch: at least once, and
+                    // `seq` lets the collector drop a duplicate.
+                    (in_flight, acked) = (0, 0);
+                    state.queue.set_in_flight(0);
                     connected = true;
                     backoff = Duration::from_millis(250);
                     last_status = None;

@@ -604,3 +604,78 @@ fn publishes_over_mqtt_5_and_the_last_will_reports_offline() {
     }
     panic!("window over MQTT 5: {got_window}; the last will (offline) did not arrive");
 }
+
+/// Regression: a batch in flight when the broker dies must be sent again
+/// after the reconnect. (The MQTT client drops un-acknowledged publishes of
+/// a clean session on reconnect; the agent used to wait for their acks
+/// forever and never send another window.)
+#[test]
+fn a_batch_in_flight_when_the_broker_dies_is_sent_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker_port, http_port) = (free_port(), free_port());
+    // Save sessions every second, so the probe's survives a kill -9.
+    let start_broker = || {
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence true\nautosave_interval 1\npersistence_location {}/\n",
+                dir.path().display()
+            ),
+        )
+        .expect("write conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto");
+        wait_for("mosquitto", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", broker_port)).is_ok()
+        });
+        Broker { child }
+    };
+    let broker = start_broker();
+    drop(probe(broker_port));
+    std::thread::sleep(Duration::from_millis(1500)); // the probe's session is saved
+    let config = write_config(dir.path(), broker_port, http_port);
+    let _agent = start_agent(&config, http_port);
+    std::thread::sleep(Duration::from_secs(2));
+    // Freeze the broker: the next windows are sent and never acknowledged.
+    let pid = broker.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let frozen_at = chrono::Utc::now();
+    std::thread::sleep(Duration::from_secs(3));
+    drop(broker); // kill -9 (a stopped process still dies)
+    let broker = start_broker();
+    let (_client, mut connection) = probe(broker_port);
+    let until = Instant::now() + Duration::from_secs(40);
+    let mut starts = BTreeSet::new();
+    while Instant::now() < until {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+            connection.recv_timeout(Duration::from_millis(200))
+        {
+            if p.topic.ends_with("/metrics") {
+                let r = wire::accept(&p.topic, &p.payload, &bounds()).expect("valid window");
+                starts.insert(r.window_start);
+            }
+        }
+        // Windows from the frozen period and after the restart both arrive.
+        let frozen_window = starts
+            .iter()
+            .any(|t| *t >= frozen_at && *t < frozen_at + chrono::TimeDelta::seconds(3));
+        let live_again = starts
+            .iter()
+            .any(|t| *t > chrono::Utc::now() - chrono::TimeDelta::seconds(3));
+        if frozen_window && live_again {
+            drop(broker);
+            return;
+        }
+    }
+    panic!("windows of the frozen period or after the restart are missing: {starts:?} (frozen at {frozen_at})");
+}
