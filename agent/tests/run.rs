@@ -41,14 +41,21 @@ struct Broker {
 }
 
 impl Broker {
+    /// Mosquitto with persistence in `dir`.
     fn start(dir: &Path, port: u16) -> Self {
+        let persistence = format!(
+            "persistence true\npersistence_location {}/\n",
+            dir.display()
+        );
+        Broker::with_config(dir, port, &persistence)
+    }
+
+    /// Mosquitto on `port` with `extra` configuration lines.
+    fn with_config(dir: &Path, port: u16, extra: &str) -> Self {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
-                dir.display()
-            ),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}"),
         )
         .expect("write mosquitto.conf");
         let child = Command::new("mosquitto")
@@ -485,28 +492,14 @@ fn publishes_over_mutual_tls() {
     let d = dir.path();
     make_certificates(d);
     let (broker_port, http_port) = (free_port(), free_port());
-    let conf = d.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {broker_port} 127.0.0.1\nallow_anonymous true\nrequire_certificate true\n\
-             cafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n",
+    let broker = Broker::with_config(
+        d,
+        broker_port,
+        &format!(
+            "require_certificate true\ncafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n",
             d.display()
         ),
-    )
-    .expect("write conf");
-    let broker = Broker {
-        child: Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto"),
-    };
-    wait_for("mosquitto (TLS)", Duration::from_secs(10), || {
-        TcpStream::connect(("127.0.0.1", broker_port)).is_ok()
-    });
+    );
     let tls = |name: &str| d.join(name).display().to_string();
     let sub = Command::new("mosquitto_sub")
         .args([
@@ -615,26 +608,11 @@ fn a_batch_in_flight_when_the_broker_dies_is_sent_again() {
     let (broker_port, http_port) = (free_port(), free_port());
     // Save sessions every second, so the probe's survives a kill -9.
     let start_broker = || {
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence true\nautosave_interval 1\npersistence_location {}/\n",
-                dir.path().display()
-            ),
-        )
-        .expect("write conf");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto");
-        wait_for("mosquitto", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", broker_port)).is_ok()
-        });
-        Broker { child }
+        let extra = format!(
+            "persistence true\nautosave_interval 1\npersistence_location {}/\n",
+            dir.path().display()
+        );
+        Broker::with_config(dir.path(), broker_port, &extra)
     };
     let broker = start_broker();
     drop(probe(broker_port));
