@@ -175,8 +175,16 @@ fn post(http_port: u16, body: &str) -> u16 {
 
 /// A persistent MQTT session that collects every message on the fleet's topics.
 fn probe(port: u16) -> (Client, rumqttc::Connection) {
+    probe_as(port, None)
+}
+
+/// [`probe`], logging in with `credentials`.
+fn probe_as(port: u16, credentials: Option<(&str, &str)>) -> (Client, rumqttc::Connection) {
     let mut options = MqttOptions::new("e2e-probe", "127.0.0.1", port);
     options.set_clean_session(false);
+    if let Some((user, password)) = credentials {
+        options.set_credentials(user, password);
+    }
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut connection) = Client::new(options, 64);
     client
@@ -656,4 +664,65 @@ fn a_batch_in_flight_when_the_broker_dies_is_sent_again() {
         }
     }
     panic!("windows of the frozen period or after the restart are missing: {starts:?} (frozen at {frozen_at})");
+}
+
+#[test]
+fn logs_in_with_username_and_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker_port, http_port) = (free_port(), free_port());
+    let passwords = dir.path().join("passwords");
+    for (user, password) in [("dev-1", "s3cret"), ("probe", "probe-pw")] {
+        let mut cmd = Command::new("mosquitto_passwd");
+        if !passwords.exists() {
+            cmd.arg("-c");
+        }
+        let ok = cmd
+            .arg("-b")
+            .arg(&passwords)
+            .args([user, password])
+            .status()
+            .expect("mosquitto_passwd");
+        assert!(ok.success());
+    }
+    // `with_config` writes `allow_anonymous true` first; the later line wins.
+    let auth = format!(
+        "password_file {}\nallow_anonymous false\n",
+        passwords.display()
+    );
+    let _broker = Broker::with_config(dir.path(), broker_port, &auth);
+    let anonymous = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &broker_port.to_string(),
+            "-t",
+            "x",
+            "-C",
+            "1",
+            "-W",
+            "3",
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    assert!(
+        !anonymous.status.success(),
+        "the broker must refuse anonymous clients"
+    );
+    let (_client, mut connection) = probe_as(broker_port, Some(("probe", "probe-pw")));
+    let config = write_config(dir.path(), broker_port, http_port);
+    let text = std::fs::read_to_string(&config).expect("read")
+        + "[mqtt]\nusername = \"dev-1\"\npassword = \"s3cret\"\n";
+    std::fs::write(&config, text).expect("write");
+    let _agent = start_agent(&config, http_port);
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+            connection.recv_timeout(Duration::from_millis(200))
+        {
+            if p.topic.ends_with("/metrics") {
+                wire::accept(&p.topic, &p.payload, &bounds()).expect("valid window");
+                return;
+            }
+        }
+    }
+    panic!("no window arrived through a broker that requires a password");
 }
