@@ -48,12 +48,16 @@ struct Mosquitto {
 
 impl Mosquitto {
     fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), "")
+    }
+
+    /// Mosquitto with `extra` configuration lines, its files in `dir`.
+    fn with_config(dir: tempfile::TempDir, extra: &str) -> Self {
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}"),
         )
         .expect("write mosquitto.conf");
         let child = Command::new("mosquitto")
@@ -485,5 +489,157 @@ fn demo_runs_and_leaves_a_queryable_lake() {
         recent,
         vec![vec!["0".to_string()]],
         "event time ends at the present"
+    );
+}
+
+/// A CA and a server certificate for localhost, made with the openssl CLI.
+fn make_server_certificate(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command must be installed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Driftline test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("write ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    // Mosquitto started as root reads its files as the `mosquitto` user;
+    // openssl writes keys 0600. These keys exist only for this test.
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [(dir.to_path_buf(), 0o755), (dir.join("server.key"), 0o644)] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+}
+
+#[test]
+fn serve_reads_from_a_tls_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_server_certificate(dir.path());
+    let d = dir.path().display().to_string();
+    let extra = format!("cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n");
+    let broker = Mosquitto::with_config(dir, &extra);
+    let data = tempfile::tempdir().expect("tempdir");
+    let ca = format!("{d}/ca.pem");
+    let tls_url = BrokerUrl {
+        host: "localhost".into(),
+        port: broker.port,
+        tls: true,
+    };
+    let mut child = Command::new(COLLECTOR)
+        .args([
+            "serve",
+            "--broker",
+            &tls_url.to_string(),
+            "--client-id",
+            "e2e-tls",
+        ])
+        .args([
+            "--tls-ca-file",
+            &ca,
+            "--flush-interval",
+            "300ms",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start collector");
+    let (tx, log) = mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let collector = Collector { child, log };
+    collector.wait_for_log("subscribed", Duration::from_secs(15));
+
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/v1/valid/laplace.json");
+    let recent = recent_window_start(60, 2).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let body = std::fs::read_to_string(fixture)
+        .expect("fixture")
+        .replace("2026-11-27T10:00:00Z", &recent);
+    let payload = data.path().join("message.json");
+    std::fs::write(&payload, body).expect("write");
+    let status = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "localhost",
+            "-p",
+            &broker.port.to_string(),
+            "--cafile",
+            &ca,
+            "-q",
+            "1",
+        ])
+        .args(["-t", "driftline/v1/eu-kiosks/kiosk-0007/metrics", "-f"])
+        .arg(&payload)
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success(), "publish over TLS");
+    std::thread::sleep(Duration::from_secs(1));
+    collector.terminate();
+    assert_eq!(
+        query(data.path(), "SELECT device_id, seq FROM metrics"),
+        vec![vec!["kiosk-0007".to_string(), "1042".to_string()]]
     );
 }
