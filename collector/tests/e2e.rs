@@ -118,6 +118,11 @@ struct Collector {
 
 impl Collector {
     fn serve(broker: &BrokerUrl, data_dir: &Path, client_id: &str) -> Self {
+        Collector::serve_with(broker, data_dir, client_id, &[])
+    }
+
+    /// `serve` with `extra` flags, waited for until subscribed.
+    fn serve_with(broker: &BrokerUrl, data_dir: &Path, client_id: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(COLLECTOR)
             .args([
                 "serve",
@@ -126,6 +131,7 @@ impl Collector {
                 "--client-id",
                 client_id,
             ])
+            .args(extra)
             .args(["--flush-interval", "300ms", "--data-dir"])
             .arg(data_dir)
             .env("RUST_LOG", "info")
@@ -581,36 +587,8 @@ fn serve_reads_from_a_tls_broker() {
         port: broker.port,
         tls: true,
     };
-    let mut child = Command::new(COLLECTOR)
-        .args([
-            "serve",
-            "--broker",
-            &tls_url.to_string(),
-            "--client-id",
-            "e2e-tls",
-        ])
-        .args([
-            "--tls-ca-file",
-            &ca,
-            "--flush-interval",
-            "300ms",
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start collector");
-    let (tx, log) = mpsc::channel();
-    let stderr = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let collector = Collector { child, log };
-    collector.wait_for_log("subscribed", Duration::from_secs(15));
+    let collector =
+        Collector::serve_with(&tls_url, data.path(), "e2e-tls", &["--tls-ca-file", &ca]);
 
     let fixture =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/v1/valid/laplace.json");
