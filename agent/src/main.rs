@@ -13,8 +13,8 @@ use clap::{Parser, Subcommand};
 use driftline_agent::config::{AgentConfig, AgentFile, Overrides};
 use driftline_agent::ledger::Budget;
 use driftline_agent::privacy::MechanismConfig;
-use driftline_agent::runtime;
 use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
+use driftline_agent::{runtime, window};
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
 
@@ -236,10 +236,8 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
     };
     let length = TimeDelta::seconds(i64::from(args.window_secs));
     let start = args.start.unwrap_or_else(|| {
-        let now = Utc::now().timestamp();
-        let aligned_end = now - now.rem_euclid(i64::from(args.window_secs));
         let windows = i32::try_from(args.windows.unwrap_or(60)).unwrap_or(i32::MAX);
-        DateTime::from_timestamp(aligned_end, 0).unwrap_or_else(Utc::now) - length * windows
+        window::align(Utc::now(), args.window_secs) - length * windows
     });
     let config = SimConfig {
         broker: args.broker,

@@ -10,10 +10,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{TimeDelta, Utc};
 use driftline_agent::ledger::Budget;
 use driftline_agent::privacy::MechanismConfig;
 use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
+use driftline_agent::window;
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
 
@@ -110,9 +111,7 @@ pub async fn run(
     let length = TimeDelta::seconds(i64::from(options.window_secs));
     let backfill_windows =
         i64::try_from(options.backfill.as_secs() / u64::from(options.window_secs)).unwrap_or(0);
-    let now = Utc::now().timestamp();
-    let present = now - now.rem_euclid(i64::from(options.window_secs));
-    let start = DateTime::from_timestamp(present, 0).unwrap_or_else(Utc::now)
+    let start = window::align(Utc::now(), options.window_secs)
         - length * i32::try_from(backfill_windows).unwrap_or(0);
     let drift_at = u64::try_from(backfill_windows * 2 / 3).unwrap_or(0);
     let drift_time = start + length * i32::try_from(drift_at).unwrap_or(0);
