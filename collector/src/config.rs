@@ -13,7 +13,7 @@ use driftline_core::broker::BrokerUrl;
 use serde::Deserialize;
 
 use crate::ingest::IngestLimits;
-use crate::subscriber::SubscriberOptions;
+use crate::subscriber::{Credentials, SubscriberOptions};
 
 /// Default lake directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "driftline-data";
@@ -45,6 +45,19 @@ pub struct ServeFile {
     pub tls_client_cert: Option<PathBuf>,
     /// Client private key (PEM).
     pub tls_client_key: Option<PathBuf>,
+    /// Broker login.
+    pub mqtt_username: Option<String>,
+    pub mqtt_password: Option<String>,
+    /// MQTT shared-subscription group, for several collectors on one stream.
+    pub share_group: Option<String>,
+    /// How often partitions with many small files are compacted.
+    #[serde(default, with = "humantime_serde")]
+    pub compact_interval: Option<Duration>,
+    /// Files a partition needs before it is compacted.
+    pub compact_min_files: Option<usize>,
+    /// Partitions older than this are deleted (default: kept forever).
+    #[serde(default, with = "humantime_serde")]
+    pub retention: Option<Duration>,
 }
 
 /// Errors of configuration.
@@ -94,6 +107,12 @@ impl ServeFile {
             tls_ca_file: over.tls_ca_file.or(self.tls_ca_file),
             tls_client_cert: over.tls_client_cert.or(self.tls_client_cert),
             tls_client_key: over.tls_client_key.or(self.tls_client_key),
+            mqtt_username: over.mqtt_username.or(self.mqtt_username),
+            mqtt_password: over.mqtt_password.or(self.mqtt_password),
+            share_group: over.share_group.or(self.share_group),
+            compact_interval: over.compact_interval.or(self.compact_interval),
+            compact_min_files: over.compact_min_files.or(self.compact_min_files),
+            retention: over.retention.or(self.retention),
         }
     }
 }
@@ -103,6 +122,16 @@ impl ServeFile {
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub subscriber: SubscriberOptions,
+    pub maintenance: Maintenance,
+}
+
+/// Lake upkeep that `serve` runs on a schedule (and `compact` once).
+#[derive(Debug, Clone)]
+pub struct Maintenance {
+    pub compact_interval: Duration,
+    pub compact_min_files: usize,
+    /// Partitions older than this are deleted; `None` keeps everything.
+    pub retention: Option<Duration>,
 }
 
 impl ServeConfig {
@@ -154,7 +183,40 @@ impl ServeConfig {
                 expected: "non-empty",
             });
         }
+        let credentials = match (layers.mqtt_username, layers.mqtt_password) {
+            (Some(username), password) => Some(Credentials {
+                username,
+                password: password.unwrap_or_default(),
+            }),
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "mqtt_password",
+                    expected: "given together with mqtt_username",
+                })
+            }
+            (None, None) => None,
+        };
+        if let Some(group) = &layers.share_group {
+            if group.is_empty() || group.contains(['/', '+', '#']) {
+                return Err(ConfigError::Invalid {
+                    key: "share_group",
+                    expected: "a non-empty name without '/', '+' or '#'",
+                });
+            }
+        }
+        let maintenance = Maintenance {
+            compact_interval: layers.compact_interval.unwrap_or(Duration::from_secs(600)),
+            compact_min_files: layers.compact_min_files.unwrap_or(8).max(2),
+            retention: layers.retention,
+        };
+        if maintenance.compact_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "compact_interval",
+                expected: "longer than 0s",
+            });
+        }
         Ok(ServeConfig {
+            maintenance,
             data_dir: layers
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -169,6 +231,8 @@ impl ServeConfig {
                     client_cert: layers.tls_client_cert,
                     client_key: layers.tls_client_key,
                 },
+                credentials,
+                share_group: layers.share_group,
             },
         })
     }

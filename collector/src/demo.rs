@@ -78,7 +78,7 @@ pub async fn run(
         port: broker_addr.port(),
         tls: false,
     };
-    let lake = LakeWriter::open(&options.data_dir)?;
+    let lake = Arc::new(LakeWriter::open(&options.data_dir)?);
 
     let counters = Arc::new(Counters::default());
     let stop_collector = CancellationToken::new();
@@ -90,6 +90,8 @@ pub async fn run(
             flush_rows: 50_000,
             limits: IngestLimits::default(),
             tls: Default::default(),
+            credentials: None,
+            share_group: None,
         },
         lake,
         counters.clone(),

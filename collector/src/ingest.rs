@@ -12,10 +12,12 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, TimeDelta, Utc};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
+use driftline_core::status::StatusReport;
+use driftline_core::topic::TopicKind;
 use driftline_core::wire::{self, TimeBounds};
 
-use crate::lake::schema::{self, QuarantinedMessage, StoredWindow};
-use crate::lake::{LakeError, LakeWriter, METRICS, QUARANTINE};
+use crate::lake::schema::{self, QuarantinedMessage, StoredStatus, StoredWindow};
+use crate::lake::{LakeError, LakeWriter, METRICS, QUARANTINE, STATUS};
 
 /// Limits applied to every message.
 #[derive(Debug, Clone, Copy)]
@@ -43,11 +45,19 @@ pub struct Counters {
     pub received: AtomicU64,
     pub accepted: AtomicU64,
     pub quarantined: AtomicU64,
-    /// Rows written to the lake (metrics and quarantine).
+    /// Status messages accepted (online, offline, last will).
+    pub status: AtomicU64,
+    /// Rows written to the lake, per table.
     pub stored_windows: AtomicU64,
     pub stored_quarantine: AtomicU64,
+    pub stored_status: AtomicU64,
+    /// Rows not written because the lake already held their key
+    /// (redeliveries, agent retries, replays after a crash).
+    pub duplicates: AtomicU64,
     pub files_written: AtomicU64,
     pub flush_errors: AtomicU64,
+    /// Messages replayed from the write-ahead log at start-up.
+    pub replayed: AtomicU64,
     quarantined_by_reason: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -59,12 +69,27 @@ impl Counters {
             .map(|m| m.clone())
             .unwrap_or_default()
     }
+
+    fn count_quarantined(&self, reason: &'static str, n: u64) {
+        self.quarantined.fetch_add(n, Ordering::Relaxed);
+        if let Ok(mut m) = self.quarantined_by_reason.lock() {
+            *m.entry(reason).or_default() += n;
+        }
+    }
 }
+
+/// Reason code of a status message that does not parse or whose device
+/// does not match its topic.
+pub const INVALID_STATUS: &str = "invalid_status";
+/// Reason code of an accepted message that could not be turned into a lake
+/// row (a bug or a schema change, never expected).
+pub const UNSTORABLE: &str = "unstorable";
 
 /// What happened to one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Accepted,
+    Status,
     Quarantined { reason: &'static str },
 }
 
@@ -75,6 +100,7 @@ pub struct Ingest {
     counters: Arc<Counters>,
     metrics: BTreeMap<String, Vec<StoredWindow>>,
     quarantine: BTreeMap<String, Vec<QuarantinedMessage>>,
+    status: BTreeMap<String, Vec<StoredStatus>>,
     pending: usize,
 }
 
@@ -85,6 +111,7 @@ impl Ingest {
             counters,
             metrics: BTreeMap::new(),
             quarantine: BTreeMap::new(),
+            status: BTreeMap::new(),
             pending: 0,
         }
     }
@@ -98,10 +125,26 @@ impl Ingest {
         self.pending
     }
 
-    /// Validates one message and queues it as a metrics or quarantine row.
+    /// Validates one message and queues it as a `metrics`, `status` or
+    /// `quarantine` row.
     pub fn handle(&mut self, topic: &str, payload: &[u8], received_at: DateTime<Utc>) -> Outcome {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         self.pending += 1;
+        let parsed = driftline_core::topic::parse(topic);
+        if parsed.is_some_and(|t| t.kind == TopicKind::Status) {
+            return match accept_status(topic, payload) {
+                Ok(report) => {
+                    self.counters.status.fetch_add(1, Ordering::Relaxed);
+                    let date = report.at.format("%Y-%m-%d").to_string();
+                    self.status.entry(date).or_default().push(StoredStatus {
+                        received_at,
+                        report,
+                    });
+                    Outcome::Status
+                }
+                Err(detail) => self.quarantine(topic, payload, received_at, INVALID_STATUS, detail),
+            };
+        }
         let bounds = TimeBounds {
             now: received_at,
             max_age: self.limits.max_event_age,
@@ -117,31 +160,43 @@ impl Ingest {
                 });
                 Outcome::Accepted
             }
-            Err(rejection) => {
-                let reason = rejection.code();
-                tracing::warn!(topic, reason, detail = %rejection, "message quarantined");
-                self.counters.quarantined.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut m) = self.counters.quarantined_by_reason.lock() {
-                    *m.entry(reason).or_default() += 1;
-                }
-                let date = received_at.format("%Y-%m-%d").to_string();
-                self.quarantine
-                    .entry(date)
-                    .or_default()
-                    .push(QuarantinedMessage {
-                        received_at,
-                        topic: topic.to_owned(),
-                        reason,
-                        detail: rejection.to_string(),
-                        payload: payload.to_vec(),
-                    });
-                Outcome::Quarantined { reason }
-            }
+            Err(rejection) => self.quarantine(
+                topic,
+                payload,
+                received_at,
+                rejection.code(),
+                rejection.to_string(),
+            ),
         }
     }
 
-    /// Writes every pending row to the lake, one file per table and date.
-    /// A partition whose write fails stays pending for the next flush; the
+    fn quarantine(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        received_at: DateTime<Utc>,
+        reason: &'static str,
+        detail: String,
+    ) -> Outcome {
+        tracing::warn!(topic, reason, detail, "message quarantined");
+        self.counters.count_quarantined(reason, 1);
+        let date = received_at.format("%Y-%m-%d").to_string();
+        self.quarantine
+            .entry(date)
+            .or_default()
+            .push(QuarantinedMessage {
+                received_at,
+                topic: topic.to_owned(),
+                reason,
+                detail,
+                payload: payload.to_vec(),
+            });
+        Outcome::Quarantined { reason }
+    }
+
+    /// Writes every pending row to the lake, one file per table and date;
+    /// rows whose key the lake already holds are dropped as duplicates. A
+    /// partition whose write fails stays pending for the next flush; the
     /// first error is returned after the other partitions were tried.
     pub fn flush(&mut self, lake: &LakeWriter) -> Result<(), LakeError> {
         for rows in self.metrics.values_mut() {
@@ -154,25 +209,68 @@ impl Ingest {
                 ))
             });
         }
-        let counters = &self.counters;
-        let (metrics_rows, metrics_error) = flush_table(
+        let mut unstorable = Vec::new();
+        let metrics = flush_table(
             lake,
             METRICS,
             &mut self.metrics,
             schema::metrics_batch,
-            &counters.stored_windows,
-            counters,
+            &self.counters.stored_windows,
+            &self.counters,
+            |w: &StoredWindow| {
+                let r = &w.report;
+                let topic = driftline_core::topic::metrics_topic(&r.fleet, &r.device_id);
+                (
+                    w.received_at,
+                    topic,
+                    r.encode().unwrap_or_default(),
+                    String::new(),
+                )
+            },
+            &mut unstorable,
         );
-        let (quarantine_rows, quarantine_error) = flush_table(
+        let status = flush_table(
+            lake,
+            STATUS,
+            &mut self.status,
+            schema::status_batch,
+            &self.counters.stored_status,
+            &self.counters,
+            |s: &StoredStatus| {
+                let r = &s.report;
+                let topic = driftline_core::topic::status_topic(&r.fleet, &r.device_id);
+                (s.received_at, topic, r.encode(), String::new())
+            },
+            &mut unstorable,
+        );
+        // Rows that cannot become lake rows are kept as quarantine rows.
+        let unstorable_count = unstorable.len();
+        for (received_at, topic, payload, detail) in unstorable {
+            self.quarantine(&topic, &payload, received_at, UNSTORABLE, detail);
+        }
+        self.pending = self.pending.saturating_sub(unstorable_count);
+        let mut never = Vec::new();
+        let quarantine = flush_table(
             lake,
             QUARANTINE,
             &mut self.quarantine,
             schema::quarantine_batch,
-            &counters.stored_quarantine,
-            counters,
+            &self.counters.stored_quarantine,
+            &self.counters,
+            |q: &QuarantinedMessage| {
+                (
+                    q.received_at,
+                    q.topic.clone(),
+                    q.payload.clone(),
+                    String::new(),
+                )
+            },
+            &mut never,
         );
-        self.pending = self.pending.saturating_sub(metrics_rows + quarantine_rows);
-        match metrics_error.or(quarantine_error) {
+        self.pending = self
+            .pending
+            .saturating_sub(metrics.rows + status.rows + quarantine.rows);
+        match metrics.error.or(status.error).or(quarantine.error) {
             Some(e) => {
                 self.counters.flush_errors.fetch_add(1, Ordering::Relaxed);
                 Err(e)
@@ -182,8 +280,39 @@ impl Ingest {
     }
 }
 
-/// Writes each date's rows of one table as one file; rows whose write fails
-/// stay in `pending`. Returns the rows written and the first error.
+/// Parses a status message and checks it against its topic.
+fn accept_status(topic: &str, payload: &[u8]) -> Result<StatusReport, String> {
+    if payload.len() > wire::MAX_PAYLOAD_BYTES {
+        return Err(format!(
+            "{} bytes, over the {} byte limit",
+            payload.len(),
+            wire::MAX_PAYLOAD_BYTES
+        ));
+    }
+    let report = StatusReport::decode(payload).map_err(|e| e.to_string())?;
+    match driftline_core::topic::parse(topic) {
+        Some(t) if t.device_id == report.device_id && t.fleet == report.fleet => Ok(report),
+        _ => Err(format!(
+            "topic {topic} does not match device {} of fleet {}",
+            report.device_id, report.fleet
+        )),
+    }
+}
+
+/// A row that cannot be stored: when it arrived, its topic, its payload
+/// and why.
+type Unstorable = (DateTime<Utc>, String, Vec<u8>, String);
+
+/// Rows taken out of the pending map by one flush, and the first error.
+struct Flushed {
+    rows: usize,
+    error: Option<LakeError>,
+}
+
+/// Writes each date's rows of one table as one file. Rows whose write fails
+/// stay pending; rows that cannot be encoded at all go to `unstorable` as
+/// (received_at, original payload, reason).
+#[allow(clippy::too_many_arguments)]
 fn flush_table<T>(
     lake: &LakeWriter,
     table: &'static str,
@@ -191,25 +320,43 @@ fn flush_table<T>(
     build: fn(&[T]) -> Result<RecordBatch, ArrowError>,
     stored: &AtomicU64,
     counters: &Counters,
-) -> (usize, Option<LakeError>) {
-    let mut written_rows = 0;
-    let mut first_error = None;
+    original: impl Fn(&T) -> Unstorable,
+    unstorable: &mut Vec<Unstorable>,
+) -> Flushed {
+    let mut flushed = Flushed {
+        rows: 0,
+        error: None,
+    };
     for (date, rows) in std::mem::take(pending) {
-        let written = build(&rows)
-            .map_err(|source| LakeError::Arrow { table, source })
-            .and_then(|batch| lake.write(table, &date, &batch));
-        match written {
-            Ok(path) => {
-                written_rows += rows.len();
-                stored.fetch_add(rows.len() as u64, Ordering::Relaxed);
-                counters.files_written.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(table, rows = rows.len(), path = %path.display(), "flushed");
+        let batch = match build(&rows) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(table, error = %e, rows = rows.len(), "rows cannot be encoded; quarantined");
+                flushed.rows += rows.len();
+                unstorable.extend(rows.iter().map(|row| {
+                    let (at, topic, payload, _) = original(row);
+                    (at, topic, payload, format!("cannot store in {table}: {e}"))
+                }));
+                continue;
+            }
+        };
+        match lake.append(table, &date, &batch) {
+            Ok(appended) => {
+                flushed.rows += rows.len();
+                stored.fetch_add(appended.rows as u64, Ordering::Relaxed);
+                counters
+                    .duplicates
+                    .fetch_add(appended.duplicates as u64, Ordering::Relaxed);
+                if let Some(path) = appended.path {
+                    counters.files_written.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(table, rows = appended.rows, duplicates = appended.duplicates, path = %path.display(), "flushed");
+                }
             }
             Err(e) => {
                 pending.insert(date, rows);
-                first_error.get_or_insert(e);
+                flushed.error.get_or_insert(e);
             }
         }
     }
-    (written_rows, first_error)
+    flushed
 }

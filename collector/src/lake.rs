@@ -16,25 +16,24 @@
 //! several collectors can write to one lake.
 
 pub mod schema;
+mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
-use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::{Compression, ZstdLevel};
-use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::prelude::SessionContext;
 
 /// The tables of the lake, by name as seen in SQL.
 pub const METRICS: &str = "metrics";
 pub const QUARANTINE: &str = "quarantine";
+pub const STATUS: &str = "status";
+/// Every table stored in the lake.
+pub const TABLES: [&str; 3] = [METRICS, QUARANTINE, STATUS];
 
 /// Errors of the lake.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +53,11 @@ pub enum LakeError {
         table: &'static str,
         source: datafusion::arrow::error::ArrowError,
     },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: datafusion::parquet::errors::ParquetError,
+    },
     #[error("cannot register table {table}: {source}")]
     Register {
         table: &'static str,
@@ -68,83 +72,8 @@ impl LakeError {
     }
 }
 
-/// Writes Parquet files into one lake directory.
-#[derive(Debug)]
-pub struct LakeWriter {
-    root: PathBuf,
-    instance: String,
-    counter: AtomicU64,
-}
-
-impl LakeWriter {
-    /// A writer for the lake at `root`, creating the table directories.
-    pub fn open(root: &Path) -> Result<Self, LakeError> {
-        for table in [METRICS, QUARANTINE] {
-            let dir = root.join(table);
-            std::fs::create_dir_all(&dir).map_err(|source| LakeError::Io { path: dir, source })?;
-        }
-        Ok(LakeWriter {
-            root: root.to_path_buf(),
-            instance: instance_id(),
-            counter: AtomicU64::new(0),
-        })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Writes `batch` as one new file of `table` in partition `date=...`.
-    /// Returns the file's path.
-    pub fn write(
-        &self,
-        table: &str,
-        date: &str,
-        batch: &RecordBatch,
-    ) -> Result<PathBuf, LakeError> {
-        let dir = self.root.join(table).join(format!("date={date}"));
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LakeError::Io { path, source }
-        };
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let name = format!("part-{}-{n:08}.parquet", self.instance);
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let path = dir.join(&name);
-        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .build();
-        let parquet = |source| LakeError::Parquet {
-            path: tmp.clone(),
-            source,
-        };
-        let mut writer =
-            ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(parquet)?;
-        writer.write(batch).map_err(parquet)?;
-        let file = writer.into_inner().map_err(parquet)?;
-        file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(path)
-    }
-}
-
-/// A name unique to this process: start time and pid.
-fn instance_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "{:x}{:05x}",
-        nanos & 0xffff_ffff_ffff,
-        std::process::id() & 0xfffff
-    )
-}
+/// Writes Parquet files into one lake directory: see [`writer`].
+pub use writer::{Appended, Compacted, LakeWriter};
 
 /// Registers the lake's tables in `ctx`, creating empty directories if the
 /// lake is new. Files written later are seen by later queries.
@@ -152,6 +81,7 @@ pub async fn register(ctx: &SessionContext, root: &Path) -> Result<(), LakeError
     for (table, schema) in [
         (METRICS, schema::metrics()),
         (QUARANTINE, schema::quarantine()),
+        (STATUS, schema::status()),
     ] {
         register_table(ctx, root, table, schema).await?;
     }

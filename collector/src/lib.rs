@@ -8,6 +8,9 @@
 //!   and queues it for `metrics`, or for `quarantine` with its reason.
 //! - [`lake`]: Parquet files, hive-partitioned by date, and the DataFusion
 //!   tables over them ([`lake::schema`] maps wire fields to columns).
+//! - [`wal`]: the write-ahead log that makes a message durable before it
+//!   is acknowledged.
+//! - [`maintenance`]: compaction and retention, on a schedule in `serve`.
 //! - [`query`]: the DataFusion session shared by every SQL user.
 //! - [`demo`]: the whole loop in one process.
 //!
@@ -20,5 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod ingest;
 pub mod lake;
+pub mod maintenance;
 pub mod query;
 pub mod subscriber;
+pub mod wal;

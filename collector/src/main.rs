@@ -12,7 +12,8 @@ use driftline_collector::demo::{self, DemoOptions};
 use driftline_collector::ingest::Counters;
 use driftline_collector::lake::LakeWriter;
 use driftline_collector::query::{self, Format};
-use driftline_collector::subscriber;
+use driftline_collector::{maintenance, subscriber};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -31,9 +32,11 @@ enum Command {
     /// The whole system in one process: embedded broker, collector, simulated fleet.
     Demo(DemoArgs),
     /// Long-running collector against an external MQTT broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run one SQL statement over the lake and print the result.
     Query(QueryArgs),
+    /// Merge small files and apply retention once, then exit.
+    Compact(CompactArgs),
 }
 
 #[derive(clap::Args)]
@@ -96,6 +99,41 @@ struct ServeArgs {
     /// Client private key (PEM).
     #[arg(long, env = "DRIFTLINE_TLS_CLIENT_KEY")]
     tls_client_key: Option<PathBuf>,
+    /// Broker username.
+    #[arg(long, env = "DRIFTLINE_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// Broker password.
+    #[arg(long, env = "DRIFTLINE_MQTT_PASSWORD", hide_env_values = true)]
+    mqtt_password: Option<String>,
+    /// Shared-subscription group: collectors of one group split the stream.
+    #[arg(long, env = "DRIFTLINE_SHARE_GROUP")]
+    share_group: Option<String>,
+    /// How often small files are compacted. Default: 10m
+    #[arg(long, env = "DRIFTLINE_COMPACT_INTERVAL", value_parser = humantime::parse_duration)]
+    compact_interval: Option<Duration>,
+    /// Files a partition needs before it is compacted. Default: 8
+    #[arg(long, env = "DRIFTLINE_COMPACT_MIN_FILES")]
+    compact_min_files: Option<usize>,
+    /// Delete partitions older than this (30d, 52w). Default: keep forever.
+    #[arg(long, env = "DRIFTLINE_RETENTION", value_parser = humantime::parse_duration)]
+    retention: Option<Duration>,
+}
+
+#[derive(clap::Args)]
+struct CompactArgs {
+    /// Lake directory.
+    #[arg(long, env = "DRIFTLINE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Files a partition needs before it is compacted.
+    #[arg(long, env = "DRIFTLINE_COMPACT_MIN_FILES", default_value_t = 2)]
+    compact_min_files: usize,
+    /// Also delete partitions older than this (30d, 52w).
+    #[arg(long, env = "DRIFTLINE_RETENTION", value_parser = humantime::parse_duration)]
+    retention: Option<Duration>,
+    /// Replaced files are deleted once they are this old, so queries that
+    /// started before the compaction can finish.
+    #[arg(long, env = "DRIFTLINE_COMPACT_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
+    grace: Duration,
 }
 
 #[derive(clap::Args)]
@@ -113,7 +151,7 @@ struct QueryArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Query(_) => "warn",
+        Command::Query(_) | Command::Compact(_) => "warn",
         // rumqttd reports every client disconnect as an error: quiet by
         // default in the demo (RUST_LOG=rumqttd=warn shows it).
         Command::Demo(_) => "warn,rumqttd=off",
@@ -141,8 +179,9 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Demo(args) => demo_command(args).await,
-        Command::Serve(args) => serve_command(args).await,
+        Command::Serve(args) => serve_command(*args).await,
         Command::Query(args) => query_command(args).await,
+        Command::Compact(args) => compact_command(args),
     }
 }
 
@@ -201,18 +240,53 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         tls_ca_file: args.tls_ca_file,
         tls_client_cert: args.tls_client_cert,
         tls_client_key: args.tls_client_key,
+        mqtt_username: args.mqtt_username,
+        mqtt_password: args.mqtt_password,
+        share_group: args.share_group,
+        compact_interval: args.compact_interval,
+        compact_min_files: args.compact_min_files,
+        retention: args.retention,
     };
     let config = ServeConfig::resolve(file.overlay(flags))?;
-    let lake = LakeWriter::open(&config.data_dir)?;
+    let lake = Arc::new(LakeWriter::open(&config.data_dir)?);
     tracing::info!(data_dir = %config.data_dir.display(), "lake opened");
     let shutdown = shutdown_on_signal()?;
-    subscriber::run(
+    let upkeep = tokio::spawn(maintenance::run(
+        lake.clone(),
+        config.maintenance,
+        shutdown.clone(),
+    ));
+    let result = subscriber::run(
         config.subscriber,
         lake,
-        std::sync::Arc::new(Counters::default()),
-        shutdown,
+        Arc::new(Counters::default()),
+        shutdown.clone(),
     )
-    .await?;
+    .await;
+    shutdown.cancel();
+    let _ = upkeep.await;
+    result?;
+    Ok(())
+}
+
+fn compact_command(args: CompactArgs) -> anyhow::Result<()> {
+    if !args.data_dir.is_dir() {
+        anyhow::bail!("no lake at {} (use --data-dir)", args.data_dir.display());
+    }
+    let lake = LakeWriter::open(&args.data_dir)?;
+    let report = maintenance::once(&lake, args.compact_min_files, args.retention, args.grace)?;
+    for c in &report.compacted {
+        println!(
+            "compacted {}/date={}: {} files -> 1, {} rows, {} duplicates dropped",
+            c.table, c.date, c.files_before, c.rows, c.duplicates
+        );
+    }
+    for p in &report.dropped {
+        println!("dropped {p} (retention)");
+    }
+    if report.compacted.is_empty() && report.dropped.is_empty() {
+        println!("nothing to do");
+    }
     Ok(())
 }
 

@@ -37,8 +37,47 @@ pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
         .set_str("datafusion.execution.time_zone", "UTC");
     let ctx = SessionContext::new_with_config(config);
     lake::register(&ctx, data_dir).await?;
+    ctx.sql(DEVICES_VIEW).await?;
     Ok(ctx)
 }
+
+/// `devices`: one row per device seen in `metrics` or `status`: its last
+/// status (online, or offline from its last will), when it was last heard
+/// from, its agent and model versions and its privacy budget.
+pub const DEVICES_VIEW: &str = "
+CREATE VIEW devices AS
+WITH seen AS (
+    SELECT device_id,
+           max(fleet) AS fleet,
+           max(received_at) AS last_seen,
+           max(window_start) AS last_window_start,
+           count(*) AS windows,
+           array_to_string(array_sort(array_distinct(array_agg(model_id || '@' || model_version))), ',') AS model_versions,
+           max(agent_version) AS agent_version
+    FROM metrics GROUP BY device_id
+), last_status AS (
+    SELECT * FROM (
+        SELECT *, row_number() OVER (PARTITION BY device_id ORDER BY at DESC, received_at DESC) AS rn
+        FROM status
+    ) WHERE rn = 1
+)
+SELECT coalesce(s.device_id, l.device_id) AS device_id,
+       coalesce(s.fleet, l.fleet) AS fleet,
+       coalesce(l.state, 'unknown') AS state,
+       l.at AS state_since,
+       CASE WHEN s.last_seen IS NULL THEN l.received_at
+            WHEN l.received_at IS NULL THEN s.last_seen
+            ELSE greatest(s.last_seen, l.received_at) END AS last_seen,
+       s.last_window_start,
+       coalesce(s.windows, 0) AS windows,
+       coalesce(l.agent_version, s.agent_version) AS agent_version,
+       coalesce(s.model_versions, l.models) AS model_versions,
+       l.budget_remaining_rho,
+       coalesce(l.budget_exhausted, false) AS budget_exhausted,
+       l.buffered_windows,
+       l.lost_windows
+FROM seen s FULL OUTER JOIN last_status l ON s.device_id = l.device_id
+";
 
 /// Runs one read-only statement: DDL, DML and `SET`-like statements are
 /// refused with an error.

@@ -1,27 +1,37 @@
 //! The MQTT side of the collector: subscribe (QoS 1) to every device's
-//! metrics topic, hand each message to [`Ingest`], flush to the lake on a
-//! timer and when enough rows are pending, and on shutdown stop taking
-//! messages and flush what was received.
+//! metrics and status topics, hand each message to [`Ingest`], flush to the
+//! lake on a timer and when enough rows are pending.
 //!
-//! The session is persistent (fixed client id, clean session off), so the
-//! broker keeps QoS 1 messages for the collector while it is away.
-//! Delivery into the lake is at least once: rumqttc acknowledges a message
-//! on receipt, so a `kill -9` loses what was received since the last flush
-//! (bounded by `flush_interval`); SIGTERM loses nothing.
+//! Delivery is exactly once into the lake:
+//! - the session is persistent (fixed client id, clean session off), so the
+//!   broker keeps QoS 1 messages while the collector is away;
+//! - acknowledgements are manual: a message is acknowledged only after it is
+//!   in the write-ahead log ([`crate::wal`]) and fsynced. Whatever was
+//!   waiting for the disk when the loop found no more ready messages is
+//!   committed with one fsync (group commit);
+//! - after a crash the log is replayed into the lake, and the broker
+//!   re-sends what was never acknowledged;
+//! - the lake drops rows whose key it already holds ([`crate::lake`]), so
+//!   replays, redeliveries and agent retries are stored once.
+//!
+//! Memory stays bounded whatever the broker's backlog: the broker sends at
+//! most its in-flight window of unacknowledged messages, and at most
+//! `flush_rows` rows wait for the lake.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use driftline_core::broker::BrokerUrl;
-use driftline_core::topic::METRICS_FILTER;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use driftline_core::topic::{METRICS_FILTER, STATUS_FILTER};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
 use tokio_util::sync::CancellationToken;
 
 use driftline_agent::tls::TlsFiles;
 
 use crate::ingest::{Counters, Ingest, IngestLimits};
 use crate::lake::LakeWriter;
+use crate::wal::{Wal, WalError};
 
 /// Largest MQTT packet read from the broker. Payloads over the wire limit
 /// (64 KiB) are still read, so they can be quarantined rather than break
@@ -39,6 +49,26 @@ pub struct SubscriberOptions {
     pub limits: IngestLimits,
     /// CA and client certificate files for `mqtts://`.
     pub tls: TlsFiles,
+    /// Username and password for the broker.
+    pub credentials: Option<Credentials>,
+    /// MQTT shared-subscription group: collectors of one group split the
+    /// metrics stream between them (`$share/{group}/...`).
+    pub share_group: Option<String>,
+}
+
+/// Broker login.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Errors that stop the subscriber.
@@ -46,64 +76,134 @@ pub struct SubscriberOptions {
 pub enum SubscriberError {
     #[error(transparent)]
     Tls(#[from] driftline_agent::tls::TlsError),
-    #[error("final flush failed, {pending} rows not written: {source}")]
+    #[error("{0}; unacknowledged messages stay with the broker")]
+    Wal(#[from] WalError),
+    #[error("cannot store the {records} messages replayed from the write-ahead log: {source}")]
+    Replay {
+        records: usize,
+        source: crate::lake::LakeError,
+    },
+    #[error("final flush failed, {pending} rows not written (they stay in the write-ahead log): {source}")]
     FinalFlush {
         pending: usize,
         source: crate::lake::LakeError,
     },
 }
 
+/// The write-ahead log directory of collector `client_id` in a lake.
+pub fn wal_dir(lake_root: &std::path::Path, client_id: &str) -> std::path::PathBuf {
+    let safe: String = client_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    lake_root.join("_driftline").join("wal").join(safe)
+}
+
+/// The metrics filter, shared between the collectors of `group` if any.
+pub fn metrics_filter(group: Option<&str>) -> String {
+    match group {
+        Some(g) => format!("$share/{g}/{METRICS_FILTER}"),
+        None => METRICS_FILTER.to_owned(),
+    }
+}
+
 /// Runs until `shutdown` fires, then flushes and returns.
 pub async fn run(
     options: SubscriberOptions,
-    lake: LakeWriter,
+    lake: Arc<LakeWriter>,
     counters: Arc<Counters>,
     shutdown: CancellationToken,
 ) -> Result<(), SubscriberError> {
+    let (mut wal, recovered) = Wal::open(&wal_dir(lake.root(), &options.client_id))?;
+    let mut ingest = Ingest::new(options.limits, counters.clone());
+    if !recovered.records.is_empty() {
+        let records = recovered.records.len();
+        for r in &recovered.records {
+            ingest.handle(&r.topic, &r.payload, r.received_at);
+        }
+        counters
+            .replayed
+            .fetch_add(records as u64, std::sync::atomic::Ordering::Relaxed);
+        ingest
+            .flush(&lake)
+            .map_err(|source| SubscriberError::Replay { records, source })?;
+        wal.rotate()?;
+        wal.remove_sealed()?;
+        tracing::info!(
+            records,
+            skipped = recovered.skipped,
+            "write-ahead log replayed into the lake"
+        );
+    }
     let mut mqtt = MqttOptions::new(
         options.client_id.clone(),
         options.broker.host.clone(),
         options.broker.port,
     );
     mqtt.set_clean_session(false);
+    mqtt.set_manual_acks(true);
     mqtt.set_keep_alive(Duration::from_secs(30));
     mqtt.set_max_packet_size(MAX_INCOMING_PACKET, 64 * 1024);
+    if let Some(credentials) = &options.credentials {
+        mqtt.set_credentials(credentials.username.clone(), credentials.password.clone());
+    }
     mqtt.set_transport(driftline_agent::tls::transport(
         &options.broker,
         &options.tls,
     )?);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, 16);
-    let mut ingest = Ingest::new(options.limits, counters.clone());
+    // Acknowledgements go through this channel; it never holds more than the
+    // broker's in-flight window.
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 65_536);
+    let filters = [
+        SubscribeFilter::new(
+            metrics_filter(options.share_group.as_deref()),
+            QoS::AtLeastOnce,
+        ),
+        SubscribeFilter::new(STATUS_FILTER.to_owned(), QoS::AtLeastOnce),
+    ];
+    let mut unacked: Vec<Publish> = Vec::new();
     let mut ticker = tokio::time::interval(options.flush_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::from_millis(200);
-    tracing::info!(broker = %options.broker, client_id = options.client_id, "collector subscribing");
+    tracing::info!(broker = %options.broker, client_id = options.client_id, share_group = ?options.share_group, "collector subscribing");
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => flush(&mut ingest, &lake),
+            _ = ticker.tick() => flush(&mut ingest, &lake, &mut wal, &client, &mut unacked)?,
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(200);
                     tracing::info!(session_present = ack.session_present, "connected to broker");
                     // Subscribing again is harmless when the session survived.
-                    if let Err(e) = client.try_subscribe(METRICS_FILTER, QoS::AtLeastOnce) {
+                    if let Err(e) = client.try_subscribe_many(filters.clone()) {
                         tracing::error!(error = %e, "cannot queue the subscription");
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     counters.subscriptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(filter = METRICS_FILTER, "subscribed");
+                    tracing::info!(filters = ?filters, "subscribed");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    ingest.handle(&p.topic, &p.payload, Utc::now());
+                    let now = Utc::now();
+                    wal.append(now, &p.topic, &p.payload)?;
+                    ingest.handle(&p.topic, &p.payload, now);
+                    unacked.push(p);
                     if ingest.pending() >= options.flush_rows {
-                        flush(&mut ingest, &lake);
+                        flush(&mut ingest, &lake, &mut wal, &client, &mut unacked)?;
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // What was received but not acknowledged is re-sent by
+                    // the broker after the reconnect.
+                    unacked.clear();
                     tracing::warn!(error = %e, ?backoff, "broker connection failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -111,39 +211,71 @@ pub async fn run(
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
+            },
+            // No message is ready: make what arrived durable, then ack it.
+            _ = std::future::ready(()), if !unacked.is_empty() => {
+                commit(&mut wal, &client, &mut unacked)?;
             }
         }
     }
-    // Stop taking messages: unacknowledged ones stay with the broker.
+    // Acknowledge what is durable, then leave: messages that arrive after
+    // this are not acknowledged and stay with the broker.
+    commit(&mut wal, &client, &mut unacked)?;
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while let Ok(event) = eventloop.poll().await {
-            match event {
-                Event::Incoming(Packet::Publish(p)) => {
-                    // Already acknowledged by the client: keep it.
-                    ingest.handle(&p.topic, &p.payload, Utc::now());
-                }
-                Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
-                _ => {}
+            if let Event::Outgoing(rumqttc::Outgoing::Disconnect) = event {
+                break;
             }
         }
     })
     .await;
+    wal.rotate()?;
     ingest
         .flush(&lake)
         .map_err(|source| SubscriberError::FinalFlush {
             pending: ingest.pending(),
             source,
         })?;
-    tracing::info!("collector stopped; everything received is in the lake");
+    wal.remove_sealed()?;
+    tracing::info!("collector stopped; everything acknowledged is in the lake");
     Ok(())
 }
 
-fn flush(ingest: &mut Ingest, lake: &LakeWriter) {
+/// Makes the received messages durable with one fsync, then acknowledges
+/// them.
+fn commit(wal: &mut Wal, client: &AsyncClient, unacked: &mut Vec<Publish>) -> Result<(), WalError> {
+    wal.commit()?;
+    for p in unacked.drain(..) {
+        if let Err(e) = client.try_ack(&p) {
+            // Not acknowledged: the broker re-sends it, the lake drops the copy.
+            tracing::warn!(error = %e, "cannot queue an acknowledgement");
+        }
+    }
+    Ok(())
+}
+
+/// Writes pending rows to the lake. The log is rotated first, so once the
+/// flush succeeds every sealed segment is in the lake and can go.
+fn flush(
+    ingest: &mut Ingest,
+    lake: &LakeWriter,
+    wal: &mut Wal,
+    client: &AsyncClient,
+    unacked: &mut Vec<Publish>,
+) -> Result<(), WalError> {
     if ingest.pending() == 0 {
-        return;
+        return Ok(());
     }
-    if let Err(e) = ingest.flush(lake) {
-        tracing::error!(error = %e, retryable = e.is_retryable(), pending = ingest.pending(), "flush failed; rows stay pending");
+    commit(wal, client, unacked)?;
+    wal.rotate()?;
+    match ingest.flush(lake) {
+        Ok(()) => {
+            wal.remove_sealed()?;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, retryable = e.is_retryable(), pending = ingest.pending(), "flush failed; rows stay pending and in the write-ahead log");
+        }
     }
+    Ok(())
 }

@@ -360,6 +360,26 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
         p
     };
     broker.publish(topic, &write("good.json", example.as_bytes()));
+    // The same message again (an agent retry): stored once.
+    broker.publish(topic, &write("good.json", example.as_bytes()));
+    // The device's status, and one that lies about its device.
+    let status = serde_json::json!({
+        "schema_version": 1, "device_id": "kiosk-0007", "fleet": "eu-kiosks",
+        "state": "offline", "at": recent, "agent_version": "0.1.0",
+        "models": [{"model_id": "intent-classifier", "model_version": "2.3.1"}],
+        "budget_remaining_rho": 0.25
+    });
+    let status_topic = "driftline/v1/eu-kiosks/kiosk-0007/status";
+    broker.publish(
+        status_topic,
+        &write("status.json", status.to_string().as_bytes()),
+    );
+    let mut liar = status.clone();
+    liar["device_id"] = "kiosk-0008".into();
+    broker.publish(
+        status_topic,
+        &write("liar.json", liar.to_string().as_bytes()),
+    );
 
     let mut doc_json: serde_json::Value = serde_json::from_str(&example).expect("json");
     let variant = |f: &dyn Fn(&mut serde_json::Value)| {
@@ -425,6 +445,7 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
     for (_, _, reason) in &malformed {
         *expected.entry(reason).or_default() += 1;
     }
+    expected.insert("invalid_status", 1);
     let expected: Vec<Vec<String>> = expected
         .into_iter()
         .map(|(r, n)| vec![r.to_string(), n.to_string()])
@@ -442,6 +463,24 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
             (70 * 1024).to_string(),
             "kiosk-0007".into(),
             "true".into()
+        ]]
+    );
+    // The devices view joins the last status with what metrics show.
+    let devices = query(
+        data.path(),
+        "SELECT device_id, fleet, state, windows, agent_version, model_versions, \
+         budget_remaining_rho FROM devices",
+    );
+    assert_eq!(
+        devices,
+        vec![vec![
+            "kiosk-0007",
+            "eu-kiosks",
+            "offline",
+            "2",
+            "0.1.0",
+            "intent-classifier@2.3.1",
+            "0.25"
         ]]
     );
 }
@@ -620,4 +659,162 @@ fn serve_reads_from_a_tls_broker() {
         query(data.path(), "SELECT device_id, seq FROM metrics"),
         vec![vec!["kiosk-0007".to_string(), "1042".to_string()]]
     );
+}
+
+/// Runs the simulator on its own thread; the handle returns its summary.
+fn simulate_in_background(
+    broker: BrokerUrl,
+    devices: u32,
+    windows: u64,
+    seed: u64,
+) -> std::thread::JoinHandle<simulate::SimSummary> {
+    let config = SimConfig {
+        broker,
+        fleet: "e2e".into(),
+        devices,
+        models: 1,
+        windows: Some(windows),
+        window_secs: 60,
+        start: recent_window_start(60, windows as i64 + 5),
+        seed,
+        mechanism: MechanismConfig::Laplace { epsilon: 1.0 },
+        events_per_window: 20.0,
+        drift: None,
+        live: false,
+        budget: Budget {
+            rho: 1e6,
+            period: TimeDelta::days(1),
+        },
+    };
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(simulate::run(
+            config,
+            Arc::new(SimProgress::default()),
+            CancellationToken::new(),
+        ))
+        .expect("simulation")
+    })
+}
+
+/// Polls the lake until `metrics` holds `expected` rows (or times out),
+/// then returns (rows, distinct keys).
+fn wait_for_rows(data_dir: &Path, expected: u64, timeout: Duration) -> (u64, u64) {
+    let sql = "SELECT count(*) AS n, count(DISTINCT device_id || '|' || model_id || '|' || \
+               CAST(window_start AS VARCHAR) || '|' || CAST(seq AS VARCHAR)) AS keys FROM metrics";
+    let until = Instant::now() + timeout;
+    loop {
+        let rows = query(data_dir, sql);
+        let n: u64 = rows[0][0].parse().expect("count");
+        let keys: u64 = rows[0][1].parse().expect("keys");
+        if n >= expected || Instant::now() > until {
+            return (n, keys);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Mosquitto keeps every queued message for an absent collector.
+const UNBOUNDED_QUEUE: &str = "max_queued_messages 0\n";
+
+#[test]
+fn collector_killed_mid_stream_stores_every_window_exactly_once() {
+    let broker = Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), UNBOUNDED_QUEUE);
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut collector = Collector::serve(&broker.url(), data.path(), "e2e-kill");
+    let (devices, windows) = (200u32, 40u64);
+    let sim = simulate_in_background(broker.url(), devices, windows, 11);
+
+    // Kill -9 as soon as the first file is in the lake.
+    let until = Instant::now() + Duration::from_secs(60);
+    while parquet_files(&data.path().join("metrics")).is_empty() {
+        assert!(Instant::now() < until, "nothing reached the lake");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    collector.child.kill().expect("SIGKILL");
+    let _ = collector.child.wait();
+    assert!(
+        !sim.is_finished(),
+        "the stream must still be running when the collector dies"
+    );
+    let stored_at_kill = wait_for_rows(data.path(), 0, Duration::ZERO).0;
+
+    // Restart under the same client id: the write-ahead log is replayed
+    // and the broker delivers the rest.
+    let collector = Collector::serve(&broker.url(), data.path(), "e2e-kill");
+    let summary = sim.join().expect("simulator thread");
+    let expected = u64::from(devices) * windows;
+    assert_eq!(summary.acknowledged, expected);
+    let (rows, keys) = wait_for_rows(data.path(), expected, Duration::from_secs(60));
+    collector.terminate();
+    assert!(
+        stored_at_kill < expected,
+        "killed after {stored_at_kill} of {expected}"
+    );
+    assert_eq!(
+        (rows, keys),
+        (expected, expected),
+        "every window exactly once"
+    );
+
+    // Compaction merges each partition into one file and keeps every row.
+    let out = Command::new(COLLECTOR)
+        .args(["compact", "--grace", "0s", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .expect("compact");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("compacted metrics/date="));
+    let files = parquet_files(&data.path().join("metrics"));
+    let partitions: std::collections::BTreeSet<_> =
+        files.iter().filter_map(|f| f.parent()).collect();
+    assert_eq!(
+        files.len(),
+        partitions.len(),
+        "one file per partition: {files:?}"
+    );
+    assert_eq!(
+        wait_for_rows(data.path(), expected, Duration::ZERO),
+        (expected, expected)
+    );
+    // Replaced files are gone from disk, not only from view.
+    assert_eq!(
+        parquet_files(&data.path().join("_driftline")).len(),
+        files.len()
+    );
+}
+
+#[test]
+fn two_collectors_share_one_stream_without_loss_or_duplicates() {
+    let broker = Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), UNBOUNDED_QUEUE);
+    let data = tempfile::tempdir().expect("tempdir");
+    let share = ["--share-group", "e2e"];
+    let a = Collector::serve_with(&broker.url(), data.path(), "e2e-share-a", &share);
+    let b = Collector::serve_with(&broker.url(), data.path(), "e2e-share-b", &share);
+    let (devices, windows) = (100u32, 20u64);
+    let summary = simulate_in_background(broker.url(), devices, windows, 5)
+        .join()
+        .expect("simulator thread");
+    let expected = u64::from(devices) * windows;
+    assert_eq!(summary.acknowledged, expected);
+    let (rows, keys) = wait_for_rows(data.path(), expected, Duration::from_secs(60));
+    // Both took part: files come from two writer instances.
+    let writers: std::collections::BTreeSet<String> = parquet_files(&data.path().join("metrics"))
+        .iter()
+        .filter_map(|f| {
+            f.file_name()?
+                .to_str()?
+                .split('-')
+                .nth(1)
+                .map(str::to_owned)
+        })
+        .collect();
+    a.terminate();
+    b.terminate();
+    assert_eq!((rows, keys), (expected, expected));
+    assert_eq!(writers.len(), 2, "both collectors wrote: {writers:?}");
 }

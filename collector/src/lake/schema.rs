@@ -13,13 +13,14 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
-    ArrayRef, BinaryBuilder, Float64Builder, Int32Builder, Int64Builder, ListBuilder,
-    StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder,
+    ListBuilder, StringBuilder, TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use driftline_core::histogram::MAX_BUCKETS;
+use driftline_core::status::{DeviceState, StatusReport};
 use driftline_core::wire::{Histogram, WindowReport};
 
 /// The four standard histograms, in column order.
@@ -283,4 +284,89 @@ pub fn quarantine_batch(rows: &[QuarantinedMessage]) -> Result<RecordBatch, Arro
         Arc::new(payload_text.finish()),
     ];
     RecordBatch::try_new(quarantine(), columns)
+}
+
+/// Schema of the `status` files: one row per status message (online
+/// announcements, last wills), partitioned by the date of `at`.
+pub fn status() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("received_at", timestamp(), false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("fleet", DataType::Utf8, false),
+        Field::new("state", DataType::Utf8, false),
+        Field::new("at", timestamp(), false),
+        Field::new("agent_version", DataType::Utf8, true),
+        Field::new("models", DataType::Utf8, true),
+        Field::new("budget_remaining_rho", DataType::Float64, true),
+        Field::new("budget_exhausted", DataType::Boolean, false),
+        Field::new("resumes_at", timestamp(), true),
+        Field::new("windows_withheld", DataType::Int64, false),
+        Field::new("buffered_windows", DataType::Int64, false),
+        Field::new("lost_windows", DataType::Int64, false),
+    ]))
+}
+
+/// A status message and when it arrived.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredStatus {
+    pub received_at: DateTime<Utc>,
+    pub report: StatusReport,
+}
+
+/// One batch of `status` rows, in the order given.
+pub fn status_batch(rows: &[StoredStatus]) -> Result<RecordBatch, ArrowError> {
+    let n = rows.len();
+    let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let (mut received_at, mut at, mut resumes_at) = (ts(), ts(), ts());
+    let mut device_id = StringBuilder::new();
+    let mut fleet = StringBuilder::new();
+    let mut state = StringBuilder::new();
+    let mut agent_version = StringBuilder::new();
+    let mut models = StringBuilder::new();
+    let mut budget = Float64Builder::new();
+    let mut exhausted = BooleanBuilder::new();
+    let mut withheld = Int64Builder::new();
+    let mut buffered = Int64Builder::new();
+    let mut lost = Int64Builder::new();
+    let count = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for row in rows {
+        let s = &row.report;
+        received_at.append_value(micros(row.received_at));
+        device_id.append_value(&s.device_id);
+        fleet.append_value(&s.fleet);
+        state.append_value(match s.state {
+            DeviceState::Online => "online",
+            DeviceState::Offline => "offline",
+        });
+        at.append_value(micros(s.at));
+        agent_version.append_option(s.agent_version.as_deref());
+        let list: Vec<String> = s
+            .models
+            .iter()
+            .map(|m| format!("{}@{}", m.model_id, m.model_version))
+            .collect();
+        models.append_option((!list.is_empty()).then(|| list.join(",")));
+        budget.append_option(s.budget_remaining_rho);
+        exhausted.append_value(s.budget_exhausted);
+        resumes_at.append_option(s.resumes_at.map(micros));
+        withheld.append_value(count(s.windows_withheld));
+        buffered.append_value(count(s.buffered_windows));
+        lost.append_value(count(s.lost_windows));
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(received_at.finish()),
+        Arc::new(device_id.finish()),
+        Arc::new(fleet.finish()),
+        Arc::new(state.finish()),
+        Arc::new(at.finish()),
+        Arc::new(agent_version.finish()),
+        Arc::new(models.finish()),
+        Arc::new(budget.finish()),
+        Arc::new(exhausted.finish()),
+        Arc::new(resumes_at.finish()),
+        Arc::new(withheld.finish()),
+        Arc::new(buffered.finish()),
+        Arc::new(lost.finish()),
+    ];
+    RecordBatch::try_new(status(), columns)
 }

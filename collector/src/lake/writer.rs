@@ -1,0 +1,621 @@
+//! Writing the lake: exactly-once appends, compaction and retention.
+//!
+//! A partition `{table}/date=D` is a symbolic link to a *generation*
+//! directory `_driftline/gens/{table}/date=D/gNNNNNN`. Appends add files to
+//! the current generation; compaction writes a new generation and swaps the
+//! link with one `rename`, so a reader lists either every old file or the
+//! one new file, never a mix. Old generations are deleted after a grace
+//! period, so queries planned against them can finish.
+//!
+//! Every row has a key (see [`key_columns`]); a partition's keys are kept in
+//! memory while the partition is written to, and rows whose key is already
+//! in the partition are dropped as duplicates. Writers of one table take an
+//! exclusive lock (`_driftline/locks/{table}.lock`) around
+//! read-index-then-write, so several collectors on one lake never store a
+//! key twice.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use chrono::NaiveDate;
+use datafusion::arrow::array::{ArrayRef, BooleanArray};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::parquet::arrow::{ArrowWriter, ProjectionMask};
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+
+use super::{LakeError, METRICS, QUARANTINE, STATUS, TABLES};
+
+/// The columns that identify a row: two rows with equal keys are the same
+/// fact, stored once.
+pub fn key_columns(table: &str) -> &'static [&'static str] {
+    match table {
+        METRICS => &["device_id", "model_id", "window_start", "seq"],
+        QUARANTINE => &["received_at", "topic", "payload"],
+        STATUS => &["device_id", "at", "state"],
+        _ => &[],
+    }
+}
+
+/// Rows per Parquet row group: small enough that statistics prune a scan,
+/// large enough that a scan reads big sequential chunks.
+const ROW_GROUP_ROWS: usize = 128 * 1024;
+
+/// Partitions not written to for this long leave the in-memory key index.
+const INDEX_IDLE: Duration = Duration::from_secs(3600);
+
+/// What one [`LakeWriter::append`] did.
+#[derive(Debug, Default)]
+pub struct Appended {
+    /// The new file, if any row was new.
+    pub path: Option<PathBuf>,
+    pub rows: usize,
+    pub duplicates: usize,
+}
+
+/// What compacting one partition did.
+#[derive(Debug)]
+pub struct Compacted {
+    pub table: &'static str,
+    pub date: String,
+    pub files_before: usize,
+    pub rows: usize,
+    pub duplicates: usize,
+}
+
+/// Keys of one partition, as of the files listed in `files`.
+struct PartitionIndex {
+    generation: PathBuf,
+    files: HashSet<String>,
+    keys: HashSet<u128>,
+    used: Instant,
+}
+
+/// Writes Parquet files into one lake directory.
+pub struct LakeWriter {
+    root: PathBuf,
+    instance: String,
+    counter: AtomicU64,
+    index: Mutex<HashMap<(&'static str, String), PartitionIndex>>,
+    hashers: (RandomState, RandomState),
+}
+
+impl std::fmt::Debug for LakeWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LakeWriter")
+            .field("root", &self.root)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LakeError {
+    let path = path.to_path_buf();
+    move |source| LakeError::Io { path, source }
+}
+
+impl LakeWriter {
+    /// A writer for the lake at `root`, creating the table directories.
+    pub fn open(root: &Path) -> Result<Self, LakeError> {
+        for table in TABLES {
+            let dir = root.join(table);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        }
+        let locks = root.join("_driftline").join("locks");
+        std::fs::create_dir_all(&locks).map_err(io(&locks))?;
+        Ok(LakeWriter {
+            root: root.to_path_buf(),
+            instance: instance_id(),
+            counter: AtomicU64::new(0),
+            index: Mutex::new(HashMap::new()),
+            hashers: (RandomState::new(), RandomState::new()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Appends the rows of `batch` whose key is not yet in partition
+    /// `date` of `table` as one new file.
+    pub fn append(
+        &self,
+        table: &'static str,
+        date: &str,
+        batch: &RecordBatch,
+    ) -> Result<Appended, LakeError> {
+        let _lock = self.lock(table)?;
+        let generation = self.generation(table, date, true)?;
+        let keys = self.keys(table, batch)?;
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = self.refresh(&mut index, table, date, &generation)?;
+        let keep: BooleanArray = keys.iter().map(|k| Some(entry.keys.insert(*k))).collect();
+        let rows = keep.true_count();
+        let mut appended = Appended {
+            path: None,
+            rows,
+            duplicates: keys.len() - rows,
+        };
+        if rows > 0 {
+            let batch = filter_record_batch(batch, &keep)
+                .map_err(|source| LakeError::Arrow { table, source })?;
+            let written = self
+                .new_file(&generation, "part", &batch)
+                .and_then(|mut file| {
+                    file.write(&batch)?;
+                    file.finish()
+                });
+            match written {
+                Ok(path) => {
+                    if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+                        entry.files.insert(name.to_owned());
+                    }
+                    appended.path = Some(path);
+                }
+                Err(e) => {
+                    // Nothing was stored: forget these keys so a retry can.
+                    for (k, kept) in keys.iter().zip(keep.iter()) {
+                        if kept == Some(true) {
+                            entry.keys.remove(k);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        index.retain(|_, p| p.used.elapsed() < INDEX_IDLE);
+        Ok(appended)
+    }
+
+    /// Merges the files of every partition that has at least `min_files`
+    /// into one, dropping duplicate keys, then deletes generations replaced
+    /// more than `grace` ago.
+    pub fn compact_all(
+        &self,
+        min_files: usize,
+        grace: Duration,
+    ) -> Result<Vec<Compacted>, LakeError> {
+        let mut done = Vec::new();
+        for table in TABLES {
+            for date in self.dates(table)? {
+                if let Some(c) = self.compact(table, &date, min_files.max(2))? {
+                    done.push(c);
+                }
+            }
+            self.collect_garbage(table, grace)?;
+        }
+        Ok(done)
+    }
+
+    /// Deletes every partition dated before `cutoff`. Returns the
+    /// partitions dropped, as `table/date=...`.
+    pub fn drop_before(&self, cutoff: NaiveDate) -> Result<Vec<String>, LakeError> {
+        let mut dropped = Vec::new();
+        for table in TABLES {
+            for date in self.dates(table)? {
+                let Ok(day) = NaiveDate::parse_from_str(&date, "%Y-%m-%d") else {
+                    continue;
+                };
+                if day >= cutoff {
+                    continue;
+                }
+                let _lock = self.lock(table)?;
+                let link = self.partition(table, &date);
+                // Removing the link makes the partition disappear at once.
+                std::fs::remove_file(&link).map_err(io(&link))?;
+                let gens = self.generations_dir(table, &date);
+                if gens.exists() {
+                    std::fs::remove_dir_all(&gens).map_err(io(&gens))?;
+                }
+                self.index
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&(table, date.clone()));
+                dropped.push(format!("{table}/date={date}"));
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Dates of `table`'s partitions, sorted.
+    pub fn dates(&self, table: &str) -> Result<Vec<String>, LakeError> {
+        let dir = self.root.join(table);
+        let mut dates: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("date="))
+                    .map(str::to_owned)
+            })
+            .collect();
+        dates.sort();
+        Ok(dates)
+    }
+
+    fn compact(
+        &self,
+        table: &'static str,
+        date: &str,
+        min_files: usize,
+    ) -> Result<Option<Compacted>, LakeError> {
+        let _lock = self.lock(table)?;
+        let link = self.partition(table, date);
+        if !link.is_symlink() {
+            return Ok(None);
+        }
+        let current = self.generation(table, date, false)?;
+        let files = parquet_files(&current)?;
+        if files.len() < min_files {
+            return Ok(None);
+        }
+        let number = generation_number(&current).unwrap_or(0) + 1;
+        let next = self
+            .generations_dir(table, date)
+            .join(format!("g{number:06}"));
+        std::fs::create_dir_all(&next).map_err(io(&next))?;
+        let mut keys = HashSet::new();
+        let mut out: Option<NewFile> = None;
+        let mut duplicates = 0;
+        for file in &files {
+            for batch in read_batches(file, None)? {
+                let batch = batch?;
+                let batch_keys = self.keys(table, &batch)?;
+                let keep: BooleanArray = batch_keys.iter().map(|k| Some(keys.insert(*k))).collect();
+                duplicates += batch.num_rows() - keep.true_count();
+                let batch = filter_record_batch(&batch, &keep)
+                    .map_err(|source| LakeError::Arrow { table, source })?;
+                let out = match &mut out {
+                    Some(out) => out,
+                    None => out.insert(self.new_file(&next, "compact", &batch)?),
+                };
+                out.write(&batch)?;
+            }
+        }
+        let Some(out) = out else {
+            return Ok(None);
+        };
+        let rows = keys.len();
+        let path = out.finish()?;
+        swap_link(&link, &relative_target(table, date, number))?;
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        index.insert(
+            (table, date.to_owned()),
+            PartitionIndex {
+                generation: next.clone(),
+                files: path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(|n| HashSet::from([n.to_owned()]))
+                    .unwrap_or_default(),
+                keys,
+                used: Instant::now(),
+            },
+        );
+        // The replaced generation's age counts from now.
+        let _ = File::open(&current).and_then(|d| d.set_modified(SystemTime::now()));
+        Ok(Some(Compacted {
+            table,
+            date: date.to_owned(),
+            files_before: files.len(),
+            rows,
+            duplicates,
+        }))
+    }
+
+    /// Deletes generation directories that no link points to and that were
+    /// replaced more than `grace` ago.
+    fn collect_garbage(&self, table: &'static str, grace: Duration) -> Result<(), LakeError> {
+        let base = self.root.join("_driftline").join("gens").join(table);
+        let Ok(partitions) = std::fs::read_dir(&base) else {
+            return Ok(());
+        };
+        let _lock = self.lock(table)?;
+        for partition in partitions.filter_map(|e| e.ok()) {
+            let name = partition.file_name();
+            let Some(date) = name.to_str().and_then(|n| n.strip_prefix("date=")) else {
+                continue;
+            };
+            let current = self.generation(table, date, false).ok();
+            let Ok(gens) = std::fs::read_dir(partition.path()) else {
+                continue;
+            };
+            for generation in gens.filter_map(|e| e.ok()) {
+                let path = generation.path();
+                if Some(&path) == current.as_ref() {
+                    continue;
+                }
+                let old = generation
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= grace);
+                if old {
+                    std::fs::remove_dir_all(&path).map_err(io(&path))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn partition(&self, table: &str, date: &str) -> PathBuf {
+        self.root.join(table).join(format!("date={date}"))
+    }
+
+    fn generations_dir(&self, table: &str, date: &str) -> PathBuf {
+        self.root
+            .join("_driftline")
+            .join("gens")
+            .join(table)
+            .join(format!("date={date}"))
+    }
+
+    /// The directory the partition's link points to, created with its link
+    /// when `create` and the partition is new.
+    fn generation(&self, table: &str, date: &str, create: bool) -> Result<PathBuf, LakeError> {
+        let link = self.partition(table, date);
+        match std::fs::read_link(&link) {
+            Ok(target) => Ok(match target.file_name() {
+                Some(name) => self.generations_dir(table, date).join(name),
+                None => target,
+            }),
+            // A plain directory (made by hand or another tool): used as is,
+            // never compacted.
+            Err(_) if link.is_dir() => Ok(link),
+            Err(_) if create => {
+                let generation = self.generations_dir(table, date).join("g000001");
+                std::fs::create_dir_all(&generation).map_err(io(&generation))?;
+                swap_link(&link, &relative_target(table, date, 1))?;
+                Ok(generation)
+            }
+            Err(e) => Err(LakeError::Io {
+                path: link,
+                source: e,
+            }),
+        }
+    }
+
+    /// The index entry of a partition, brought up to date with the files
+    /// of `generation` (other collectors may have added some).
+    fn refresh<'a>(
+        &self,
+        index: &'a mut HashMap<(&'static str, String), PartitionIndex>,
+        table: &'static str,
+        date: &str,
+        generation: &Path,
+    ) -> Result<&'a mut PartitionIndex, LakeError> {
+        let entry = index
+            .entry((table, date.to_owned()))
+            .or_insert_with(|| PartitionIndex {
+                generation: generation.to_path_buf(),
+                files: HashSet::new(),
+                keys: HashSet::new(),
+                used: Instant::now(),
+            });
+        if entry.generation != generation {
+            *entry = PartitionIndex {
+                generation: generation.to_path_buf(),
+                files: HashSet::new(),
+                keys: HashSet::new(),
+                used: Instant::now(),
+            };
+        }
+        entry.used = Instant::now();
+        for file in parquet_files(generation)? {
+            let Some(name) = file.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            if entry.files.contains(&name) {
+                continue;
+            }
+            for batch in read_batches(&file, Some(key_columns(table)))? {
+                entry.keys.extend(self.keys(table, &batch?)?);
+            }
+            entry.files.insert(name);
+        }
+        Ok(entry)
+    }
+
+    /// The key of every row of `batch`: a 128-bit hash of its key columns.
+    fn keys(&self, table: &'static str, batch: &RecordBatch) -> Result<Vec<u128>, LakeError> {
+        let arrow = |source| LakeError::Arrow { table, source };
+        let columns: Vec<ArrayRef> = key_columns(table)
+            .iter()
+            .map(|name| {
+                batch.column_by_name(name).cloned().ok_or_else(|| {
+                    arrow(datafusion::arrow::error::ArrowError::SchemaError(format!(
+                        "key column {name} missing"
+                    )))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let fields = columns
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(fields).map_err(arrow)?;
+        let rows = converter.convert_columns(&columns).map_err(arrow)?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let bytes = row.as_ref();
+                let high = self.hashers.0.hash_one(bytes);
+                let low = self.hashers.1.hash_one(bytes);
+                (u128::from(high) << 64) | u128::from(low)
+            })
+            .collect())
+    }
+
+    /// A new file of `dir`, visible once [`NewFile::finish`] returns.
+    fn new_file(
+        &self,
+        dir: &Path,
+        prefix: &str,
+        batch: &RecordBatch,
+    ) -> Result<NewFile, LakeError> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{n:08}.parquet", self.instance);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let file = File::create(&tmp).map_err(io(&tmp))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .build();
+        let writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(|source| {
+            LakeError::Parquet {
+                path: tmp.clone(),
+                source,
+            }
+        })?;
+        Ok(NewFile {
+            path: dir.join(name),
+            tmp,
+            writer,
+        })
+    }
+
+    /// Exclusive lock on one table's writes, across processes.
+    fn lock(&self, table: &str) -> Result<File, LakeError> {
+        let path = self
+            .root
+            .join("_driftline")
+            .join("locks")
+            .join(format!("{table}.lock"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        file.lock().map_err(io(&path))?;
+        Ok(file)
+    }
+}
+
+/// A Parquet file being written under a hidden temporary name.
+struct NewFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: ArrowWriter<File>,
+}
+
+impl NewFile {
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), LakeError> {
+        self.writer
+            .write(batch)
+            .map_err(|source| LakeError::Parquet {
+                path: self.tmp.clone(),
+                source,
+            })
+    }
+
+    /// Closes, fsyncs and renames the file into place.
+    fn finish(self) -> Result<PathBuf, LakeError> {
+        let NewFile { path, tmp, writer } = self;
+        let file = writer.into_inner().map_err(|source| LakeError::Parquet {
+            path: tmp.clone(),
+            source,
+        })?;
+        file.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir);
+        }
+        Ok(path)
+    }
+}
+
+/// The link target of generation `number`, relative to `{table}/`.
+fn relative_target(table: &str, date: &str, number: u64) -> PathBuf {
+    PathBuf::from(format!(
+        "../_driftline/gens/{table}/date={date}/g{number:06}"
+    ))
+}
+
+fn generation_number(dir: &Path) -> Option<u64> {
+    dir.file_name()?.to_str()?.strip_prefix('g')?.parse().ok()
+}
+
+/// Points `link` at `target` in one atomic rename.
+fn swap_link(link: &Path, target: &Path) -> Result<(), LakeError> {
+    let dir = link.parent().unwrap_or(Path::new("."));
+    let name = link
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("partition");
+    let tmp = dir.join(format!(".{name}.link.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, link).map_err(io(link))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// The visible Parquet files of a directory, sorted by name.
+fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>, LakeError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| !n.starts_with('.') && n.ends_with(".parquet"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads a Parquet file batch by batch, all columns or only `columns`.
+fn read_batches(
+    path: &Path,
+    columns: Option<&[&str]>,
+) -> Result<impl Iterator<Item = Result<RecordBatch, LakeError>>, LakeError> {
+    let read = |source| LakeError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io(path))?;
+    let mut builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(read)?;
+    if let Some(columns) = columns {
+        let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+        builder = builder.with_projection(mask);
+    }
+    let reader = builder.build().map_err(read)?;
+    let path = path.to_path_buf();
+    Ok(reader.map(move |batch| {
+        batch.map_err(|e| LakeError::Read {
+            path: path.clone(),
+            source: e.into(),
+        })
+    }))
+}
+
+/// A name unique to this process: start time and pid.
+fn instance_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{:x}{:05x}",
+        nanos & 0xffff_ffff_ffff,
+        std::process::id() & 0xfffff
+    )
+}
