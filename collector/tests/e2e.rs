@@ -613,11 +613,26 @@ fn make_server_certificate(dir: &Path) {
 }
 
 #[test]
-fn serve_reads_from_a_tls_broker() {
+fn serve_reads_from_a_tls_broker_with_a_password() {
     let dir = tempfile::tempdir().expect("tempdir");
     make_server_certificate(dir.path());
     let d = dir.path().display().to_string();
-    let extra = format!("cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n");
+    for (user, password) in [("collector", "c-secret"), ("kiosk-0007", "k-secret")] {
+        let mut cmd = Command::new("mosquitto_passwd");
+        if !dir.path().join("passwords").exists() {
+            cmd.arg("-c");
+        }
+        let ok = cmd
+            .args(["-b", &format!("{d}/passwords"), user, password])
+            .status()
+            .expect("mosquitto_passwd must be installed (package mosquitto)");
+        assert!(ok.success());
+    }
+    // `with_config` writes `allow_anonymous true` first; the later line wins.
+    let extra = format!(
+        "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
+         password_file {d}/passwords\nallow_anonymous false\n"
+    );
     let broker = Mosquitto::with_config(dir, &extra);
     let data = tempfile::tempdir().expect("tempdir");
     let ca = format!("{d}/ca.pem");
@@ -626,8 +641,19 @@ fn serve_reads_from_a_tls_broker() {
         port: broker.port,
         tls: true,
     };
-    let collector =
-        Collector::serve_with(&tls_url, data.path(), "e2e-tls", &["--tls-ca-file", &ca]);
+    let collector = Collector::serve_with(
+        &tls_url,
+        data.path(),
+        "e2e-tls",
+        &[
+            "--tls-ca-file",
+            &ca,
+            "--mqtt-username",
+            "collector",
+            "--mqtt-password",
+            "c-secret",
+        ],
+    );
 
     let fixture =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/v1/valid/laplace.json");
@@ -647,6 +673,10 @@ fn serve_reads_from_a_tls_broker() {
             &ca,
             "-q",
             "1",
+            "-u",
+            "kiosk-0007",
+            "-P",
+            "k-secret",
         ])
         .args(["-t", "driftline/v1/eu-kiosks/kiosk-0007/metrics", "-f"])
         .arg(&payload)

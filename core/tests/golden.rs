@@ -123,16 +123,157 @@ fn the_documented_example_is_accepted() {
 }
 
 #[test]
-fn arbitrary_bytes_never_panic() {
-    // A cheap deterministic sweep; the fuzz target goes further.
+fn every_truncation_and_flip_of_a_valid_message_gets_a_reason() {
+    // A deterministic sweep; the property tests below and the fuzz target
+    // (fuzz/) go further.
     let valid = std::fs::read(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1/valid/laplace.json"),
     )
     .expect("read");
     for cut in 0..valid.len() {
-        let _ = wire::accept(TOPIC, &valid[..cut], &bounds());
+        check_total(&valid[..cut]).expect("truncated");
         let mut flipped = valid.clone();
         flipped[cut] ^= 0x5a;
-        let _ = wire::accept(TOPIC, &flipped, &bounds());
+        check_total(&flipped).expect("flipped");
+    }
+}
+
+/// Every reason code the decoder can give.
+const CODES: [&str; 9] = [
+    "payload_too_large",
+    "bad_topic",
+    "invalid_json",
+    "missing_schema_version",
+    "unsupported_schema_version",
+    "schema_violation",
+    "topic_mismatch",
+    "invalid_field",
+    "timestamp_out_of_range",
+];
+
+/// The decoder's whole contract on one input: no panic; a refusal carries a
+/// known code and a message; an acceptance re-encodes to a message that is
+/// accepted again, equal.
+fn check_total(payload: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+    match wire::accept(TOPIC, payload, &bounds()) {
+        Ok(report) => {
+            let again = report.encode().expect("an accepted report encodes");
+            let back =
+                wire::accept(TOPIC, &again, &bounds()).expect("re-encoded report is accepted");
+            proptest::prop_assert_eq!(back, report);
+        }
+        Err(rejection) => {
+            proptest::prop_assert!(CODES.contains(&rejection.code()), "{}", rejection.code());
+            proptest::prop_assert!(!rejection.to_string().is_empty());
+        }
+    }
+    Ok(())
+}
+
+/// A JSON value of any kind, including the edges numbers and strings have.
+fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        Just(json!(-1)),
+        Just(json!(0)),
+        Just(json!(1e308)),
+        ".{0,40}".prop_map(Value::from),
+        Just(json!("2026-11-27T10:00:00Z")),
+    ];
+    leaf.prop_recursive(2, 16, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+            proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid() -> Vec<serde_json::Value> {
+        fixtures("valid")
+            .iter()
+            .map(|p| serde_json::from_slice(&std::fs::read(p).expect("read")).expect("json"))
+            .collect()
+    }
+
+    /// Every field path (object keys and array indexes) of a JSON value.
+    fn paths(v: &serde_json::Value, prefix: String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => m.iter().for_each(|(k, v)| {
+                let p = format!("{prefix}/{k}");
+                out.push(p.clone());
+                paths(v, p, out);
+            }),
+            serde_json::Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| {
+                let p = format!("{prefix}/{i}");
+                out.push(p.clone());
+                paths(v, p, out);
+            }),
+            _ => {}
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_get_a_reason(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            check_total(&bytes)?;
+        }
+
+        #[test]
+        fn mutated_bytes_of_a_valid_message_get_a_reason(
+            which in 0usize..2,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+        ) {
+            let mut bytes = serde_json::to_vec(&valid()[which % valid().len()]).expect("json");
+            for (at, byte, op) in edits {
+                let i = at.index(bytes.len().max(1));
+                match op {
+                    0 if i < bytes.len() => bytes[i] = byte,
+                    1 => bytes.insert(i.min(bytes.len()), byte),
+                    _ if i < bytes.len() => { bytes.remove(i); }
+                    _ => {}
+                }
+            }
+            check_total(&bytes)?;
+        }
+
+        #[test]
+        fn a_field_replaced_by_any_value_gets_a_reason(
+            which in 0usize..2,
+            pick in any::<prop::sample::Index>(),
+            value in any_json(),
+            remove in any::<bool>(),
+        ) {
+            let all = valid();
+            let mut doc = all[which % all.len()].clone();
+            let mut fields = Vec::new();
+            paths(&doc, String::new(), &mut fields);
+            let path = pick.get(&fields).clone();
+            let (parent, key) = path.rsplit_once('/').expect("path has a slash");
+            match doc.pointer_mut(if parent.is_empty() { "" } else { parent }) {
+                Some(serde_json::Value::Object(m)) if remove => { m.remove(key); }
+                Some(serde_json::Value::Object(m)) => { m.insert(key.to_owned(), value); }
+                Some(serde_json::Value::Array(a)) => {
+                    if let Ok(i) = key.parse::<usize>() {
+                        if remove { a.remove(i); } else { a[i] = value; }
+                    }
+                }
+                _ => {}
+            }
+            check_total(&serde_json::to_vec(&doc).expect("json"))?;
+        }
     }
 }
