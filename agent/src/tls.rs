@@ -1,4 +1,4 @@
-//! TLS for MQTT (`mqtts://`): rustls with the `ring` provider (no C build),
+//! TLS for MQTT (`mqtts://`) and the collector's SQL endpoint: rustls with the `ring` provider (no C build),
 //! server verification against a CA file or the system's roots, and an
 //! optional client certificate for brokers that require one.
 
@@ -104,6 +104,18 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
         (None, None) => builder.with_no_client_auth(),
         _ => return Err(TlsError::HalfClientAuth),
     };
+    Ok(Arc::new(config))
+}
+
+/// A server configuration (the collector's SQL endpoint) from a PEM
+/// certificate chain and its private key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certificates(cert)?, private_key(key)?)?;
     Ok(Arc::new(config))
 }
 

@@ -4,6 +4,8 @@
 //! `collector/collector.example.toml` documents every key and is parsed by
 //! a test.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use driftline_agent::tls::TlsFiles;
 use driftline_core::broker::BrokerUrl;
 use serde::Deserialize;
 
+use crate::endpoint::EndpointOptions;
 use crate::ingest::IngestLimits;
 use crate::subscriber::{Credentials, SubscriberOptions};
 
@@ -58,6 +61,21 @@ pub struct ServeFile {
     /// Partitions older than this are deleted (default: kept forever).
     #[serde(default, with = "humantime_serde")]
     pub retention: Option<Duration>,
+    /// SQL endpoint address.
+    pub pg_listen: Option<SocketAddr>,
+    /// SQL endpoint login (one user).
+    pub pg_user: Option<String>,
+    pub pg_password: Option<String>,
+    /// More SQL users, name = password (file only).
+    pub pg_users: Option<BTreeMap<String, String>>,
+    /// PEM certificate and key: the endpoint offers TLS.
+    pub pg_tls_cert: Option<PathBuf>,
+    pub pg_tls_key: Option<PathBuf>,
+    pub pg_max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub pg_statement_timeout: Option<Duration>,
+    /// Memory all SQL queries together may use, in MiB.
+    pub pg_memory_mb: Option<usize>,
 }
 
 /// Errors of configuration.
@@ -113,6 +131,15 @@ impl ServeFile {
             compact_interval: over.compact_interval.or(self.compact_interval),
             compact_min_files: over.compact_min_files.or(self.compact_min_files),
             retention: over.retention.or(self.retention),
+            pg_listen: over.pg_listen.or(self.pg_listen),
+            pg_user: over.pg_user.or(self.pg_user),
+            pg_password: over.pg_password.or(self.pg_password),
+            pg_users: over.pg_users.or(self.pg_users),
+            pg_tls_cert: over.pg_tls_cert.or(self.pg_tls_cert),
+            pg_tls_key: over.pg_tls_key.or(self.pg_tls_key),
+            pg_max_connections: over.pg_max_connections.or(self.pg_max_connections),
+            pg_statement_timeout: over.pg_statement_timeout.or(self.pg_statement_timeout),
+            pg_memory_mb: over.pg_memory_mb.or(self.pg_memory_mb),
         }
     }
 }
@@ -123,7 +150,14 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub subscriber: SubscriberOptions,
     pub maintenance: Maintenance,
+    /// The SQL endpoint, if a password is configured.
+    pub endpoint: Option<EndpointOptions>,
+    /// Memory all SQL queries together may use.
+    pub sql_memory_bytes: usize,
 }
+
+/// Default address of the SQL endpoint (CONTRACT.md).
+pub const DEFAULT_PG_LISTEN: &str = "127.0.0.1:5433";
 
 /// Lake upkeep that `serve` runs on a schedule (and `compact` once).
 #[derive(Debug, Clone)]
@@ -215,7 +249,54 @@ impl ServeConfig {
                 expected: "longer than 0s",
             });
         }
+        let mut users: Vec<(String, String)> =
+            layers.pg_users.unwrap_or_default().into_iter().collect();
+        if let Some(password) = layers.pg_password {
+            users.push((
+                layers.pg_user.unwrap_or_else(|| "driftline".into()),
+                password,
+            ));
+        }
+        if users.iter().any(|(u, p)| u.is_empty() || p.is_empty()) {
+            return Err(ConfigError::Invalid {
+                key: "pg_users",
+                expected: "non-empty user names and passwords",
+            });
+        }
+        let tls = match (layers.pg_tls_cert, layers.pg_tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "pg_tls_cert",
+                    expected: "given together with pg_tls_key",
+                })
+            }
+        };
+        let statement_timeout = layers
+            .pg_statement_timeout
+            .unwrap_or(Duration::from_secs(60));
+        let max_connections = layers.pg_max_connections.unwrap_or(64);
+        if statement_timeout.is_zero() || max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "pg_statement_timeout/pg_max_connections",
+                expected: "above zero",
+            });
+        }
+        let endpoint = (!users.is_empty()).then(|| EndpointOptions {
+            listen: layers.pg_listen.unwrap_or_else(|| {
+                DEFAULT_PG_LISTEN
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5433)))
+            }),
+            users,
+            tls,
+            max_connections,
+            statement_timeout,
+        });
         Ok(ServeConfig {
+            endpoint,
+            sql_memory_bytes: layers.pg_memory_mb.unwrap_or(2048).saturating_mul(1 << 20),
             maintenance,
             data_dir: layers
                 .data_dir

@@ -18,6 +18,7 @@ use driftline_agent::window;
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
 
+use crate::endpoint::{Endpoint, EndpointError, EndpointOptions};
 use crate::ingest::{Counters, IngestLimits};
 use crate::lake::{LakeError, LakeWriter};
 use crate::query::{self, Format, QueryError};
@@ -37,7 +38,13 @@ pub struct DemoOptions {
     pub backfill: Duration,
     pub window_secs: u32,
     pub epsilon: f64,
+    /// Where the SQL endpoint listens (user `driftline`, password `driftline`).
+    pub pg_listen: SocketAddr,
 }
+
+/// The demo's SQL login (CONTRACT.md).
+pub const DEMO_USER: &str = "driftline";
+pub const DEMO_PASSWORD: &str = "driftline";
 
 /// Errors of the demo.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +64,8 @@ pub enum DemoError {
     Simulation(#[from] simulate::SimError),
     #[error(transparent)]
     Query(#[from] QueryError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
 }
 
 /// What the demo did, for tests and the final printout.
@@ -143,6 +152,24 @@ pub async fn run(
         },
     };
 
+    let ctx = Arc::new(query::session_with_limit(&options.data_dir, Some(1 << 30)).await?);
+    let endpoint = Endpoint::bind(
+        ctx,
+        EndpointOptions {
+            listen: options.pg_listen,
+            users: vec![(DEMO_USER.into(), DEMO_PASSWORD.into())],
+            tls: None,
+            max_connections: 64,
+            statement_timeout: Duration::from_secs(60),
+        },
+    )
+    .await?;
+    let pg_addr = endpoint
+        .local_addr()
+        .map_err(|e| DemoError::Broker(format!("SQL endpoint address: {e}")))?;
+    let stop_endpoint = CancellationToken::new();
+    let endpoint_task = tokio::spawn(endpoint.run(stop_endpoint.clone()));
+
     println!("Driftline demo");
     println!("  data dir     {}", options.data_dir.display());
     println!("  MQTT broker  {broker} (embedded)");
@@ -152,6 +179,11 @@ pub async fn run(
     );
     println!("  event time   {start} .. now, then live");
     println!("  drift        model-0 latency +50% from {drift_time}");
+    println!(
+        "  SQL          psql \"postgresql://{DEMO_USER}:{DEMO_PASSWORD}@{}:{}/driftline\"",
+        pg_addr.ip(),
+        pg_addr.port()
+    );
     println!();
 
     let progress = Arc::new(SimProgress::default());
@@ -204,6 +236,8 @@ pub async fn run(
     collector
         .await
         .map_err(|e| DemoError::Broker(format!("collector task: {e}")))??;
+    stop_endpoint.cancel();
+    let _ = endpoint_task.await;
 
     let summary = DemoSummary {
         published: sim_summary.published,

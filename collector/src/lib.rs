@@ -12,6 +12,8 @@
 //!   is acknowledged.
 //! - [`maintenance`]: compaction and retention, on a schedule in `serve`.
 //! - [`query`]: the DataFusion session shared by every SQL user.
+//! - [`endpoint`]: the PostgreSQL-wire SQL endpoint (auth, TLS, read-only,
+//!   limits) over the [`query`] session.
 //! - [`demo`]: the whole loop in one process.
 //!
 //! Invariants: nothing received is dropped silently (every message becomes
@@ -21,6 +23,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod endpoint;
 pub mod ingest;
 pub mod lake;
 pub mod maintenance;

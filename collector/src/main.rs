@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use driftline_collector::config::{ServeConfig, ServeFile, DEFAULT_DATA_DIR};
 use driftline_collector::demo::{self, DemoOptions};
+use driftline_collector::endpoint::Endpoint;
 use driftline_collector::ingest::Counters;
 use driftline_collector::lake::LakeWriter;
 use driftline_collector::query::{self, Format};
@@ -62,6 +63,9 @@ struct DemoArgs {
     /// Epsilon spent per window by each simulated device.
     #[arg(long, env = "DRIFTLINE_EPSILON", default_value_t = 1.0)]
     epsilon: f64,
+    /// SQL endpoint (PostgreSQL wire protocol); user and password `driftline`.
+    #[arg(long, env = "DRIFTLINE_PG_LISTEN", default_value = "127.0.0.1:5433")]
+    pg_listen: SocketAddr,
 }
 
 #[derive(clap::Args)]
@@ -117,6 +121,31 @@ struct ServeArgs {
     /// Delete partitions older than this (30d, 52w). Default: keep forever.
     #[arg(long, env = "DRIFTLINE_RETENTION", value_parser = humantime::parse_duration)]
     retention: Option<Duration>,
+    /// SQL endpoint address. Default: 127.0.0.1:5433
+    #[arg(long, env = "DRIFTLINE_PG_LISTEN")]
+    pg_listen: Option<SocketAddr>,
+    /// SQL endpoint user. Default: driftline
+    #[arg(long, env = "DRIFTLINE_PG_USER")]
+    pg_user: Option<String>,
+    /// SQL endpoint password; without one (and no pg_users in the file) the
+    /// endpoint stays off.
+    #[arg(long, env = "DRIFTLINE_PG_PASSWORD", hide_env_values = true)]
+    pg_password: Option<String>,
+    /// PEM certificate chain: the endpoint offers TLS.
+    #[arg(long, env = "DRIFTLINE_PG_TLS_CERT")]
+    pg_tls_cert: Option<PathBuf>,
+    /// PEM private key of --pg-tls-cert.
+    #[arg(long, env = "DRIFTLINE_PG_TLS_KEY")]
+    pg_tls_key: Option<PathBuf>,
+    /// Concurrent SQL connections. Default: 64
+    #[arg(long, env = "DRIFTLINE_PG_MAX_CONNECTIONS")]
+    pg_max_connections: Option<usize>,
+    /// Longest a SQL statement may run. Default: 60s
+    #[arg(long, env = "DRIFTLINE_PG_STATEMENT_TIMEOUT", value_parser = humantime::parse_duration)]
+    pg_statement_timeout: Option<Duration>,
+    /// Memory all SQL queries together may use, in MiB. Default: 2048
+    #[arg(long, env = "DRIFTLINE_PG_MEMORY_MB")]
+    pg_memory_mb: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -219,6 +248,7 @@ async fn demo_command(args: DemoArgs) -> anyhow::Result<()> {
         backfill: args.backfill,
         window_secs: 60,
         epsilon: args.epsilon,
+        pg_listen: args.pg_listen,
     };
     demo::run(options, shutdown_on_signal()?).await?;
     Ok(())
@@ -246,11 +276,33 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         compact_interval: args.compact_interval,
         compact_min_files: args.compact_min_files,
         retention: args.retention,
+        pg_listen: args.pg_listen,
+        pg_user: args.pg_user,
+        pg_password: args.pg_password,
+        pg_users: None,
+        pg_tls_cert: args.pg_tls_cert,
+        pg_tls_key: args.pg_tls_key,
+        pg_max_connections: args.pg_max_connections,
+        pg_statement_timeout: args.pg_statement_timeout,
+        pg_memory_mb: args.pg_memory_mb,
     };
     let config = ServeConfig::resolve(file.overlay(flags))?;
     let lake = Arc::new(LakeWriter::open(&config.data_dir)?);
     tracing::info!(data_dir = %config.data_dir.display(), "lake opened");
     let shutdown = shutdown_on_signal()?;
+    let sql = match config.endpoint {
+        Some(endpoint) => {
+            let ctx =
+                query::session_with_limit(&config.data_dir, Some(config.sql_memory_bytes)).await?;
+            let endpoint = Endpoint::bind(Arc::new(ctx), endpoint).await?;
+            tracing::info!(listen = %endpoint.local_addr()?, "SQL endpoint listening");
+            Some(tokio::spawn(endpoint.run(shutdown.clone())))
+        }
+        None => {
+            tracing::warn!("SQL endpoint off: set --pg-password (or pg_users in the config file)");
+            None
+        }
+    };
     let upkeep = tokio::spawn(maintenance::run(
         lake.clone(),
         config.maintenance,
@@ -265,6 +317,9 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     .await;
     shutdown.cancel();
     let _ = upkeep.await;
+    if let Some(sql) = sql {
+        let _ = sql.await;
+    }
     result?;
     Ok(())
 }

@@ -7,9 +7,17 @@ use std::path::Path;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use std::sync::Arc;
 
 use crate::lake::{self, LakeError};
+
+mod information_schema;
+mod pg;
+pub use pg::setting;
 
 /// Errors of a query.
 #[derive(Debug, thiserror::Error)]
@@ -30,16 +38,57 @@ pub enum Format {
     Json,
 }
 
-/// A session with every lake table registered. Timestamps are shown in UTC.
+/// A session with every lake table registered, the PostgreSQL catalog
+/// (`pg_catalog`, `current_setting`, ...) and no memory limit. Timestamps
+/// are shown in UTC.
 pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
+    session_with_limit(data_dir, None).await
+}
+
+/// [`session`] whose queries together may use at most `memory_limit`
+/// bytes: a query that needs more fails with "Resources exhausted" and
+/// leaves the others alone.
+pub async fn session_with_limit(
+    data_dir: &Path,
+    memory_limit: Option<usize>,
+) -> Result<SessionContext, QueryError> {
     let config = SessionConfig::new()
-        .with_information_schema(true)
+        // Replaced by `information_schema` with PostgreSQL type names below.
+        .with_information_schema(false)
+        .with_default_catalog_and_schema(CATALOG, "public")
         .set_str("datafusion.execution.time_zone", "UTC");
-    let ctx = SessionContext::new_with_config(config);
+    let mut runtime = RuntimeEnvBuilder::new();
+    if let Some(bytes) = memory_limit {
+        // A hard limit: no spilling to temporary files, which would trade
+        // the memory bound for an unbounded disk.
+        runtime = runtime
+            .with_memory_pool(Arc::new(GreedyMemoryPool::new(bytes)))
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            );
+    }
+    let ctx = SessionContext::new_with_config_rt(config, runtime.build_arc()?);
     lake::register(&ctx, data_dir).await?;
     ctx.sql(DEVICES_VIEW).await?;
+    datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
+        &ctx,
+        CATALOG,
+        datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
+    )
+    .map_err(|e| QueryError::Sql(*e))?;
+    ctx.register_udf(pg::current_setting());
+    if let Some(catalog) = ctx.catalog(CATALOG) {
+        let catalogs = ctx.state().catalog_list().clone();
+        catalog.register_schema(
+            information_schema::NAME,
+            Arc::new(information_schema::PgInformationSchema::new(catalogs)),
+        )?;
+    }
     Ok(ctx)
 }
+
+/// The catalog (PostgreSQL: database) the tables live in.
+pub const CATALOG: &str = "driftline";
 
 /// `devices`: one row per device seen in `metrics` or `status`: its last
 /// status (online, or offline from its last will), when it was last heard

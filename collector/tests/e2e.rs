@@ -488,20 +488,51 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
 #[test]
 fn demo_runs_and_leaves_a_queryable_lake() {
     let data = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(COLLECTOR)
+    let pg_port = free_port();
+    let demo = Command::new(COLLECTOR)
         .args([
             "demo",
             "--duration",
-            "10s",
+            "12s",
             "--devices",
             "4",
             "--backfill",
             "20m",
+            "--pg-listen",
+            &format!("127.0.0.1:{pg_port}"),
             "--data-dir",
         ])
         .arg(data.path())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run demo");
+    // While it runs, the SQL endpoint answers with the demo login.
+    wait_for_port(pg_port, "demo SQL endpoint");
+    let until = Instant::now() + Duration::from_secs(10);
+    let live = loop {
+        let out = Command::new("psql")
+            .args([
+                &format!("postgresql://driftline:driftline@127.0.0.1:{pg_port}/driftline"),
+                "-X",
+                "-A",
+                "-t",
+                "-c",
+                "SELECT count(*) AS n FROM metrics",
+            ])
+            .output()
+            .expect("psql");
+        let n: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if n > 0 || Instant::now() > until {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(live > 0, "psql sees the demo's windows while it runs");
+    let out = demo.wait_with_output().expect("demo output");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -511,6 +542,12 @@ fn demo_runs_and_leaves_a_queryable_lake() {
     assert!(
         stdout.contains("driftline-collector query"),
         "demo prints how to query: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "psql \"postgresql://driftline:driftline@127.0.0.1:{pg_port}/driftline\""
+        )),
+        "demo prints the psql line: {stdout}"
     );
     assert!(!parquet_files(&data.path().join("metrics")).is_empty());
     // 4 devices x 2 models x 20 backfilled windows at least.
@@ -847,4 +884,266 @@ fn two_collectors_share_one_stream_without_loss_or_duplicates() {
     b.terminate();
     assert_eq!((rows, keys), (expected, expected));
     assert_eq!(writers.len(), 2, "both collectors wrote: {writers:?}");
+}
+
+/// A connection string for the SQL endpoint on `port`.
+fn pg_dsn(port: u16, password: &str) -> String {
+    format!("host=127.0.0.1 port={port} user=driftline password={password} dbname=driftline")
+}
+
+/// The SQLSTATE of a failed statement or connection.
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| format!("no code: {e}"))
+}
+
+async fn pg_connect(
+    port: u16,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) =
+        tokio_postgres::connect(&pg_dsn(port, password), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+#[test]
+fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
+    let broker = Mosquitto::start();
+    let data = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let collector = Collector::serve_with(
+        &broker.url(),
+        data.path(),
+        "e2e-sql",
+        &[
+            "--pg-listen",
+            &format!("127.0.0.1:{port}"),
+            "--pg-password",
+            "pw",
+            "--pg-statement-timeout",
+            "2s",
+            "--pg-max-connections",
+            "4",
+            "--pg-memory-mb",
+            "32",
+        ],
+    );
+    let (devices, windows) = (20u32, 12u64);
+    simulate_in_background(broker.url(), devices, windows, 3)
+        .join()
+        .expect("simulator");
+    let expected = u64::from(devices) * windows;
+    assert_eq!(
+        wait_for_rows(data.path(), expected, Duration::from_secs(30)).0,
+        expected
+    );
+    wait_for_port(port, "SQL endpoint");
+
+    // psql, simple protocol.
+    let url = format!("postgresql://driftline:pw@127.0.0.1:{port}/driftline");
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args([
+                url.as_str(),
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql must be installed (package postgresql-client)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = psql("SELECT count(*) AS n FROM metrics");
+    assert!(ok, "psql: {err}");
+    assert_eq!(out, expected.to_string());
+    let (ok, _, err) = psql("DROP TABLE metrics");
+    assert!(!ok && err.contains("read-only"), "DROP refused: {err}");
+
+    // psycopg 3, extended protocol with server-side binding.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/psycopg_client.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=driftline password=pw dbname=driftline"
+        ))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "psycopg: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = pg_connect(port, "pw").await.expect("connect");
+
+        // Binary results of every type the lake has, and NULLs.
+        let rows = client
+            .query(
+                "SELECT device_id, window_start, epsilon, seq, window_secs, \
+                 mechanism = 'laplace' AS laplace, rho, latency_ms_b15 \
+                 FROM metrics ORDER BY device_id, window_start LIMIT 5",
+                &[],
+            )
+            .await
+            .expect("typed query");
+        assert_eq!(rows.len(), 5);
+        let first = &rows[0];
+        let device: String = first.get(0);
+        let start: DateTime<Utc> = first.get(1);
+        assert!(Utc::now() - start < TimeDelta::hours(2), "{start}");
+        assert_eq!(first.get::<_, f64>(2), 1.0);
+        assert!(first.get::<_, i64>(3) >= 0);
+        assert_eq!(first.get::<_, i32>(4), 60);
+        assert!(first.get::<_, bool>(5));
+        assert_eq!(first.get::<_, Option<f64>>(6), None);
+        let _: Option<i64> = first.get(7);
+
+        // Parameters of several types.
+        let since = Utc::now() - TimeDelta::days(1);
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) AS n FROM metrics WHERE device_id = $1 AND window_start >= $2 AND epsilon > $3",
+                &[&device, &since, &0.5f64],
+            )
+            .await
+            .expect("parameters")
+            .get(0);
+        assert_eq!(n, windows as i64);
+
+        // What Grafana's PostgreSQL data source sends.
+        let health = client.simple_query("SELECT 1").await.expect("health check");
+        assert!(!health.is_empty());
+        let tables: Vec<String> = client
+            .query(
+                "SELECT table_name FROM information_schema.tables \
+                 WHERE table_schema = 'public' ORDER BY table_name",
+                &[],
+            )
+            .await
+            .expect("tables")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for t in ["devices", "metrics", "quarantine", "status"] {
+            assert!(tables.iter().any(|x| x == t), "{t} in {tables:?}");
+        }
+        let types: Vec<(String, String)> = client
+            .query(
+                "SELECT column_name, data_type FROM information_schema.columns \
+                 WHERE table_name = 'metrics' AND column_name IN ('window_start', 'device_id', 'epsilon', 'seq') \
+                 ORDER BY column_name",
+                &[],
+            )
+            .await
+            .expect("columns")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ("device_id", "text"),
+                ("epsilon", "double precision"),
+                ("seq", "bigint"),
+                ("window_start", "timestamp with time zone"),
+            ]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        );
+        let search_path: String = client
+            .query_one("SELECT current_setting('search_path') AS p", &[])
+            .await
+            .expect("current_setting")
+            .get(0);
+        assert!(search_path.contains("public"));
+        let tz = client.simple_query("SHOW timezone").await.expect("SHOW timezone");
+        let tz = tz.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        assert_eq!(tz.as_deref(), Some("UTC"));
+        let from = (Utc::now() - TimeDelta::hours(6)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let to = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let series = client
+            .query(
+                &format!(
+                    "SELECT floor(extract(epoch from window_start)/300)*300 AS \"time\", \
+                     model_id AS metric, sum(inference_count) AS value FROM metrics \
+                     WHERE window_start BETWEEN '{from}' AND '{to}' GROUP BY 1, 2 ORDER BY 1"
+                ),
+                &[],
+            )
+            .await
+            .expect("time series");
+        assert!(!series.is_empty());
+
+        // Writes of every kind are refused with SQLSTATE 25006.
+        for sql in [
+            "CREATE TABLE t (a int)",
+            "INSERT INTO metrics (device_id) VALUES ('x')",
+            "DELETE FROM metrics",
+            "COPY metrics TO STDOUT",
+            "CREATE VIEW v AS SELECT 1",
+            "SET datafusion.execution.batch_size = 1",
+        ] {
+            let e = client.batch_execute(sql).await.expect_err(sql);
+            assert_eq!(sqlstate(&e), "25006", "{sql}: {e}");
+            let e = client.query(sql, &[]).await.expect_err(sql);
+            assert_eq!(sqlstate(&e), "25006", "{sql} (extended): {e}");
+        }
+
+        // A runaway query is cancelled by the time limit ...
+        let started = Instant::now();
+        let e = client
+            .query("SELECT sum(a.seq * b.x) AS n FROM metrics a CROSS JOIN generate_series(1, 100000000000) AS b(x)", &[])
+            .await
+            .expect_err("runaway query");
+        assert_eq!(sqlstate(&e), "57014", "{e}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        // ... and the server is healthy: the same and a new connection work.
+        let one: i64 = client.query_one("SELECT 1::bigint AS one", &[]).await.expect("after timeout").get(0);
+        assert_eq!(one, 1);
+        let other = pg_connect(port, "pw").await.expect("new connection");
+        other.simple_query("SELECT 1").await.expect("new connection query");
+
+        // A query that needs more memory than the pool has fails cleanly.
+        let e = client
+            .query(
+                "SELECT count(*) AS n FROM (SELECT DISTINCT a.device_id || b.device_id || c.device_id || \
+                 CAST(a.seq AS VARCHAR) || CAST(b.seq AS VARCHAR) AS k \
+                 FROM metrics a, metrics b, metrics c) t",
+                &[],
+            )
+            .await
+            .expect_err("over the memory limit");
+        let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+        assert_eq!(sqlstate(&e), "53200", "{message}");
+        assert!(message.contains("Resources exhausted"), "{message}");
+        let one: i64 = client.query_one("SELECT 1::bigint AS one", &[]).await.expect("after memory error").get(0);
+        assert_eq!(one, 1);
+
+        // Wrong password.
+        let e = pg_connect(port, "wrong").await.expect_err("wrong password refused");
+        assert_eq!(sqlstate(&e), "28P01", "{e}");
+
+        // The connection limit (4): two open, two more fit, the fifth is refused.
+        let c3 = pg_connect(port, "pw").await.expect("third");
+        let c4 = pg_connect(port, "pw").await.expect("fourth");
+        let e = pg_connect(port, "pw").await.expect_err("fifth refused");
+        assert_eq!(sqlstate(&e), "53300", "{e}");
+        drop((c3, c4));
+    });
+    collector.terminate();
 }
