@@ -17,6 +17,7 @@ use crate::lake::{self, LakeError};
 
 mod information_schema;
 mod pg;
+pub mod stats;
 pub use pg::setting;
 
 /// Errors of a query.
@@ -77,6 +78,8 @@ pub async fn session_with_limit(
     )
     .map_err(|e| QueryError::Sql(*e))?;
     ctx.register_udf(pg::current_setting());
+    ctx.register_udf(stats::noise_var_udf());
+    ctx.sql(&model_windows_view()).await?;
     if let Some(catalog) = ctx.catalog(CATALOG) {
         let catalogs = ctx.state().catalog_list().clone();
         catalog.register_schema(
@@ -85,6 +88,97 @@ pub async fn session_with_limit(
         )?;
     }
     Ok(ctx)
+}
+
+/// `model_windows`: fleet aggregates per model, version and window, with
+/// the standard error of each noised sum (from the noise scales every row
+/// carries) and the mean latency estimated from the fleet histogram.
+/// Sums of noised counts are unbiased; rates are ratios of unbiased sums.
+pub fn model_windows_view() -> String {
+    let se = |count: &str, scale: &str| {
+        format!(
+            "sum({count}) AS {name}, sqrt(sum(noise_var(mechanism, {scale}))) AS {name}_se",
+            name = match count {
+                "inference_count" => "inferences",
+                "error_count" => "errors",
+                "feedback_negative" => "negative_feedback",
+                "feedback_positive" => "positive_feedback",
+                other => other,
+            }
+        )
+    };
+    let buckets: Vec<String> = (0..driftline_core::histogram::MAX_BUCKETS)
+        .map(|i| format!("sum(latency_ms_b{i:02}) AS l{i:02}"))
+        .collect();
+    // Bucket k spans edges[k+1] .. edges[k+2] (arrays are 1-based); its
+    // midpoint stands for its latencies. Missing buckets are NULL: skipped.
+    let weighted: Vec<String> = (0..driftline_core::histogram::MAX_BUCKETS)
+        .map(|i| {
+            format!(
+                "coalesce(l{i:02} * (latency_ms_edges[{a}] + latency_ms_edges[{b}]) / 2.0, 0)",
+                a = i + 1,
+                b = i + 2
+            )
+        })
+        .collect();
+    let totals: Vec<String> = (0..driftline_core::histogram::MAX_BUCKETS)
+        .map(|i| format!("coalesce(l{i:02}, 0)"))
+        .collect();
+    let mid = |i: usize| {
+        format!(
+            "(latency_ms_edges[{a}] + latency_ms_edges[{b}]) / 2.0",
+            a = i + 1,
+            b = i + 2
+        )
+    };
+    let present = |i: usize, x: String| format!("CASE WHEN l{i:02} IS NULL THEN 0 ELSE {x} END");
+    let m1: Vec<String> = (0..driftline_core::histogram::MAX_BUCKETS)
+        .map(|i| present(i, mid(i)))
+        .collect();
+    let m2: Vec<String> = (0..driftline_core::histogram::MAX_BUCKETS)
+        .map(|i| present(i, format!("{m} * {m}", m = mid(i))))
+        .collect();
+    let k: Vec<String> = (0..driftline_core::histogram::MAX_BUCKETS)
+        .map(|i| present(i, "1".into()))
+        .collect();
+    format!(
+        "CREATE VIEW model_windows AS
+SELECT model_id, model_version, window_start, window_secs, devices, epsilon,
+       inferences, inferences_se, errors, errors_se,
+       negative_feedback, negative_feedback_se, positive_feedback, positive_feedback_se,
+       CAST(errors AS DOUBLE) / nullif(inferences, 0) AS error_rate,
+       CAST(negative_feedback AS DOUBLE) / nullif(inferences, 0) AS negative_feedback_rate,
+       latency_n / nullif(latency_d, 0) AS latency_mean_ms,
+       -- Delta method: Var(N/D) ~ (Var N - 2 r Cov(N,D) + r^2 Var D) / D^2,
+       -- every bucket carrying the same noise variance latency_var.
+       sqrt(greatest(latency_var * (latency_m2 - 2.0 * (latency_n / latency_d) * latency_m1
+            + (latency_n / latency_d) * (latency_n / latency_d) * latency_k), 0))
+            / abs(nullif(latency_d, 0)) AS latency_mean_se
+FROM (
+  SELECT *, {weighted} AS latency_n, {totals} AS latency_d,
+         {m1} AS latency_m1, {m2} AS latency_m2, {k} AS latency_k
+  FROM (
+    SELECT model_id, model_version, window_start, max(window_secs) AS window_secs,
+           count(DISTINCT device_id) AS devices, max(epsilon) AS epsilon,
+           {inferences}, {errors}, {negative}, {positive},
+           first_value(latency_ms_edges) AS latency_ms_edges,
+           sum(noise_var(mechanism, scale_latency_ms)) AS latency_var,
+           {buckets}
+    FROM metrics
+    GROUP BY model_id, model_version, window_start
+  )
+)",
+        weighted = format!("({})", weighted.join(" + ")),
+        totals = format!("({})", totals.join(" + ")),
+        m1 = format!("({})", m1.join(" + ")),
+        m2 = format!("({})", m2.join(" + ")),
+        k = format!("({})", k.join(" + ")),
+        inferences = se("inference_count", "scale_inference_count"),
+        errors = se("error_count", "scale_error_count"),
+        negative = se("feedback_negative", "scale_feedback"),
+        positive = se("feedback_positive", "scale_feedback"),
+        buckets = buckets.join(", "),
+    )
 }
 
 /// The catalog (PostgreSQL: database) the tables live in.
