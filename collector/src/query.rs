@@ -78,7 +78,9 @@ pub async fn session_with_limit(
     )
     .map_err(|e| QueryError::Sql(*e))?;
     ctx.register_udf(pg::current_setting());
-    ctx.register_udf(stats::noise_var_udf());
+    for udf in stats::udfs() {
+        ctx.register_udf(udf);
+    }
     ctx.sql(&model_windows_view()).await?;
     if let Some(catalog) = ctx.catalog(CATALOG) {
         let catalogs = ctx.state().catalog_list().clone();
