@@ -18,7 +18,9 @@ use driftline_agent::window;
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
 
+use crate::detect;
 use crate::endpoint::{Endpoint, EndpointError, EndpointOptions};
+use crate::retrain::{RetrainRule, Targets};
 use crate::ingest::{Counters, IngestLimits};
 use crate::lake::{LakeError, LakeWriter};
 use crate::query::{self, Format, QueryError};
@@ -66,6 +68,8 @@ pub enum DemoError {
     Query(#[from] QueryError),
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Detect(#[from] detect::DetectError),
 }
 
 /// What the demo did, for tests and the final printout.
@@ -88,6 +92,7 @@ pub async fn run(
         tls: false,
     };
     let lake = Arc::new(LakeWriter::open(&options.data_dir)?);
+    let lake_for_detection = lake.clone();
 
     let counters = Arc::new(Counters::default());
     let stop_collector = CancellationToken::new();
@@ -170,6 +175,33 @@ pub async fn run(
     let stop_endpoint = CancellationToken::new();
     let endpoint_task = tokio::spawn(endpoint.run(stop_endpoint.clone()));
 
+    // Detectors run as event time advances; jobs go to a command that
+    // files each job's evidence in the data dir.
+    let queries = options.data_dir.join("_driftline").join("queries");
+    detect::install_builtin(&queries)?;
+    let inbox = options.data_dir.join("retrain-requests");
+    std::fs::create_dir_all(&inbox).map_err(|e| DemoError::Broker(e.to_string()))?;
+    let schedule = detect::Schedule::new(
+        queries,
+        RetrainRule::default(),
+        Targets {
+            command: Some(format!(
+                "cat > '{}'/job-$(date +%s%N).json",
+                inbox.display()
+            )),
+            ..Targets::default()
+        },
+    );
+    let stop_detection = CancellationToken::new();
+    let detection = tokio::spawn(detect::run_schedule(
+        schedule,
+        Arc::new(query::session(&options.data_dir).await?),
+        lake_for_detection,
+        Duration::from_secs(5),
+        stop_detection.clone(),
+        true,
+    ));
+
     println!("Driftline demo");
     println!("  data dir     {}", options.data_dir.display());
     println!("  MQTT broker  {broker} (embedded)");
@@ -222,6 +254,8 @@ pub async fn run(
     }
 
     stop_sim.cancel();
+    stop_detection.cancel();
+    let _ = detection.await;
     let sim_summary = fleet
         .await
         .map_err(|e| simulate::SimError::Task(e.to_string()))??;
@@ -255,6 +289,22 @@ pub async fn run(
                FROM metrics GROUP BY model_id, model_version ORDER BY model_id";
     let batches = query::run(&ctx, sql).await?;
     println!("{}", query::render(&batches, Format::Table)?);
+    println!();
+    let events = query::run(
+        &ctx,
+        "SELECT detector, model_id, statistic, round(value, 3) AS value, severity, \
+         current_end FROM drift_events ORDER BY current_end, detector",
+    )
+    .await?;
+    println!("Drift events:");
+    println!("{}", query::render(&events, Format::Table)?);
+    let jobs = query::run(
+        &ctx,
+        "SELECT job_id, model_id, status, created_at FROM retrain_jobs ORDER BY created_at",
+    )
+    .await?;
+    println!("Retraining jobs (evidence in {}):", inbox.display());
+    println!("{}", query::render(&jobs, Format::Table)?);
     println!();
     println!("Query the lake:");
     println!(

@@ -32,8 +32,18 @@ use datafusion::prelude::SessionContext;
 pub const METRICS: &str = "metrics";
 pub const QUARANTINE: &str = "quarantine";
 pub const STATUS: &str = "status";
+pub const DETECTOR_RUNS: &str = "detector_runs";
+pub const DRIFT_EVENTS: &str = "drift_events";
+pub const JOB_EVENTS: &str = "retrain_job_events";
 /// Every table stored in the lake.
-pub const TABLES: [&str; 3] = [METRICS, QUARANTINE, STATUS];
+pub const TABLES: [&str; 6] = [
+    METRICS,
+    QUARANTINE,
+    STATUS,
+    DETECTOR_RUNS,
+    DRIFT_EVENTS,
+    JOB_EVENTS,
+];
 
 /// Errors of the lake.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +92,9 @@ pub async fn register(ctx: &SessionContext, root: &Path) -> Result<(), LakeError
         (METRICS, schema::metrics()),
         (QUARANTINE, schema::quarantine()),
         (STATUS, schema::status()),
+        (DETECTOR_RUNS, schema::evaluations()),
+        (DRIFT_EVENTS, schema::evaluations()),
+        (JOB_EVENTS, schema::job_events()),
     ] {
         register_table(ctx, root, table, schema).await?;
     }

@@ -14,6 +14,8 @@
 //! - [`query`]: the DataFusion session shared by every SQL user.
 //! - [`endpoint`]: the PostgreSQL-wire SQL endpoint (auth, TLS, read-only,
 //!   limits) over the [`query`] session.
+//! - [`detect`]: detectors from `queries/detectors/*.sql`, drift events;
+//!   [`retrain`]: retraining jobs and their dispatch.
 //! - [`demo`]: the whole loop in one process.
 //!
 //! Invariants: nothing received is dropped silently (every message becomes
@@ -23,10 +25,12 @@
 
 pub mod config;
 pub mod demo;
+pub mod detect;
 pub mod endpoint;
 pub mod ingest;
 pub mod lake;
 pub mod maintenance;
 pub mod query;
+pub mod retrain;
 pub mod subscriber;
 pub mod wal;

@@ -13,7 +13,7 @@ use driftline_collector::endpoint::Endpoint;
 use driftline_collector::ingest::Counters;
 use driftline_collector::lake::LakeWriter;
 use driftline_collector::query::{self, Format};
-use driftline_collector::{maintenance, subscriber};
+use driftline_collector::{detect, maintenance, retrain, subscriber};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +38,80 @@ enum Command {
     Query(QueryArgs),
     /// Merge small files and apply retention once, then exit.
     Compact(CompactArgs),
+    /// Run every detector once, record drift events and retraining jobs.
+    Detect(DetectArgs),
+    /// Record a retraining job's state reported by the training system.
+    JobStatus(JobStatusArgs),
+}
+
+#[derive(clap::Args)]
+struct DetectArgs {
+    /// Lake directory.
+    #[arg(long, env = "DRIFTLINE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Folder of detector SQL files. Default: the built-in detectors.
+    #[arg(long, env = "DRIFTLINE_QUERIES")]
+    queries: Option<PathBuf>,
+    /// Evaluate as of this event time (RFC 3339). Default: the latest data.
+    #[arg(long, env = "DRIFTLINE_AT")]
+    at: Option<chrono::DateTime<chrono::Utc>>,
+    #[command(flatten)]
+    retrain: RetrainArgs,
+}
+
+#[derive(clap::Args, Clone)]
+struct RetrainArgs {
+    /// POST retraining jobs (JSON evidence) to this URL.
+    #[arg(long, env = "DRIFTLINE_RETRAIN_WEBHOOK")]
+    retrain_webhook: Option<String>,
+    /// HMAC-SHA256 key: the webhook's X-Driftline-Signature header.
+    #[arg(long, env = "DRIFTLINE_RETRAIN_SECRET", hide_env_values = true)]
+    retrain_secret: Option<String>,
+    /// Run this shell command per job, the evidence JSON on stdin.
+    #[arg(long, env = "DRIFTLINE_RETRAIN_COMMAND")]
+    retrain_command: Option<String>,
+    /// Periods in a row a model must drift before a job opens.
+    #[arg(long, env = "DRIFTLINE_RETRAIN_CONSECUTIVE", default_value_t = 2)]
+    retrain_consecutive: u32,
+    /// Least time (event time) between two jobs of one model.
+    #[arg(long, env = "DRIFTLINE_RETRAIN_COOLDOWN", default_value = "6h", value_parser = humantime::parse_duration)]
+    retrain_cooldown: Duration,
+    /// Lowest severity that counts: warning or critical.
+    #[arg(long, env = "DRIFTLINE_RETRAIN_MIN_SEVERITY", default_value = "warning")]
+    retrain_min_severity: String,
+}
+
+impl RetrainArgs {
+    fn rule(&self) -> retrain::RetrainRule {
+        retrain::RetrainRule {
+            detectors: Vec::new(),
+            min_severity: self.retrain_min_severity.clone(),
+            consecutive: self.retrain_consecutive,
+            cooldown: self.retrain_cooldown,
+        }
+    }
+
+    fn targets(&self) -> retrain::Targets {
+        retrain::Targets {
+            webhook: self.retrain_webhook.clone(),
+            secret: self.retrain_secret.clone(),
+            command: self.retrain_command.clone(),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct JobStatusArgs {
+    /// Lake directory.
+    #[arg(long, env = "DRIFTLINE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// The job id (X-Driftline-Job of the webhook, job_id in retrain_jobs).
+    job_id: String,
+    /// acknowledged, succeeded or failed.
+    status: String,
+    /// Free text kept with the state (e.g. a training run's URL).
+    #[arg(long)]
+    detail: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -146,6 +220,15 @@ struct ServeArgs {
     /// Memory all SQL queries together may use, in MiB. Default: 2048
     #[arg(long, env = "DRIFTLINE_PG_MEMORY_MB")]
     pg_memory_mb: Option<usize>,
+    /// Folder of detector SQL files, re-read at every run. Default: the
+    /// built-in detectors.
+    #[arg(long, env = "DRIFTLINE_QUERIES")]
+    queries: Option<PathBuf>,
+    /// How often to look for newly completed detection periods.
+    #[arg(long, env = "DRIFTLINE_DETECT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    detect_interval: Duration,
+    #[command(flatten)]
+    retrain: RetrainArgs,
 }
 
 #[derive(clap::Args)]
@@ -180,7 +263,7 @@ struct QueryArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Query(_) | Command::Compact(_) => "warn",
+        Command::Query(_) | Command::Compact(_) | Command::Detect(_) | Command::JobStatus(_) => "warn",
         // rumqttd reports every client disconnect as an error: quiet by
         // default in the demo (RUST_LOG=rumqttd=warn shows it).
         Command::Demo(_) => "warn,rumqttd=off",
@@ -211,6 +294,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => serve_command(*args).await,
         Command::Query(args) => query_command(args).await,
         Command::Compact(args) => compact_command(args),
+        Command::Detect(args) => detect_command(args).await,
+        Command::JobStatus(args) => job_status_command(args).await,
     }
 }
 
@@ -303,6 +388,16 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let queries = queries_dir(args.queries.clone(), &config.data_dir)?;
+    let schedule = detect::Schedule::new(queries, args.retrain.rule(), args.retrain.targets());
+    let detection = tokio::spawn(detect::run_schedule(
+        schedule,
+        Arc::new(query::session(&config.data_dir).await?),
+        lake.clone(),
+        args.detect_interval,
+        shutdown.clone(),
+        false,
+    ));
     let upkeep = tokio::spawn(maintenance::run(
         lake.clone(),
         config.maintenance,
@@ -317,10 +412,93 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     .await;
     shutdown.cancel();
     let _ = upkeep.await;
+    let _ = detection.await;
     if let Some(sql) = sql {
         let _ = sql.await;
     }
     result?;
+    Ok(())
+}
+
+/// The detector folder: `--queries`, or the built-in detectors copied into
+/// the lake (`_driftline/queries`).
+fn queries_dir(queries: Option<PathBuf>, data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    match queries {
+        Some(dir) => {
+            if !dir.is_dir() {
+                anyhow::bail!("no detector folder {} (--queries)", dir.display());
+            }
+            Ok(dir)
+        }
+        None => {
+            let dir = data_dir.join("_driftline").join("queries");
+            detect::install_builtin(&dir)?;
+            Ok(dir)
+        }
+    }
+}
+
+async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
+    if !args.data_dir.is_dir() {
+        anyhow::bail!("no lake at {} (use --data-dir)", args.data_dir.display());
+    }
+    let queries = queries_dir(args.queries, &args.data_dir)?;
+    let detectors = detect::load(&queries)?;
+    let lake = LakeWriter::open(&args.data_dir)?;
+    let ctx = query::session(&args.data_dir).await?;
+    let at = match args.at {
+        Some(at) => at,
+        None => match detect::latest_event_time(&ctx).await? {
+            Some(t) => t,
+            None => {
+                println!("the lake holds no metrics yet: nothing to evaluate");
+                return Ok(());
+            }
+        },
+    };
+    let summary = detect::run_all(&ctx, &lake, &detectors, at).await?;
+    let fired: Vec<_> = summary.evaluations.iter().filter(|e| e.fired).cloned().collect();
+    println!(
+        "{} detectors, {} evaluations as of {at}: {} fired ({} new drift events)",
+        detectors.len(),
+        summary.evaluations.len(),
+        fired.len(),
+        summary.new_events
+    );
+    for e in &summary.evaluations {
+        println!(
+            "  {:<8} {:<20} {:<10} {:<12} {:<34} value {:>9} threshold {:<6} p {:>9}  devices {}",
+            if e.fired { e.severity.as_deref().unwrap_or("fired") } else { "ok" },
+            e.detector,
+            e.model_id,
+            e.model_version,
+            e.statistic,
+            e.value.map_or("-".into(), |v| format!("{v:.4}")),
+            e.threshold,
+            e.p_value.map_or("-".into(), |p| format!("{p:.2e}")),
+            e.devices
+        );
+    }
+    let jobs =
+        retrain::after_run(&ctx, &lake, &args.retrain.rule(), &args.retrain.targets(), &fired).await?;
+    for j in &jobs {
+        println!(
+            "  job {} ({} {}): {} {}",
+            j.job_id,
+            j.model_id,
+            j.model_version,
+            j.status,
+            j.detail.as_deref().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn job_status_command(args: JobStatusArgs) -> anyhow::Result<()> {
+    let lake = LakeWriter::open(&args.data_dir)?;
+    let ctx = query::session(&args.data_dir).await?;
+    retrain::report(&ctx, &lake, &args.job_id, &args.status, args.detail).await?;
+    println!("job {}: {}", args.job_id, args.status);
     Ok(())
 }
 

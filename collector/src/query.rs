@@ -58,7 +58,9 @@ pub async fn session_with_limit(
         .with_information_schema(false)
         .with_default_catalog_and_schema(CATALOG, "public")
         .set_str("datafusion.execution.time_zone", "UTC");
-    let mut runtime = RuntimeEnvBuilder::new();
+    // No cache of directory listings: a long-lived session (the SQL
+    // endpoint, detection) must see the files flushed after it started.
+    let mut runtime = RuntimeEnvBuilder::new().with_object_list_cache_limit(0);
     if let Some(bytes) = memory_limit {
         // A hard limit: no spilling to temporary files, which would trade
         // the memory bound for an unbounded disk.
@@ -71,6 +73,7 @@ pub async fn session_with_limit(
     let ctx = SessionContext::new_with_config_rt(config, runtime.build_arc()?);
     lake::register(&ctx, data_dir).await?;
     ctx.sql(DEVICES_VIEW).await?;
+    ctx.sql(RETRAIN_JOBS_VIEW).await?;
     datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
         &ctx,
         CATALOG,
@@ -185,6 +188,26 @@ FROM (
 
 /// The catalog (PostgreSQL: database) the tables live in.
 pub const CATALOG: &str = "driftline";
+
+/// `retrain_jobs`: one row per retraining job with its latest status
+/// (from the append-only `retrain_job_events`).
+pub const RETRAIN_JOBS_VIEW: &str = "
+CREATE VIEW retrain_jobs AS
+SELECT j.job_id, j.model_id, j.model_version, j.status, c.created_at, j.at AS updated_at,
+       j.detail, c.period_end, c.evidence
+FROM (
+    SELECT *, row_number() OVER (
+        PARTITION BY job_id ORDER BY at DESC,
+        CASE status WHEN 'pending' THEN 0 WHEN 'dispatched' THEN 1 WHEN 'acknowledged' THEN 2 ELSE 3 END DESC
+    ) AS rn
+    FROM retrain_job_events
+) j
+JOIN (
+    SELECT job_id, min(at) AS created_at, max(period_end) AS period_end, max(evidence) AS evidence
+    FROM retrain_job_events GROUP BY job_id
+) c ON j.job_id = c.job_id
+WHERE j.rn = 1
+";
 
 /// `devices`: one row per device seen in `metrics` or `status`: its last
 /// status (online, or offline from its last will), when it was last heard

@@ -370,3 +370,188 @@ pub fn status_batch(rows: &[StoredStatus]) -> Result<RecordBatch, ArrowError> {
     ];
     RecordBatch::try_new(status(), columns)
 }
+
+/// Schema of `detector_runs` (every evaluation of a detector for one model
+/// version and period) and `drift_events` (the evaluations that fired),
+/// partitioned by the date of `current_end`.
+pub fn evaluations() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("detected_at", timestamp(), false),
+        Field::new("detector", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("model_version", DataType::Utf8, false),
+        Field::new("statistic", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, true),
+        Field::new("threshold", DataType::Float64, false),
+        Field::new("p_value", DataType::Float64, true),
+        Field::new("alpha", DataType::Float64, false),
+        Field::new("reference_start", timestamp(), false),
+        Field::new("reference_end", timestamp(), false),
+        Field::new("current_start", timestamp(), false),
+        Field::new("current_end", timestamp(), false),
+        Field::new("devices", DataType::Int64, false),
+        Field::new("events", DataType::Int64, false),
+        Field::new("epsilon", DataType::Float64, true),
+        Field::new("fired", DataType::Boolean, false),
+        Field::new("severity", DataType::Utf8, true),
+        Field::new("query_file", DataType::Utf8, false),
+    ]))
+}
+
+/// One evaluation of one detector.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Evaluation {
+    pub detected_at: DateTime<Utc>,
+    pub detector: String,
+    pub model_id: String,
+    pub model_version: String,
+    pub statistic: String,
+    pub value: Option<f64>,
+    pub threshold: f64,
+    pub p_value: Option<f64>,
+    pub alpha: f64,
+    pub reference_start: DateTime<Utc>,
+    pub reference_end: DateTime<Utc>,
+    pub current_start: DateTime<Utc>,
+    pub current_end: DateTime<Utc>,
+    pub devices: i64,
+    pub events: i64,
+    pub epsilon: Option<f64>,
+    pub fired: bool,
+    /// `warning` or `critical` when fired.
+    pub severity: Option<String>,
+    pub query_file: String,
+}
+
+/// One batch of evaluations.
+pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError> {
+    let n = rows.len();
+    let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let (mut detected_at, mut rs, mut re, mut cs, mut ce) = (ts(), ts(), ts(), ts(), ts());
+    let mut text: Vec<StringBuilder> = (0..5).map(|_| StringBuilder::new()).collect();
+    let (mut value, mut threshold, mut p, mut alpha, mut eps) = (
+        Float64Builder::new(),
+        Float64Builder::new(),
+        Float64Builder::new(),
+        Float64Builder::new(),
+        Float64Builder::new(),
+    );
+    let (mut devices, mut events) = (Int64Builder::new(), Int64Builder::new());
+    let mut fired = BooleanBuilder::new();
+    let mut severity = StringBuilder::new();
+    let mut file = StringBuilder::new();
+    for e in rows {
+        detected_at.append_value(micros(e.detected_at));
+        for (b, v) in text
+            .iter_mut()
+            .zip([&e.detector, &e.model_id, &e.model_version, &e.statistic])
+        {
+            b.append_value(v);
+        }
+        value.append_option(e.value);
+        threshold.append_value(e.threshold);
+        p.append_option(e.p_value);
+        alpha.append_value(e.alpha);
+        rs.append_value(micros(e.reference_start));
+        re.append_value(micros(e.reference_end));
+        cs.append_value(micros(e.current_start));
+        ce.append_value(micros(e.current_end));
+        devices.append_value(e.devices);
+        events.append_value(e.events);
+        eps.append_option(e.epsilon);
+        fired.append_value(e.fired);
+        severity.append_option(e.severity.as_deref());
+        file.append_value(&e.query_file);
+    }
+    let mut text = text.into_iter();
+    let mut next_text = || -> ArrayRef {
+        match text.next() {
+            Some(mut b) => Arc::new(b.finish()),
+            None => Arc::new(StringBuilder::new().finish()),
+        }
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(detected_at.finish()),
+        next_text(),
+        next_text(),
+        next_text(),
+        next_text(),
+        Arc::new(value.finish()),
+        Arc::new(threshold.finish()),
+        Arc::new(p.finish()),
+        Arc::new(alpha.finish()),
+        Arc::new(rs.finish()),
+        Arc::new(re.finish()),
+        Arc::new(cs.finish()),
+        Arc::new(ce.finish()),
+        Arc::new(devices.finish()),
+        Arc::new(events.finish()),
+        Arc::new(eps.finish()),
+        Arc::new(fired.finish()),
+        Arc::new(severity.finish()),
+        Arc::new(file.finish()),
+    ];
+    RecordBatch::try_new(evaluations(), columns)
+}
+
+/// Schema of `retrain_job_events`: every state a retraining job went
+/// through (the `retrain_jobs` view shows each job's latest), partitioned
+/// by the date of `at`.
+pub fn job_events() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("job_id", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("model_version", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("at", timestamp(), false),
+        Field::new("period_end", timestamp(), false),
+        Field::new("detail", DataType::Utf8, true),
+        Field::new("evidence", DataType::Utf8, true),
+    ]))
+}
+
+/// One state change of a retraining job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEvent {
+    pub job_id: String,
+    pub model_id: String,
+    pub model_version: String,
+    /// pending, dispatched, acknowledged, succeeded, failed.
+    pub status: String,
+    pub at: DateTime<Utc>,
+    /// End of the detection period that opened the job (event time).
+    pub period_end: DateTime<Utc>,
+    pub detail: Option<String>,
+    /// The JSON sent to the training system (on `pending`).
+    pub evidence: Option<String>,
+}
+
+/// One batch of job events.
+pub fn job_events_batch(rows: &[JobEvent]) -> Result<RecordBatch, ArrowError> {
+    let n = rows.len();
+    let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let (mut at, mut period_end) = (ts(), ts());
+    let mut s: Vec<StringBuilder> = (0..4).map(|_| StringBuilder::new()).collect();
+    let (mut detail, mut evidence) = (StringBuilder::new(), StringBuilder::new());
+    for j in rows {
+        for (b, v) in s
+            .iter_mut()
+            .zip([&j.job_id, &j.model_id, &j.model_version, &j.status])
+        {
+            b.append_value(v);
+        }
+        at.append_value(micros(j.at));
+        period_end.append_value(micros(j.period_end));
+        detail.append_option(j.detail.as_deref());
+        evidence.append_option(j.evidence.as_deref());
+    }
+    let mut columns: Vec<ArrayRef> = s
+        .iter_mut()
+        .map(|b| Arc::new(b.finish()) as ArrayRef)
+        .collect();
+    columns.push(Arc::new(at.finish()));
+    columns.push(Arc::new(period_end.finish()));
+    columns.push(Arc::new(detail.finish()));
+    columns.push(Arc::new(evidence.finish()));
+    RecordBatch::try_new(job_events(), columns)
+}

@@ -32,7 +32,9 @@ use datafusion::parquet::arrow::{ArrowWriter, ProjectionMask};
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 
-use super::{LakeError, METRICS, QUARANTINE, STATUS, TABLES};
+use super::{
+    LakeError, DETECTOR_RUNS, DRIFT_EVENTS, JOB_EVENTS, METRICS, QUARANTINE, STATUS, TABLES,
+};
 
 /// The columns that identify a row: two rows with equal keys are the same
 /// fact, stored once.
@@ -41,6 +43,8 @@ pub fn key_columns(table: &str) -> &'static [&'static str] {
         METRICS => &["device_id", "model_id", "window_start", "seq"],
         QUARANTINE => &["received_at", "topic", "payload"],
         STATUS => &["device_id", "at", "state"],
+        DETECTOR_RUNS | DRIFT_EVENTS => &["detector", "model_id", "model_version", "current_start"],
+        JOB_EVENTS => &["job_id", "status"],
         _ => &[],
     }
 }

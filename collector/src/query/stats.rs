@@ -199,23 +199,47 @@ pub fn hist_mean_se(edges: &[f64], counts: &[f64], noise: f64) -> Option<f64> {
     Some((spread / n + noise_part).sqrt())
 }
 
-/// The `q` quantile of a histogram, linear within its bucket.
-pub fn hist_quantile(edges: &[f64], counts: &[f64], q: f64) -> Option<f64> {
-    let c = clamp(counts);
-    let n: f64 = c.iter().sum();
+/// Where the `q` quantile of a histogram falls: (bucket, fraction of the
+/// bucket below it), on the raw noisy counts (clamping would bias them).
+fn quantile_position(counts: &[f64], q: f64) -> Option<(usize, f64)> {
+    let n: f64 = counts.iter().sum();
     if n <= 0.0 || !(0.0..=1.0).contains(&q) {
         return None;
     }
     let target = q * n;
     let mut below = 0.0;
-    for (k, ck) in c.iter().enumerate() {
-        if below + ck >= target && *ck > 0.0 {
-            let (a, b) = (*edges.get(k)?, *edges.get(k + 1).or(edges.get(k))?);
-            return Some(a + (b - a) * (target - below) / ck);
+    for (k, ck) in counts.iter().enumerate() {
+        if *ck > 0.0 && below + ck >= target {
+            return Some((k, ((target - below) / ck).clamp(0.0, 1.0)));
         }
         below += ck;
     }
-    edges.get(c.len()).or(edges.last()).copied()
+    None
+}
+
+/// The `q` quantile of a histogram, linear within its bucket.
+pub fn hist_quantile(edges: &[f64], counts: &[f64], q: f64) -> Option<f64> {
+    let (k, frac) = quantile_position(counts, q)?;
+    let (a, b) = (*edges.get(k)?, *edges.get(k + 1)?);
+    Some(a + (b - a) * frac)
+}
+
+/// Standard error of [`hist_quantile`]: the uncertainty of the cumulative
+/// share at the quantile (events: `q(1-q)/N`; noise: the buckets summed up
+/// to it, `noise` each) divided by the density there.
+pub fn hist_quantile_se(edges: &[f64], counts: &[f64], q: f64, noise: f64) -> Option<f64> {
+    let (k, frac) = quantile_position(counts, q)?;
+    let n: f64 = counts.iter().sum();
+    let width = edges.get(k + 1)? - edges.get(k)?;
+    let density = counts[k] / (n * width);
+    if density <= 0.0 || width <= 0.0 {
+        return None;
+    }
+    let buckets = counts.len() as f64;
+    let share_var = q * (1.0 - q) / n
+        + (k as f64 + frac * frac) * noise / (n * n)
+        + q * q * buckets * noise / (n * n);
+    Some(share_var.sqrt() / density)
 }
 
 /// z of "the current rate x/n is higher than the reference one", with
@@ -353,6 +377,9 @@ pub fn udfs() -> Vec<ScalarUDF> {
         row_fn("hist_mean", 2, |a| hist_mean(&a[0], &a[1])),
         row_fn("hist_mean_se", 3, |a| hist_mean_se(&a[0], &a[1], scalar(&a[2]))),
         row_fn("hist_quantile", 3, |a| hist_quantile(&a[0], &a[1], scalar(&a[2]))),
+        row_fn("hist_quantile_se", 4, |a| {
+            hist_quantile_se(&a[0], &a[1], scalar(&a[2]), scalar(&a[3]))
+        }),
         row_fn("rate_z", 8, |a| {
             rate_z(
                 scalar(&a[0]),
@@ -495,7 +522,12 @@ mod calibration {
         let edges = [0.0, 10.0, 20.0, 40.0];
         let counts = [10.0, 20.0, -3.0];
         assert_eq!(hist_mean(&edges, &counts), Some((10.0 * 5.0 + 20.0 * 15.0) / 30.0));
-        assert_eq!(hist_quantile(&edges, &counts, 0.5), Some(12.5));
+        // Raw counts: the -3 counts (noise), so N = 27 and the median is
+        // 13.5 of 27, in bucket 1: 10 + 10 * 3.5 / 20.
+        assert_eq!(hist_quantile(&edges, &counts, 0.5), Some(11.75));
+        let se0 = hist_quantile_se(&edges, &counts, 0.5, 0.0).expect("se");
+        let se1 = hist_quantile_se(&edges, &counts, 0.5, 50.0).expect("se");
+        assert!(se0 > 0.0 && se1 > se0, "{se0} {se1}");
         assert!(hist_mean_se(&edges, &counts, 0.0).expect("se") > 0.0);
         let noisy = hist_mean_se(&edges, &counts, 100.0).expect("se");
         assert!(noisy > hist_mean_se(&edges, &counts, 0.0).expect("se"));

@@ -1,0 +1,661 @@
+//! Drift detection: the SQL files of `queries/detectors/`, run by
+//! DataFusion over the lake for one period of event time, recorded in
+//! `detector_runs` (every evaluation) and `drift_events` (those that fired).
+//!
+//! A detector file starts with a header of `-- key: value` lines:
+//!
+//! ```sql
+//! -- name: latency_regression
+//! -- description: Mean latency of each model version against the reference period.
+//! -- current: 15m          (the period under test)
+//! -- reference: 1h         (the period before it, the baseline)
+//! -- threshold: 0.2        (the effect size that matters: value > threshold)
+//! -- alpha: 0.001          (the false-alarm rate per evaluation: p_value < alpha)
+//! -- min_devices: 10
+//! SELECT model_id, model_version, 'mean_latency_increase' AS statistic,
+//!        ... AS value, ... AS p_value, devices, events, epsilon FROM ...
+//! ```
+//!
+//! The body returns one row per model version with the columns `model_id`,
+//! `model_version`, `statistic`, `value`, `p_value`, `devices`, `events`,
+//! `epsilon`. An evaluation fires when `value > threshold` and
+//! `p_value < alpha`: the p-values come from the noise-aware tests of
+//! [`crate::query::stats`], so alpha is the false-alarm rate whatever the
+//! privacy noise. Placeholders: see [`render`] and `queries/README.md`.
+//!
+//! Files are read at every run: a new or edited detector is picked up
+//! without a restart. Evaluations are keyed by (detector, model_id,
+//! model_version, current_start), so running twice for the same period
+//! records nothing twice.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::prelude::SessionContext;
+use driftline_core::histogram::MAX_BUCKETS;
+
+use crate::lake::schema::{self, Evaluation};
+use crate::lake::{LakeError, LakeWriter, DETECTOR_RUNS, DRIFT_EVENTS};
+use crate::query::{self, QueryError};
+
+/// One detector file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detector {
+    pub name: String,
+    pub description: String,
+    pub file: PathBuf,
+    pub body: String,
+    pub current: Duration,
+    pub reference: Duration,
+    pub threshold: f64,
+    pub alpha: f64,
+    pub min_devices: u64,
+}
+
+/// Errors of detection.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("cannot read detectors in {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {problem}")]
+    Header { file: PathBuf, problem: String },
+    #[error("detector {detector} ({file}) failed: {source}")]
+    Query {
+        detector: String,
+        file: PathBuf,
+        source: QueryError,
+    },
+    #[error("detector {detector}: result column {column} is missing or of the wrong type")]
+    Column { detector: String, column: String },
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error("retraining: {0}")]
+    Retrain(String),
+}
+
+/// Reads every `*.sql` file of `dir` (sorted by name). A file whose header
+/// is wrong is an error: a detector silently skipped would be worse.
+pub fn load(dir: &Path) -> Result<Vec<Detector>, DetectError> {
+    let read = |source| DetectError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(file).map_err(|source| DetectError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            parse(file, &text).map_err(|problem| DetectError::Header {
+                file: file.clone(),
+                problem,
+            })
+        })
+        .collect()
+}
+
+/// Parses a detector file: the header, then the SQL body.
+pub fn parse(file: &Path, text: &str) -> Result<Detector, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Some(comment) = line.trim().strip_prefix("--") else {
+            break;
+        };
+        if let Some((key, value)) = comment.split_once(':') {
+            // A value may carry an explanation in parentheses.
+            let value = value.split(" (").next().unwrap_or(value).trim();
+            fields.insert(key.trim().to_owned(), value.to_owned());
+        }
+    }
+    let get = |key: &str| {
+        fields
+            .get(key)
+            .cloned()
+            .ok_or_else(|| format!("header `-- {key}:` is missing"))
+    };
+    let duration = |key: &str| {
+        get(key).and_then(|v| {
+            humantime::parse_duration(&v).map_err(|e| format!("header {key}: {v:?}: {e}"))
+        })
+    };
+    let number = |key: &str, default: Option<f64>| match (fields.get(key), default) {
+        (Some(v), _) => v
+            .parse::<f64>()
+            .map_err(|e| format!("header {key}: {v:?}: {e}")),
+        (None, Some(d)) => Ok(d),
+        (None, None) => Err(format!("header `-- {key}:` is missing")),
+    };
+    let detector = Detector {
+        name: get("name")?,
+        description: fields.get("description").cloned().unwrap_or_default(),
+        file: file.to_path_buf(),
+        body: text.to_owned(),
+        current: duration("current")?,
+        reference: duration("reference")?,
+        threshold: number("threshold", None)?,
+        alpha: number("alpha", Some(0.001))?,
+        min_devices: number("min_devices", Some(10.0))? as u64,
+    };
+    if detector.current.is_zero() || detector.reference.is_zero() {
+        return Err("current and reference must be longer than 0s".into());
+    }
+    if !(0.0..1.0).contains(&detector.alpha) {
+        return Err("alpha must be in [0, 1)".into());
+    }
+    if !detector
+        .name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!("name {:?}: letters, digits, _ and - only", detector.name));
+    }
+    Ok(detector)
+}
+
+/// The reference and current periods of one evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Periods {
+    pub reference_start: DateTime<Utc>,
+    pub current_start: DateTime<Utc>,
+    pub current_end: DateTime<Utc>,
+}
+
+impl Detector {
+    /// The last complete period ending at or before `at`: periods are
+    /// aligned to multiples of `current` since the Unix epoch.
+    pub fn periods(&self, at: DateTime<Utc>) -> Periods {
+        let current = TimeDelta::from_std(self.current).unwrap_or(TimeDelta::hours(1));
+        let reference = TimeDelta::from_std(self.reference).unwrap_or(TimeDelta::hours(1));
+        let current_end = at.duration_trunc(current).unwrap_or(at);
+        Periods {
+            reference_start: current_end - current - reference,
+            current_start: current_end - current,
+            current_end,
+        }
+    }
+}
+
+fn literal(t: DateTime<Utc>) -> String {
+    format!("TIMESTAMP '{}'", t.format("%Y-%m-%dT%H:%M:%SZ"))
+}
+
+/// The scale column of a noised count.
+fn scale_of(field: &str) -> String {
+    match field {
+        "feedback_positive" | "feedback_negative" | "feedback_correction" => {
+            "scale_feedback".into()
+        }
+        other => format!("scale_{other}"),
+    }
+}
+
+/// The detector's SQL for `p`. Placeholders:
+/// - `{reference_start}`, `{current_start}`, `{current_end}`: timestamps;
+///   `{threshold}`, `{alpha}`, `{min_devices}`: the header's values;
+/// - `{in_reference}`, `{in_current}`: conditions on `window_start`;
+/// - `{ref_hist:h}`, `{cur_hist:h}`: histogram `h` (latency_ms,
+///   confidence, input_tokens, output_tokens) summed over the period, as
+///   a list of bucket counts (one pass over the flat bucket columns);
+/// - `{ref_sum:c}`, `{cur_sum:c}`: noised count `c` summed over the period;
+/// - `{ref_noise:f}`, `{cur_noise:f}`: the noise variance of such a sum (of
+///   each bucket, for a histogram).
+pub fn render(detector: &Detector, p: &Periods) -> String {
+    let in_reference = format!(
+        "(window_start >= {} AND window_start < {})",
+        literal(p.reference_start),
+        literal(p.current_start)
+    );
+    let in_current = format!(
+        "(window_start >= {} AND window_start < {})",
+        literal(p.current_start),
+        literal(p.current_end)
+    );
+    let mut sql = detector.body.clone();
+    for (tag, cond) in [("ref", &in_reference), ("cur", &in_current)] {
+        for h in crate::lake::schema::HISTOGRAMS {
+            let buckets: Vec<String> = (0..MAX_BUCKETS)
+                .map(|i| format!("sum(CASE WHEN {cond} THEN {h}_b{i:02} END)"))
+                .collect();
+            sql = sql.replace(
+                &format!("{{{tag}_hist:{h}}}"),
+                &format!("make_array({})", buckets.join(", ")),
+            );
+        }
+        // Counts and noise of any field named in the file.
+        while let Some(start) = sql.find(&format!("{{{tag}_sum:")) {
+            let Some(len) = sql[start..].find('}') else { break };
+            let field = sql[start + tag.len() + 6..start + len].to_owned();
+            sql.replace_range(
+                start..=start + len,
+                &format!("sum(CASE WHEN {cond} THEN {field} ELSE 0 END)"),
+            );
+        }
+        while let Some(start) = sql.find(&format!("{{{tag}_noise:")) {
+            let Some(len) = sql[start..].find('}') else { break };
+            let field = sql[start + tag.len() + 8..start + len].to_owned();
+            sql.replace_range(
+                start..=start + len,
+                &format!(
+                    "sum(CASE WHEN {cond} THEN noise_var(mechanism, {}) ELSE 0 END)",
+                    scale_of(&field)
+                ),
+            );
+        }
+    }
+    sql.replace("{in_reference}", &in_reference)
+        .replace("{in_current}", &in_current)
+        .replace("{reference_start}", &literal(p.reference_start))
+        .replace("{current_start}", &literal(p.current_start))
+        .replace("{current_end}", &literal(p.current_end))
+        .replace("{threshold}", &format!("{:?}", detector.threshold))
+        .replace("{alpha}", &format!("{:?}", detector.alpha))
+        .replace("{min_devices}", &detector.min_devices.to_string())
+}
+
+/// Runs one detector for the period ending at or before `at`.
+pub async fn evaluate(
+    ctx: &SessionContext,
+    detector: &Detector,
+    at: DateTime<Utc>,
+) -> Result<Vec<Evaluation>, DetectError> {
+    let periods = detector.periods(at);
+    let sql = render(detector, &periods);
+    let batches = query::run(ctx, &sql)
+        .await
+        .map_err(|source| DetectError::Query {
+            detector: detector.name.clone(),
+            file: detector.file.clone(),
+            source,
+        })?;
+    let mut out = Vec::new();
+    for batch in &batches {
+        out.extend(rows(detector, &periods, batch)?);
+    }
+    Ok(out)
+}
+
+fn rows(
+    detector: &Detector,
+    p: &Periods,
+    batch: &RecordBatch,
+) -> Result<Vec<Evaluation>, DetectError> {
+    let missing = |column: &str| DetectError::Column {
+        detector: detector.name.clone(),
+        column: column.to_owned(),
+    };
+    let column = |name: &str, to: DataType| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| cast(c, &to).ok())
+            .ok_or_else(|| missing(name))
+    };
+    let (model, version, statistic) = (
+        column("model_id", DataType::Utf8)?,
+        column("model_version", DataType::Utf8)?,
+        column("statistic", DataType::Utf8)?,
+    );
+    let (value, p_value, epsilon) = (
+        column("value", DataType::Float64)?,
+        column("p_value", DataType::Float64)?,
+        column("epsilon", DataType::Float64)?,
+    );
+    let (devices, events) = (
+        column("devices", DataType::Int64)?,
+        column("events", DataType::Int64)?,
+    );
+    let text = |a: &dyn Array, i: usize| a.as_string::<i32>().value(i).to_owned();
+    let float = |a: &dyn Array, i: usize| {
+        let a = a.as_primitive::<Float64Type>();
+        (!a.is_null(i) && a.value(i).is_finite()).then(|| a.value(i))
+    };
+    let int = |a: &dyn Array, i: usize| {
+        let a = a.as_primitive::<Int64Type>();
+        if a.is_null(i) {
+            0
+        } else {
+            a.value(i)
+        }
+    };
+    let now = Utc::now();
+    Ok((0..batch.num_rows())
+        .map(|i| {
+            let (v, pv) = (float(&value, i), float(&p_value, i));
+            let devices = int(&devices, i);
+            let fired = devices >= detector.min_devices as i64
+                && v.is_some_and(|v| v > detector.threshold)
+                && pv.is_some_and(|pv| pv < detector.alpha);
+            let severity = fired.then(|| {
+                let strong = v.is_some_and(|v| v > 2.0 * detector.threshold)
+                    && pv.is_some_and(|pv| pv < detector.alpha / 100.0);
+                if strong { "critical" } else { "warning" }.to_owned()
+            });
+            Evaluation {
+                detected_at: now,
+                detector: detector.name.clone(),
+                model_id: text(&model, i),
+                model_version: text(&version, i),
+                statistic: text(&statistic, i),
+                value: v,
+                threshold: detector.threshold,
+                p_value: pv,
+                alpha: detector.alpha,
+                reference_start: p.reference_start,
+                reference_end: p.current_start,
+                current_start: p.current_start,
+                current_end: p.current_end,
+                devices,
+                events: int(&events, i),
+                epsilon: float(&epsilon, i),
+                fired,
+                severity,
+                query_file: detector
+                    .file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+            }
+        })
+        .collect())
+}
+
+/// What one run recorded.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub evaluations: Vec<Evaluation>,
+    /// Drift events stored now (0 when this period was evaluated before).
+    pub new_events: usize,
+}
+
+/// Runs every detector for the period ending at or before `at` and records
+/// the results. Evaluations already in the lake are not stored again.
+pub async fn run_all(
+    ctx: &SessionContext,
+    lake: &LakeWriter,
+    detectors: &[Detector],
+    at: DateTime<Utc>,
+) -> Result<RunSummary, DetectError> {
+    let mut summary = RunSummary::default();
+    for detector in detectors {
+        summary
+            .evaluations
+            .extend(evaluate(ctx, detector, at).await?);
+    }
+    let by_date = |rows: Vec<&Evaluation>| {
+        let mut m: std::collections::BTreeMap<String, Vec<Evaluation>> = Default::default();
+        for e in rows {
+            m.entry(e.current_end.format("%Y-%m-%d").to_string())
+                .or_default()
+                .push(e.clone());
+        }
+        m
+    };
+    for (date, rows) in by_date(summary.evaluations.iter().collect()) {
+        let batch = schema::evaluations_batch(&rows).map_err(|source| LakeError::Arrow {
+            table: DETECTOR_RUNS,
+            source,
+        })?;
+        lake.append(DETECTOR_RUNS, &date, &batch)?;
+    }
+    for (date, rows) in by_date(summary.evaluations.iter().filter(|e| e.fired).collect()) {
+        let batch = schema::evaluations_batch(&rows).map_err(|source| LakeError::Arrow {
+            table: DRIFT_EVENTS,
+            source,
+        })?;
+        summary.new_events += lake.append(DRIFT_EVENTS, &date, &batch)?.rows;
+    }
+    Ok(summary)
+}
+
+/// The end of the newest window in the lake (event time), if any.
+pub async fn latest_event_time(ctx: &SessionContext) -> Result<Option<DateTime<Utc>>, QueryError> {
+    let batches = query::run(
+        ctx,
+        "SELECT CAST(max(window_start) AS BIGINT) AS t, max(window_secs) AS s FROM metrics",
+    )
+    .await?;
+    let Some(batch) = batches.first() else {
+        return Ok(None);
+    };
+    let (Some(t), Some(s)) = (batch.column_by_name("t"), batch.column_by_name("s")) else {
+        return Ok(None);
+    };
+    let (Ok(t), Ok(s)) = (cast(t, &DataType::Int64), cast(s, &DataType::Int64)) else {
+        return Ok(None);
+    };
+    let (t, s) = (t.as_primitive::<Int64Type>(), s.as_primitive::<Int64Type>());
+    if t.is_empty() || t.is_null(0) {
+        return Ok(None);
+    }
+    // window_start is in microseconds.
+    Ok(DateTime::from_timestamp_micros(t.value(0))
+        .map(|start| start + TimeDelta::seconds(if s.is_null(0) { 0 } else { s.value(0) })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detector(body: &str) -> Result<Detector, String> {
+        parse(Path::new("x.sql"), body)
+    }
+
+    #[test]
+    fn headers_parse_and_errors_are_clear() {
+        let d = detector(
+            "-- name: lat\n-- current: 15m (the period under test)\n-- reference: 1h\n-- threshold: 0.2\nSELECT 1",
+        )
+        .expect("parses");
+        assert_eq!(d.current, Duration::from_secs(900));
+        assert_eq!((d.alpha, d.min_devices), (0.001, 10));
+        let e = detector("-- name: lat\n-- current: 15m\n-- threshold: 0.2\nSELECT 1")
+            .expect_err("no reference");
+        assert!(e.contains("reference"), "{e}");
+        let e = detector("-- name: lat\n-- current: soon\n-- reference: 1h\n-- threshold: 1\nSELECT 1")
+            .expect_err("bad duration");
+        assert!(e.contains("current"), "{e}");
+    }
+
+    #[test]
+    fn periods_align_and_placeholders_expand() {
+        let d = detector(
+            "-- name: lat\n-- current: 15m\n-- reference: 1h\n-- threshold: 0.2\n\
+             SELECT {ref_hist:latency_ms}, {cur_sum:error_count}, {cur_noise:feedback_negative} WHERE {in_current}",
+        )
+        .expect("parses");
+        let at: DateTime<Utc> = "2026-11-27T10:37:12Z".parse().expect("ts");
+        let p = d.periods(at);
+        assert_eq!(p.current_end.to_rfc3339(), "2026-11-27T10:30:00+00:00");
+        assert_eq!(p.current_start.to_rfc3339(), "2026-11-27T10:15:00+00:00");
+        assert_eq!(p.reference_start.to_rfc3339(), "2026-11-27T09:15:00+00:00");
+        let sql = render(&d, &p);
+        assert!(sql.contains("make_array(sum(CASE WHEN (window_start >= TIMESTAMP '2026-11-27T09:15:00Z'"));
+        assert!(sql.contains("latency_ms_b15 END)"));
+        assert!(sql.contains("THEN error_count ELSE 0 END)"));
+        assert!(sql.contains("noise_var(mechanism, scale_feedback)"));
+        assert!(!sql.contains('{'), "{sql}");
+    }
+}
+
+/// Runs detection as event time advances: after each new period end seen
+/// in the lake, every detector runs for it, in order, so a backfill or a
+/// replay is evaluated like live data. Used by `serve` and `demo`.
+pub struct Schedule {
+    pub queries: PathBuf,
+    pub rule: crate::retrain::RetrainRule,
+    pub targets: crate::retrain::Targets,
+    /// Most periods caught up per tick (a long backfill is spread out).
+    pub max_periods_per_tick: usize,
+    last_end: std::collections::HashMap<String, DateTime<Utc>>,
+}
+
+/// What one tick found, for printing.
+#[derive(Debug, Default)]
+pub struct Tick {
+    pub events: Vec<Evaluation>,
+    pub jobs: Vec<schema::JobEvent>,
+}
+
+impl Schedule {
+    pub fn new(
+        queries: PathBuf,
+        rule: crate::retrain::RetrainRule,
+        targets: crate::retrain::Targets,
+    ) -> Self {
+        Schedule {
+            queries,
+            rule,
+            targets,
+            max_periods_per_tick: 16,
+            last_end: Default::default(),
+        }
+    }
+
+    /// Evaluates the periods that ended since the last tick.
+    pub async fn tick(&mut self, ctx: &SessionContext, lake: &LakeWriter) -> Result<Tick, DetectError> {
+        let detectors = load(&self.queries)?;
+        let Some(latest) = latest_event_time(ctx).await.map_err(|source| DetectError::Query {
+            detector: "(latest event time)".into(),
+            file: self.queries.clone(),
+            source,
+        })?
+        else {
+            return Ok(Tick::default());
+        };
+        let mut tick = Tick::default();
+        for detector in &detectors {
+            let newest = detector.periods(latest).current_end;
+            let step = TimeDelta::from_std(detector.current).unwrap_or(TimeDelta::hours(1));
+            let mut next = match self.last_end.get(&detector.name) {
+                Some(last) => *last + step,
+                // First tick: only the newest complete period.
+                None => newest,
+            };
+            let mut done = 0;
+            tracing::debug!(detector = detector.name, %latest, %newest, %next, "detection tick");
+            while next <= newest && done < self.max_periods_per_tick {
+                let summary = run_all(ctx, lake, std::slice::from_ref(detector), next).await?;
+                let fired: Vec<Evaluation> = summary
+                    .evaluations
+                    .into_iter()
+                    .filter(|e| e.fired)
+                    .collect();
+                let jobs = crate::retrain::after_run(ctx, lake, &self.rule, &self.targets, &fired)
+                    .await
+                    .map_err(|e| DetectError::Retrain(e.to_string()))?;
+                if summary.new_events > 0 {
+                    tick.events.extend(fired);
+                }
+                tick.jobs.extend(jobs);
+                self.last_end.insert(detector.name.clone(), next);
+                next += step;
+                done += 1;
+            }
+        }
+        Ok(tick)
+    }
+}
+
+/// The detectors shipped in `queries/detectors/`, built into the binary for
+/// the demo and for `serve` without `--queries`.
+pub const BUILTIN: [(&str, &str); 6] = [
+    ("canary_latency.sql", include_str!("../../queries/detectors/canary_latency.sql")),
+    ("error_rate.sql", include_str!("../../queries/detectors/error_rate.sql")),
+    ("input_drift.sql", include_str!("../../queries/detectors/input_drift.sql")),
+    ("latency_regression.sql", include_str!("../../queries/detectors/latency_regression.sql")),
+    ("negative_feedback.sql", include_str!("../../queries/detectors/negative_feedback.sql")),
+    ("prediction_drift.sql", include_str!("../../queries/detectors/prediction_drift.sql")),
+];
+
+/// Writes the built-in detectors into `dir` (which then can be edited),
+/// keeping files that are already there.
+pub fn install_builtin(dir: &Path) -> Result<(), DetectError> {
+    let write = |path: PathBuf, text: &str| {
+        std::fs::write(&path, text).map_err(|source| DetectError::Read { path, source })
+    };
+    std::fs::create_dir_all(dir).map_err(|source| DetectError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for (name, text) in BUILTIN {
+        let path = dir.join(name);
+        if !path.exists() {
+            write(path, text)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `schedule` every `interval` until `shutdown`; with `print`, says
+/// what fired and which jobs opened (the demo), else logs it.
+pub async fn run_schedule(
+    mut schedule: Schedule,
+    ctx: std::sync::Arc<SessionContext>,
+    lake: std::sync::Arc<LakeWriter>,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+    print: bool,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match schedule.tick(&ctx, &lake).await {
+            Ok(tick) => {
+                for e in &tick.events {
+                    let line = format!(
+                        "drift: {} {} {} {} = {:.3} (threshold {}, p {:.1e}, {} devices) in {} .. {}",
+                        e.severity.as_deref().unwrap_or("warning"),
+                        e.detector,
+                        e.model_id,
+                        e.statistic,
+                        e.value.unwrap_or(f64::NAN),
+                        e.threshold,
+                        e.p_value.unwrap_or(f64::NAN),
+                        e.devices,
+                        e.current_start.format("%H:%M"),
+                        e.current_end.format("%H:%M"),
+                    );
+                    if print {
+                        println!("  {line}");
+                    } else {
+                        tracing::warn!("{line}");
+                    }
+                }
+                for j in &tick.jobs {
+                    let line = format!(
+                        "retraining job {} for {} {}: {} ({})",
+                        j.job_id,
+                        j.model_id,
+                        j.model_version,
+                        j.status,
+                        j.detail.as_deref().unwrap_or_default()
+                    );
+                    if print {
+                        println!("  {line}");
+                    } else {
+                        tracing::warn!("{line}");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "detection failed; retrying next interval"),
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Retraining jobs: a rule turns drift events into jobs, jobs are
+//! dispatched to a webhook (signed JSON) or a command, and their states are
+//! kept in `retrain_job_events` (the `retrain_jobs` view shows the latest).
+//!
+//! The rule, per model: the events of the run must match (detectors,
+//! severity); the model must have fired in each of the last `consecutive`
+//! periods; no job of the model may be open (pending, dispatched,
+//! acknowledged); the last job must be older than `cooldown` (event time).
+//! A job's id is `{model_id}-{period end}`: running detection again for the
+//! same period finds the job already there and dispatches nothing twice.
+//!
+//! Webhook: `POST` of the evidence JSON with `Content-Type:
+//! application/json`, `X-Driftline-Job: {job_id}` (use it as the idempotency
+//! key), and with a secret `X-Driftline-Signature: sha256={hex HMAC-SHA256
+//! of the body}`. A 2xx answer marks the job dispatched; timeouts, 5xx, 408
+//! and 429 are retried with exponential backoff (4 attempts); other answers
+//! fail the job. Command: run with `sh -c`, the evidence on stdin; exit 0
+//! marks it dispatched. The training system reports back with
+//! `driftline-collector job-status` (acknowledged, succeeded, failed).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::lake::schema::{self, Evaluation, JobEvent};
+use crate::lake::{LakeError, LakeWriter, JOB_EVENTS};
+use crate::query::{self, QueryError};
+
+/// When drift events become a job.
+#[derive(Debug, Clone)]
+pub struct RetrainRule {
+    /// Detectors that count; empty: all.
+    pub detectors: Vec<String>,
+    /// `warning` or `critical`.
+    pub min_severity: String,
+    pub consecutive: u32,
+    pub cooldown: Duration,
+}
+
+impl Default for RetrainRule {
+    fn default() -> Self {
+        RetrainRule {
+            detectors: Vec::new(),
+            min_severity: "warning".into(),
+            consecutive: 2,
+            cooldown: Duration::from_secs(6 * 3600),
+        }
+    }
+}
+
+/// Where jobs go.
+#[derive(Debug, Clone, Default)]
+pub struct Targets {
+    pub webhook: Option<String>,
+    /// HMAC-SHA256 key for the webhook's signature header.
+    pub secret: Option<String>,
+    /// A shell command that receives the evidence on stdin.
+    pub command: Option<String>,
+}
+
+impl Targets {
+    pub fn is_empty(&self) -> bool {
+        self.webhook.is_none() && self.command.is_none()
+    }
+}
+
+/// Errors of the job ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum RetrainError {
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error("no retraining job {0}")]
+    UnknownJob(String),
+    #[error("status must be one of acknowledged, succeeded, failed (got {0:?})")]
+    Status(String),
+}
+
+/// The JSON a training system receives.
+#[derive(Debug, Serialize)]
+pub struct Evidence<'a> {
+    pub job_id: &'a str,
+    pub model_id: &'a str,
+    pub model_version: &'a str,
+    pub period_end: DateTime<Utc>,
+    pub events: Vec<&'a Evaluation>,
+    /// SQL that shows the events, for psql or Grafana.
+    pub sql: String,
+}
+
+fn severity_rank(s: &str) -> u8 {
+    match s {
+        "critical" => 2,
+        "warning" => 1,
+        _ => 0,
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+async fn scalar_i64(ctx: &datafusion::prelude::SessionContext, sql: &str) -> Result<i64, QueryError> {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{DataType, Int64Type};
+    let batches = query::run(ctx, sql).await?;
+    Ok(batches
+        .first()
+        .filter(|b| b.num_rows() > 0)
+        .and_then(|b| datafusion::arrow::compute::cast(b.column(0), &DataType::Int64).ok())
+        .and_then(|a| {
+            let a = a.as_primitive::<Int64Type>();
+            (!a.is_null(0)).then(|| a.value(0))
+        })
+        .unwrap_or(0))
+}
+
+/// Opens and dispatches the jobs the rule asks for after a detection run.
+/// Returns the job events recorded.
+pub async fn after_run(
+    ctx: &datafusion::prelude::SessionContext,
+    lake: &LakeWriter,
+    rule: &RetrainRule,
+    targets: &Targets,
+    evaluations: &[Evaluation],
+) -> Result<Vec<JobEvent>, RetrainError> {
+    let mut models: std::collections::BTreeMap<(&str, &str), Vec<&Evaluation>> = Default::default();
+    for e in evaluations.iter().filter(|e| {
+        e.fired
+            && (rule.detectors.is_empty() || rule.detectors.contains(&e.detector))
+            && severity_rank(e.severity.as_deref().unwrap_or("")) >= severity_rank(&rule.min_severity)
+    }) {
+        models.entry((&e.model_id, &e.model_version)).or_default().push(e);
+    }
+    let mut recorded = Vec::new();
+    for ((model_id, model_version), events) in models {
+        let Some(end) = events.iter().map(|e| e.current_end).max() else {
+            continue;
+        };
+        let length = events
+            .iter()
+            .map(|e| e.current_end - e.current_start)
+            .min()
+            .unwrap_or_default();
+        // Fired in each of the last `consecutive` periods?
+        let since = end - length * i32::try_from(rule.consecutive.max(1)).unwrap_or(1);
+        let periods = scalar_i64(
+            ctx,
+            &format!(
+                "SELECT count(DISTINCT current_end) AS n FROM drift_events \
+                 WHERE model_id = {} AND model_version = {} \
+                 AND current_end > TIMESTAMP '{}' AND current_end <= TIMESTAMP '{}'",
+                quote(model_id),
+                quote(model_version),
+                since.to_rfc3339(),
+                end.to_rfc3339()
+            ),
+        )
+        .await?;
+        if periods < i64::from(rule.consecutive.max(1)) {
+            continue;
+        }
+        let job_id = format!("{model_id}-{}", end.format("%Y%m%dT%H%MZ"));
+        let open = scalar_i64(
+            ctx,
+            &format!(
+                "SELECT count(*) AS n FROM retrain_jobs WHERE model_id = {} AND job_id <> {} \
+                 AND (status IN ('pending', 'dispatched', 'acknowledged') \
+                      OR period_end > TIMESTAMP '{}')",
+                quote(model_id),
+                quote(&job_id),
+                (end - chrono::TimeDelta::from_std(rule.cooldown).unwrap_or_default()).to_rfc3339()
+            ),
+        )
+        .await?;
+        if open > 0 {
+            continue;
+        }
+        let evidence = Evidence {
+            job_id: &job_id,
+            model_id,
+            model_version,
+            period_end: end,
+            events: events.clone(),
+            sql: format!(
+                "SELECT * FROM drift_events WHERE model_id = {} AND model_version = {} \
+                 AND current_end = TIMESTAMP '{}'",
+                quote(model_id),
+                quote(model_version),
+                end.format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+        };
+        let body = serde_json::to_string_pretty(&evidence).unwrap_or_default();
+        let pending = JobEvent {
+            job_id: job_id.clone(),
+            model_id: model_id.to_owned(),
+            model_version: model_version.to_owned(),
+            status: "pending".into(),
+            at: Utc::now(),
+            period_end: end,
+            detail: Some(format!("{} drift event(s)", events.len())),
+            evidence: Some(body.clone()),
+        };
+        if record(lake, &pending)? == 0 {
+            continue; // this job exists: dispatched before
+        }
+        recorded.push(pending.clone());
+        if targets.is_empty() {
+            continue;
+        }
+        let (status, detail) = match dispatch(targets, &job_id, body).await {
+            Ok(detail) => ("dispatched", detail),
+            Err(detail) => ("failed", detail),
+        };
+        let next = JobEvent {
+            status: status.into(),
+            at: Utc::now(),
+            detail: Some(detail),
+            evidence: None,
+            ..pending
+        };
+        record(lake, &next)?;
+        recorded.push(next);
+    }
+    Ok(recorded)
+}
+
+/// Stores one job event; returns 1 if new, 0 if it was there already.
+fn record(lake: &LakeWriter, event: &JobEvent) -> Result<usize, RetrainError> {
+    let batch = schema::job_events_batch(std::slice::from_ref(event)).map_err(|source| {
+        LakeError::Arrow {
+            table: JOB_EVENTS,
+            source,
+        }
+    })?;
+    let date = event.at.format("%Y-%m-%d").to_string();
+    Ok(lake.append(JOB_EVENTS, &date, &batch)?.rows)
+}
+
+/// Records a status reported by the training system.
+pub async fn report(
+    ctx: &datafusion::prelude::SessionContext,
+    lake: &LakeWriter,
+    job_id: &str,
+    status: &str,
+    detail: Option<String>,
+) -> Result<(), RetrainError> {
+    if !["acknowledged", "succeeded", "failed"].contains(&status) {
+        return Err(RetrainError::Status(status.to_owned()));
+    }
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::TimestampMicrosecondType;
+    let batches = query::run(
+        ctx,
+        &format!(
+            "SELECT model_id, model_version, period_end FROM retrain_jobs WHERE job_id = {}",
+            quote(job_id)
+        ),
+    )
+    .await?;
+    let Some(b) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Err(RetrainError::UnknownJob(job_id.to_owned()));
+    };
+    let text = |i: usize| {
+        datafusion::arrow::compute::cast(b.column(i), &datafusion::arrow::datatypes::DataType::Utf8)
+            .ok()
+            .map(|a| a.as_string::<i32>().value(0).to_owned())
+            .unwrap_or_default()
+    };
+    let period_end = b
+        .column(2)
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .and_then(|a| DateTime::from_timestamp_micros(a.value(0)))
+        .unwrap_or_else(Utc::now);
+    record(
+        lake,
+        &JobEvent {
+            job_id: job_id.to_owned(),
+            model_id: text(0),
+            model_version: text(1),
+            status: status.to_owned(),
+            at: Utc::now(),
+            period_end,
+            detail,
+            evidence: None,
+        },
+    )?;
+    Ok(())
+}
+
+/// Sends a job to every target; the first failure fails it.
+async fn dispatch(targets: &Targets, job_id: &str, body: String) -> Result<String, String> {
+    let mut done = Vec::new();
+    if let Some(url) = &targets.webhook {
+        let (url, secret, job) = (url.clone(), targets.secret.clone(), job_id.to_owned());
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || post(&url, secret.as_deref(), &job, &body))
+            .await
+            .map_err(|e| e.to_string())??;
+        done.push(format!("webhook {}", targets.webhook.as_deref().unwrap_or_default()));
+    }
+    if let Some(command) = &targets.command {
+        run_command(command, &body).await?;
+        done.push("command".to_owned());
+    }
+    Ok(format!("sent to {}", done.join(" and ")))
+}
+
+/// Hex HMAC-SHA256 of `body` under `secret`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, body);
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn post(url: &str, secret: Option<&str>, job_id: &str, body: &str) -> Result<(), String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut delay = Duration::from_millis(500);
+    let mut last = String::new();
+    for attempt in 1..=4 {
+        let mut request = agent
+            .post(url)
+            .header("Content-Type", "application/json")
+            .header("X-Driftline-Job", job_id);
+        if let Some(secret) = secret {
+            request = request.header(
+                "X-Driftline-Signature",
+                format!("sha256={}", signature(secret, body.as_bytes())),
+            );
+        }
+        match request.send(body) {
+            Ok(response) if response.status().is_success() => return Ok(()),
+            Ok(response) => {
+                let code = response.status().as_u16();
+                last = format!("webhook answered {code}");
+                if !(code >= 500 || code == 408 || code == 429) {
+                    return Err(last);
+                }
+            }
+            Err(e) => last = format!("webhook: {e}"),
+        }
+        tracing::warn!(attempt, error = %last, "retraining webhook failed; retrying");
+        if attempt < 4 {
+            std::thread::sleep(delay);
+            delay *= 2;
+        }
+    }
+    Err(format!("{last} (4 attempts)"))
+}
+
+async fn run_command(command: &str, body: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("sh")
+        .args(["-c", command])
+        .stdin(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(body.as_bytes())
+            .await
+            .map_err(|e| format!("writing to {command:?}: {e}"))?;
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .map_err(|_| format!("{command:?} ran longer than 60 s"))?
+        .map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} exited with {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_sha256() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature("Jefe", b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}
