@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::detect;
 use crate::endpoint::{Endpoint, EndpointError, EndpointOptions};
-use crate::retrain::{RetrainRule, Targets};
 use crate::ingest::{Counters, IngestLimits};
 use crate::lake::{LakeError, LakeWriter};
 use crate::query::{self, Format, QueryError};
+use crate::retrain::{RetrainRule, Targets};
 use crate::subscriber::{self, SubscriberError, SubscriberOptions};
 
 /// What the demo runs.

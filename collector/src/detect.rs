@@ -161,7 +161,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Detector, String> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
-        return Err(format!("name {:?}: letters, digits, _ and - only", detector.name));
+        return Err(format!(
+            "name {:?}: letters, digits, _ and - only",
+            detector.name
+        ));
     }
     Ok(detector)
 }
@@ -237,7 +240,9 @@ pub fn render(detector: &Detector, p: &Periods) -> String {
         }
         // Counts and noise of any field named in the file.
         while let Some(start) = sql.find(&format!("{{{tag}_sum:")) {
-            let Some(len) = sql[start..].find('}') else { break };
+            let Some(len) = sql[start..].find('}') else {
+                break;
+            };
             let field = sql[start + tag.len() + 6..start + len].to_owned();
             sql.replace_range(
                 start..=start + len,
@@ -245,7 +250,9 @@ pub fn render(detector: &Detector, p: &Periods) -> String {
             );
         }
         while let Some(start) = sql.find(&format!("{{{tag}_noise:")) {
-            let Some(len) = sql[start..].find('}') else { break };
+            let Some(len) = sql[start..].find('}') else {
+                break;
+            };
             let field = sql[start + tag.len() + 8..start + len].to_owned();
             sql.replace_range(
                 start..=start + len,
@@ -465,8 +472,9 @@ mod tests {
         let e = detector("-- name: lat\n-- current: 15m\n-- threshold: 0.2\nSELECT 1")
             .expect_err("no reference");
         assert!(e.contains("reference"), "{e}");
-        let e = detector("-- name: lat\n-- current: soon\n-- reference: 1h\n-- threshold: 1\nSELECT 1")
-            .expect_err("bad duration");
+        let e =
+            detector("-- name: lat\n-- current: soon\n-- reference: 1h\n-- threshold: 1\nSELECT 1")
+                .expect_err("bad duration");
         assert!(e.contains("current"), "{e}");
     }
 
@@ -483,7 +491,9 @@ mod tests {
         assert_eq!(p.current_start.to_rfc3339(), "2026-11-27T10:15:00+00:00");
         assert_eq!(p.reference_start.to_rfc3339(), "2026-11-27T09:15:00+00:00");
         let sql = render(&d, &p);
-        assert!(sql.contains("make_array(sum(CASE WHEN (window_start >= TIMESTAMP '2026-11-27T09:15:00Z'"));
+        assert!(sql.contains(
+            "make_array(sum(CASE WHEN (window_start >= TIMESTAMP '2026-11-27T09:15:00Z'"
+        ));
         assert!(sql.contains("latency_ms_b15 END)"));
         assert!(sql.contains("THEN error_count ELSE 0 END)"));
         assert!(sql.contains("noise_var(mechanism, scale_feedback)"));
@@ -526,13 +536,19 @@ impl Schedule {
     }
 
     /// Evaluates the periods that ended since the last tick.
-    pub async fn tick(&mut self, ctx: &SessionContext, lake: &LakeWriter) -> Result<Tick, DetectError> {
+    pub async fn tick(
+        &mut self,
+        ctx: &SessionContext,
+        lake: &LakeWriter,
+    ) -> Result<Tick, DetectError> {
         let detectors = load(&self.queries)?;
-        let Some(latest) = latest_event_time(ctx).await.map_err(|source| DetectError::Query {
-            detector: "(latest event time)".into(),
-            file: self.queries.clone(),
-            source,
-        })?
+        let Some(latest) = latest_event_time(ctx)
+            .await
+            .map_err(|source| DetectError::Query {
+                detector: "(latest event time)".into(),
+                file: self.queries.clone(),
+                source,
+            })?
         else {
             return Ok(Tick::default());
         };
@@ -573,12 +589,30 @@ impl Schedule {
 /// The detectors shipped in `queries/detectors/`, built into the binary for
 /// the demo and for `serve` without `--queries`.
 pub const BUILTIN: [(&str, &str); 6] = [
-    ("canary_latency.sql", include_str!("../../queries/detectors/canary_latency.sql")),
-    ("error_rate.sql", include_str!("../../queries/detectors/error_rate.sql")),
-    ("input_drift.sql", include_str!("../../queries/detectors/input_drift.sql")),
-    ("latency_regression.sql", include_str!("../../queries/detectors/latency_regression.sql")),
-    ("negative_feedback.sql", include_str!("../../queries/detectors/negative_feedback.sql")),
-    ("prediction_drift.sql", include_str!("../../queries/detectors/prediction_drift.sql")),
+    (
+        "canary_latency.sql",
+        include_str!("../../queries/detectors/canary_latency.sql"),
+    ),
+    (
+        "error_rate.sql",
+        include_str!("../../queries/detectors/error_rate.sql"),
+    ),
+    (
+        "input_drift.sql",
+        include_str!("../../queries/detectors/input_drift.sql"),
+    ),
+    (
+        "latency_regression.sql",
+        include_str!("../../queries/detectors/latency_regression.sql"),
+    ),
+    (
+        "negative_feedback.sql",
+        include_str!("../../queries/detectors/negative_feedback.sql"),
+    ),
+    (
+        "prediction_drift.sql",
+        include_str!("../../queries/detectors/prediction_drift.sql"),
+    ),
 ];
 
 /// Writes the built-in detectors into `dir` (which then can be edited),

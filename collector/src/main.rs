@@ -77,7 +77,11 @@ struct RetrainArgs {
     #[arg(long, env = "DRIFTLINE_RETRAIN_COOLDOWN", default_value = "6h", value_parser = humantime::parse_duration)]
     retrain_cooldown: Duration,
     /// Lowest severity that counts: warning or critical.
-    #[arg(long, env = "DRIFTLINE_RETRAIN_MIN_SEVERITY", default_value = "warning")]
+    #[arg(
+        long,
+        env = "DRIFTLINE_RETRAIN_MIN_SEVERITY",
+        default_value = "warning"
+    )]
     retrain_min_severity: String,
 }
 
@@ -263,7 +267,9 @@ struct QueryArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Query(_) | Command::Compact(_) | Command::Detect(_) | Command::JobStatus(_) => "warn",
+        Command::Query(_) | Command::Compact(_) | Command::Detect(_) | Command::JobStatus(_) => {
+            "warn"
+        }
         // rumqttd reports every client disconnect as an error: quiet by
         // default in the demo (RUST_LOG=rumqttd=warn shows it).
         Command::Demo(_) => "warn,rumqttd=off",
@@ -457,7 +463,12 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
         },
     };
     let summary = detect::run_all(&ctx, &lake, &detectors, at).await?;
-    let fired: Vec<_> = summary.evaluations.iter().filter(|e| e.fired).cloned().collect();
+    let fired: Vec<_> = summary
+        .evaluations
+        .iter()
+        .filter(|e| e.fired)
+        .cloned()
+        .collect();
     println!(
         "{} detectors, {} evaluations as of {at}: {} fired ({} new drift events)",
         detectors.len(),
@@ -468,7 +479,11 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
     for e in &summary.evaluations {
         println!(
             "  {:<8} {:<20} {:<10} {:<12} {:<34} value {:>9} threshold {:<6} p {:>9}  devices {}",
-            if e.fired { e.severity.as_deref().unwrap_or("fired") } else { "ok" },
+            if e.fired {
+                e.severity.as_deref().unwrap_or("fired")
+            } else {
+                "ok"
+            },
             e.detector,
             e.model_id,
             e.model_version,
@@ -479,8 +494,14 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
             e.devices
         );
     }
-    let jobs =
-        retrain::after_run(&ctx, &lake, &args.retrain.rule(), &args.retrain.targets(), &fired).await?;
+    let jobs = retrain::after_run(
+        &ctx,
+        &lake,
+        &args.retrain.rule(),
+        &args.retrain.targets(),
+        &fired,
+    )
+    .await?;
     for j in &jobs {
         println!(
             "  job {} ({} {}): {} {}",

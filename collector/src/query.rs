@@ -112,6 +112,7 @@ pub fn model_windows_view() -> String {
             }
         )
     };
+    let sum_of = |terms: &[String]| format!("({})", terms.join(" + "));
     let buckets: Vec<String> = (0..driftline_core::histogram::MAX_BUCKETS)
         .map(|i| format!("sum(latency_ms_b{i:02}) AS l{i:02}"))
         .collect();
@@ -173,11 +174,11 @@ FROM (
     GROUP BY model_id, model_version, window_start
   )
 )",
-        weighted = format!("({})", weighted.join(" + ")),
-        totals = format!("({})", totals.join(" + ")),
-        m1 = format!("({})", m1.join(" + ")),
-        m2 = format!("({})", m2.join(" + ")),
-        k = format!("({})", k.join(" + ")),
+        weighted = sum_of(&weighted),
+        totals = sum_of(&totals),
+        m1 = sum_of(&m1),
+        m2 = sum_of(&m2),
+        k = sum_of(&k),
         inferences = se("inference_count", "scale_inference_count"),
         errors = se("error_count", "scale_error_count"),
         negative = se("feedback_negative", "scale_feedback"),

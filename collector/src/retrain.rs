@@ -102,7 +102,10 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-async fn scalar_i64(ctx: &datafusion::prelude::SessionContext, sql: &str) -> Result<i64, QueryError> {
+async fn scalar_i64(
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+) -> Result<i64, QueryError> {
     use datafusion::arrow::array::{Array, AsArray};
     use datafusion::arrow::datatypes::{DataType, Int64Type};
     let batches = query::run(ctx, sql).await?;
@@ -130,9 +133,13 @@ pub async fn after_run(
     for e in evaluations.iter().filter(|e| {
         e.fired
             && (rule.detectors.is_empty() || rule.detectors.contains(&e.detector))
-            && severity_rank(e.severity.as_deref().unwrap_or("")) >= severity_rank(&rule.min_severity)
+            && severity_rank(e.severity.as_deref().unwrap_or(""))
+                >= severity_rank(&rule.min_severity)
     }) {
-        models.entry((&e.model_id, &e.model_version)).or_default().push(e);
+        models
+            .entry((&e.model_id, &e.model_version))
+            .or_default()
+            .push(e);
     }
     let mut recorded = Vec::new();
     for ((model_id, model_version), events) in models {
@@ -299,7 +306,10 @@ async fn dispatch(targets: &Targets, job_id: &str, body: String) -> Result<Strin
         tokio::task::spawn_blocking(move || post(&url, secret.as_deref(), &job, &body))
             .await
             .map_err(|e| e.to_string())??;
-        done.push(format!("webhook {}", targets.webhook.as_deref().unwrap_or_default()));
+        done.push(format!(
+            "webhook {}",
+            targets.webhook.as_deref().unwrap_or_default()
+        ));
     }
     if let Some(command) = &targets.command {
         run_command(command, &body).await?;

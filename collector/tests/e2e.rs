@@ -1147,3 +1147,318 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
     });
     collector.terminate();
 }
+
+/// One noise-free (`mechanism: none`) window report with the given
+/// histograms, for a fixture lake whose detector results are exact.
+#[allow(clippy::too_many_arguments)]
+fn fixture_window(
+    device: &str,
+    model: &str,
+    version: &str,
+    start: DateTime<Utc>,
+    seq: u64,
+    latency: [i64; 16],
+    confidence: [i64; 10],
+    input: [i64; 16],
+    errors: i64,
+    negative: i64,
+) -> String {
+    let inferences: i64 = latency.iter().sum();
+    serde_json::json!({
+        "schema_version": 1, "device_id": device, "fleet": "golden",
+        "model_id": model, "model_version": version, "agent_version": "0.1.0",
+        "window_start": start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "window_secs": 900, "seq": seq,
+        "privacy": { "mechanism": "none" },
+        "inference_count": inferences, "error_count": errors,
+        "feedback": { "positive": 10, "negative": negative, "correction": 0 },
+        "latency_ms": {
+            "edges": [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000],
+            "counts": latency },
+        "confidence": { "edges": [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1], "counts": confidence },
+        "input_tokens": {
+            "edges": [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768],
+            "counts": input },
+        "output_tokens": {
+            "edges": [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768],
+            "counts": input }
+    })
+    .to_string()
+}
+
+/// Headers (lower-cased names) and body of an HTTP request.
+type Request = (Vec<(String, String)>, String);
+
+/// A one-request HTTP server: returns the port and a handle yielding the
+/// request's headers (lower-cased names) and body.
+fn one_request_server(status: u16) -> (u16, std::thread::JoinHandle<Request>) {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let handle = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut headers = Vec::new();
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("request line");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("header");
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                headers.push((k.trim().to_lowercase(), v.trim().to_owned()));
+            }
+        }
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).expect("body");
+        let reply =
+            format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        stream.write_all(reply.as_bytes()).expect("reply");
+        (headers, String::from_utf8_lossy(&body).into_owned())
+    });
+    (port, handle)
+}
+
+#[test]
+fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed_webhook() {
+    use driftline_collector::ingest::{Ingest, IngestLimits};
+    use driftline_collector::lake::LakeWriter;
+    let data = tempfile::tempdir().expect("tempdir");
+    // Four reference windows (an hour) and one current window of 15 min,
+    // ending at `end`: a recent, aligned time so the lake accepts it.
+    let end = DateTime::from_timestamp(Utc::now().timestamp() / 900 * 900, 0).expect("ts");
+    let current = end - TimeDelta::minutes(15);
+    let mut stable_latency = [0i64; 16];
+    stable_latency[5] = 40; // all in [20, 50): median 35 ms
+    let mut slow_latency = [0i64; 16];
+    slow_latency[6] = 40; // all in [50, 100): median 75 ms
+    let mut slower_latency = [0i64; 16];
+    slower_latency[7] = 40; // all in [100, 200): median 150 ms
+    let confident = [0, 0, 0, 0, 0, 0, 5, 10, 15, 10];
+    let unsure = [0, 0, 5, 10, 15, 10, 0, 0, 0, 0];
+    let short = [0, 0, 0, 0, 10, 20, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let long = [0, 0, 0, 0, 0, 0, 0, 0, 10, 20, 10, 0, 0, 0, 0, 0];
+    let mut ingest = Ingest::new(IngestLimits::default(), Arc::new(Default::default()));
+    let received = Utc::now();
+    for d in 0..12 {
+        let device = format!("dev-{d:02}");
+        for w in 0..5i64 {
+            let start = end - TimeDelta::minutes(15 * (5 - w));
+            let now = start == current;
+            let seq = w as u64 * 3;
+            let topic = format!("driftline/v1/golden/{device}/metrics");
+            let stable = fixture_window(
+                &device,
+                "m-stable",
+                "1",
+                start,
+                seq,
+                stable_latency,
+                confident,
+                short,
+                1,
+                2,
+            );
+            let drifting = if now {
+                fixture_window(
+                    &device,
+                    "m-drift",
+                    "1",
+                    start,
+                    seq + 1,
+                    slow_latency,
+                    unsure,
+                    long,
+                    8,
+                    12,
+                )
+            } else {
+                fixture_window(
+                    &device,
+                    "m-drift",
+                    "1",
+                    start,
+                    seq + 1,
+                    stable_latency,
+                    confident,
+                    short,
+                    1,
+                    2,
+                )
+            };
+            ingest.handle(&topic, stable.as_bytes(), received);
+            ingest.handle(&topic, drifting.as_bytes(), received);
+            if now && d < 6 {
+                let canary = fixture_window(
+                    &device,
+                    "m-drift",
+                    "2",
+                    start,
+                    seq + 2,
+                    slower_latency,
+                    unsure,
+                    long,
+                    8,
+                    12,
+                );
+                ingest.handle(&topic, canary.as_bytes(), received);
+            }
+        }
+    }
+    let lake = LakeWriter::open(data.path()).expect("lake");
+    ingest.flush(&lake).expect("flush");
+    assert_eq!(
+        ingest
+            .counters()
+            .quarantined
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    let (port, request) = one_request_server(200);
+    let at = (end + TimeDelta::minutes(1)).to_rfc3339();
+    let detect = || {
+        let out = Command::new(COLLECTOR)
+            .args([
+                "detect",
+                "--at",
+                &at,
+                "--retrain-consecutive",
+                "1",
+                "--retrain-secret",
+                "s3cret",
+            ])
+            .args([
+                "--retrain-webhook",
+                &format!("http://127.0.0.1:{port}/retrain"),
+            ])
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .expect("detect");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = detect();
+    assert!(first.contains("new drift events"), "{first}");
+
+    // Golden results: which evaluations fire, and the exact values.
+    let fired = query(
+        data.path(),
+        "SELECT detector, model_id, model_version, fired, round(value, 4) AS value FROM detector_runs \
+         ORDER BY detector, model_id, model_version",
+    );
+    let expected: Vec<Vec<String>> = [
+        // canary: v2's median 150 ms against v1's 75 ms.
+        ["canary_latency", "m-drift", "2", "true", "1.0"],
+        // error rate: 8/40 against 1/40.
+        ["error_rate", "m-drift", "1", "true", "0.175"],
+        ["error_rate", "m-stable", "1", "false", "0.0"],
+        ["input_drift", "m-drift", "1", "true", "PSI"],
+        // A version with no reference period has no value, and stays quiet.
+        ["input_drift", "m-drift", "2", "false", ""],
+        ["input_drift", "m-stable", "1", "false", "0.0"],
+        // median 75 ms against 35 ms: +114.29%.
+        ["latency_regression", "m-drift", "1", "true", "1.1429"],
+        ["latency_regression", "m-drift", "2", "false", ""],
+        ["latency_regression", "m-stable", "1", "false", "0.0"],
+        ["negative_feedback", "m-drift", "1", "true", "0.25"],
+        ["negative_feedback", "m-stable", "1", "false", "0.0"],
+        ["prediction_drift", "m-drift", "1", "true", "PSI"],
+        ["prediction_drift", "m-drift", "2", "false", ""],
+        ["prediction_drift", "m-stable", "1", "false", "0.0"],
+    ]
+    .iter()
+    .map(|r| r.iter().map(|s| s.to_string()).collect())
+    .collect();
+    assert_eq!(fired.len(), expected.len(), "{fired:?}");
+    for (got, want) in fired.iter().zip(&expected) {
+        assert_eq!(got[..4], want[..4], "{got:?}");
+        if want[4] != "PSI" {
+            assert_eq!(got[4], want[4], "{got:?}");
+        } else {
+            // The histograms share no bucket: the PSI floor (1e-4) bounds it.
+            let psi: f64 = got[4].parse().expect("psi");
+            assert!(psi > 5.0, "{got:?}");
+        }
+    }
+
+    // The job reached the webhook, signed.
+    let (headers, body) = request.join().expect("server");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let evidence: serde_json::Value = serde_json::from_str(&body).expect("evidence JSON");
+    assert_eq!(evidence["model_id"], "m-drift");
+    assert_eq!(
+        header("x-driftline-job"),
+        evidence["job_id"].as_str().unwrap_or_default()
+    );
+    assert_eq!(
+        header("x-driftline-signature"),
+        format!(
+            "sha256={}",
+            driftline_collector::retrain::signature("s3cret", body.as_bytes())
+        )
+    );
+    assert!(evidence["events"].as_array().is_some_and(|e| e.len() >= 5));
+    assert!(evidence["sql"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("drift_events"));
+
+    // Running again for the same period records and dispatches nothing.
+    let second = detect();
+    assert!(second.contains("(0 new drift events)"), "{second}");
+    assert!(!second.contains(" job "), "{second}");
+    let counts = query(
+        data.path(),
+        "SELECT (SELECT count(*) FROM drift_events) AS events, (SELECT count(*) FROM retrain_jobs) AS jobs",
+    );
+    // One job: the canary (same model) waits while the first is open.
+    assert_eq!(counts, vec![vec!["6".to_string(), "1".to_string()]]);
+
+    // The training system reports back.
+    let job = evidence["job_id"].as_str().unwrap_or_default().to_owned();
+    let out = Command::new(COLLECTOR)
+        .args([
+            "job-status",
+            &job,
+            "succeeded",
+            "--detail",
+            "run 42",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .output()
+        .expect("job-status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = query(
+        data.path(),
+        &format!("SELECT status, detail FROM retrain_jobs WHERE job_id = '{job}'"),
+    );
+    assert_eq!(
+        status,
+        vec![vec!["succeeded".to_string(), "run 42".to_string()]]
+    );
+}

@@ -442,9 +442,9 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
     let mut file = StringBuilder::new();
     for e in rows {
         detected_at.append_value(micros(e.detected_at));
-        for (b, v) in text
-            .iter_mut()
-            .zip([&e.detector, &e.model_id, &e.model_version, &e.statistic])
+        for (b, v) in
+            text.iter_mut()
+                .zip([&e.detector, &e.model_id, &e.model_version, &e.statistic])
         {
             b.append_value(v);
         }

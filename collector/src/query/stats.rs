@@ -194,7 +194,12 @@ pub fn hist_mean_se(edges: &[f64], counts: &[f64], noise: f64) -> Option<f64> {
     let c = clamp(counts);
     let n: f64 = c.iter().sum();
     let m = mids(edges, c.len());
-    let spread: f64 = c.iter().zip(&m).map(|(c, m)| c * (m - mean).powi(2)).sum::<f64>() / n;
+    let spread: f64 = c
+        .iter()
+        .zip(&m)
+        .map(|(c, m)| c * (m - mean).powi(2))
+        .sum::<f64>()
+        / n;
     let noise_part: f64 = m.iter().map(|m| (m - mean).powi(2)).sum::<f64>() * noise / (n * n);
     Some((spread / n + noise_part).sqrt())
 }
@@ -302,7 +307,8 @@ fn row_values(array: &ArrayRef, row: usize) -> Result<Option<Vec<f64>>> {
     }
     let values = match array.data_type() {
         DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..) => {
-            let list_type = DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)));
+            let list_type =
+                DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)));
             let list = cast(array, &list_type)?;
             let list = list.as_list::<i32>();
             let inner = list.value(row);
@@ -375,8 +381,12 @@ pub fn udfs() -> Vec<ScalarUDF> {
             hist_shift_pvalue(&a[0], &a[1], scalar(&a[2]), scalar(&a[3]))
         }),
         row_fn("hist_mean", 2, |a| hist_mean(&a[0], &a[1])),
-        row_fn("hist_mean_se", 3, |a| hist_mean_se(&a[0], &a[1], scalar(&a[2]))),
-        row_fn("hist_quantile", 3, |a| hist_quantile(&a[0], &a[1], scalar(&a[2]))),
+        row_fn("hist_mean_se", 3, |a| {
+            hist_mean_se(&a[0], &a[1], scalar(&a[2]))
+        }),
+        row_fn("hist_quantile", 3, |a| {
+            hist_quantile(&a[0], &a[1], scalar(&a[2]))
+        }),
         row_fn("hist_quantile_se", 4, |a| {
             hist_quantile_se(&a[0], &a[1], scalar(&a[2]), scalar(&a[3]))
         }),
@@ -454,7 +464,10 @@ mod calibration {
                 }
             }
             // Binomial(400, 0.01): mean 4, 12 is > 4 standard deviations.
-            assert!(alarms <= 12, "{alarms} false alarms of {trials} ({devices} devices, eps {epsilon})");
+            assert!(
+                alarms <= 12,
+                "{alarms} false alarms of {trials} ({devices} devices, eps {epsilon})"
+            );
             // Ignoring the noise would alarm far more often.
             if epsilon < 1.5 {
                 let mut naive = 0;
@@ -521,7 +534,10 @@ mod calibration {
     fn histogram_mean_and_quantiles() {
         let edges = [0.0, 10.0, 20.0, 40.0];
         let counts = [10.0, 20.0, -3.0];
-        assert_eq!(hist_mean(&edges, &counts), Some((10.0 * 5.0 + 20.0 * 15.0) / 30.0));
+        assert_eq!(
+            hist_mean(&edges, &counts),
+            Some((10.0 * 5.0 + 20.0 * 15.0) / 30.0)
+        );
         // Raw counts: the -3 counts (noise), so N = 27 and the median is
         // 13.5 of 27, in bucket 1: 10 + 10 * 3.5 / 20.
         assert_eq!(hist_quantile(&edges, &counts, 0.5), Some(11.75));
