@@ -398,9 +398,10 @@ pub async fn run_all(
 ) -> Result<RunSummary, DetectError> {
     let mut summary = RunSummary::default();
     for detector in detectors {
-        summary
-            .evaluations
-            .extend(evaluate(ctx, detector, at).await?);
+        let evaluations = evaluate(ctx, detector, at).await?;
+        metrics::counter!("driftline_detector_runs_total", "detector" => detector.name.clone())
+            .increment(1);
+        summary.evaluations.extend(evaluations);
     }
     let by_date = |rows: Vec<&Evaluation>| {
         let mut m: std::collections::BTreeMap<String, Vec<Evaluation>> = Default::default();
@@ -423,7 +424,9 @@ pub async fn run_all(
             table: DRIFT_EVENTS,
             source,
         })?;
-        summary.new_events += lake.append(DRIFT_EVENTS, &date, &batch)?.rows;
+        let stored = lake.append(DRIFT_EVENTS, &date, &batch)?.rows;
+        metrics::counter!("driftline_drift_events_total").increment(stored as u64);
+        summary.new_events += stored;
     }
     Ok(summary)
 }

@@ -10,6 +10,7 @@
 //!   tables over them ([`lake::schema`] maps wire fields to columns).
 //! - [`wal`]: the write-ahead log that makes a message durable before it
 //!   is acknowledged.
+//! - [`observe`]: `/metrics` (Prometheus) and `/health`.
 //! - [`maintenance`]: compaction and retention, on a schedule in `serve`.
 //! - [`query`]: the DataFusion session shared by every SQL user.
 //! - [`endpoint`]: the PostgreSQL-wire SQL endpoint (auth, TLS, read-only,
@@ -30,6 +31,7 @@ pub mod endpoint;
 pub mod ingest;
 pub mod lake;
 pub mod maintenance;
+pub mod observe;
 pub mod query;
 pub mod retrain;
 pub mod subscriber;

@@ -13,7 +13,7 @@ use driftline_collector::endpoint::Endpoint;
 use driftline_collector::ingest::Counters;
 use driftline_collector::lake::LakeWriter;
 use driftline_collector::query::{self, Format};
-use driftline_collector::{detect, maintenance, retrain, subscriber};
+use driftline_collector::{detect, maintenance, observe, retrain, subscriber};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -233,6 +233,9 @@ struct ServeArgs {
     detect_interval: Duration,
     #[command(flatten)]
     retrain: RetrainArgs,
+    /// Serve /metrics (Prometheus) and /health here. Default: off.
+    #[arg(long, env = "DRIFTLINE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -381,6 +384,13 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     let lake = Arc::new(LakeWriter::open(&config.data_dir)?);
     tracing::info!(data_dir = %config.data_dir.display(), "lake opened");
     let shutdown = shutdown_on_signal()?;
+    let counters = Arc::new(Counters::default());
+    if let Some(listen) = args.metrics_listen {
+        let addr = observe::serve(listen, counters.clone(), shutdown.clone())
+            .await
+            .with_context(|| format!("serving metrics on {listen}"))?;
+        tracing::info!(%addr, "metrics and health endpoint listening");
+    }
     let sql = match config.endpoint {
         Some(endpoint) => {
             let ctx =
@@ -409,13 +419,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         config.maintenance,
         shutdown.clone(),
     ));
-    let result = subscriber::run(
-        config.subscriber,
-        lake,
-        Arc::new(Counters::default()),
-        shutdown.clone(),
-    )
-    .await;
+    let result = subscriber::run(config.subscriber, lake, counters, shutdown.clone()).await;
     shutdown.cancel();
     let _ = upkeep.await;
     let _ = detection.await;

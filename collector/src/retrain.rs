@@ -229,6 +229,7 @@ pub async fn after_run(
             ..pending
         };
         record(lake, &next)?;
+        metrics::counter!("driftline_jobs_total", "status" => status).increment(1);
         recorded.push(next);
     }
     Ok(recorded)

@@ -269,7 +269,10 @@ fn flush(
     }
     commit(wal, client, unacked)?;
     wal.rotate()?;
-    match ingest.flush(lake) {
+    let started = std::time::Instant::now();
+    let flushed = ingest.flush(lake);
+    metrics::histogram!("driftline_flush_seconds").record(started.elapsed().as_secs_f64());
+    match flushed {
         Ok(()) => {
             wal.remove_sealed()?;
         }

@@ -251,7 +251,13 @@ fn recent_window_start(window_secs: i64, windows_back: i64) -> DateTime<Utc> {
 fn agent_windows_reach_the_lake_exactly_once() {
     let broker = Mosquitto::start();
     let data = tempfile::tempdir().expect("tempdir");
-    let collector = Collector::serve(&broker.url(), data.path(), "e2e-agent");
+    let metrics_port = free_port();
+    let collector = Collector::serve_with(
+        &broker.url(),
+        data.path(),
+        "e2e-agent",
+        &["--metrics-listen", &format!("127.0.0.1:{metrics_port}")],
+    );
 
     let (devices, models, windows) = (3u32, 2u32, 4u64);
     let config = SimConfig {
@@ -287,6 +293,33 @@ fn agent_windows_reach_the_lake_exactly_once() {
     // Everything acknowledged by the broker must be stored once SIGTERM
     // returns: give the broker a moment to hand it over, then stop.
     std::thread::sleep(Duration::from_secs(1));
+    // The collector's own metrics, scraped like Prometheus does.
+    let curl = |path: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:{metrics_port}{path}"),
+            ])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let health = curl("/health");
+    assert!(
+        health.ends_with("200") && health.contains("\"subscribed\":true"),
+        "{health}"
+    );
+    let metrics = curl("/metrics");
+    assert!(
+        metrics.contains(&format!("driftline_messages_received_total {expected}")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("driftline_flush_seconds_count"),
+        "{metrics}"
+    );
     collector.terminate();
 
     let rows = query(
