@@ -8,7 +8,7 @@ RUN cargo build --release --locked -p driftline-collector -p driftline-agent \
     && strip target/release/driftline-collector target/release/driftline-agent
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libssl3 ca-certificates \
+RUN apt-get update && apt-get install -y --no-install-recommends libssl3 ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 driftline
 COPY --from=build /src/target/release/driftline-collector /src/target/release/driftline-agent /usr/local/bin/
 USER driftline

@@ -73,6 +73,11 @@ struct SimulateArgs {
     /// Broker address, mqtt://host:port.
     #[arg(long, env = "DRIFTLINE_BROKER")]
     broker: BrokerUrl,
+    /// Broker login shared by the virtual devices.
+    #[arg(long, env = "DRIFTLINE_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    #[arg(long, env = "DRIFTLINE_MQTT_PASSWORD", hide_env_values = true)]
+    mqtt_password: Option<String>,
     /// Number of virtual devices.
     #[arg(long, env = "DRIFTLINE_DEVICES", default_value_t = 10)]
     devices: u32,
@@ -264,6 +269,9 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
             rho: args.budget_rho,
             period: TimeDelta::days(1),
         },
+        credentials: args
+            .mqtt_username
+            .map(|u| (u, args.mqtt_password.unwrap_or_default())),
     };
     let progress = Arc::new(SimProgress::default());
     let cancel = CancellationToken::new();

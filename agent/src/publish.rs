@@ -18,6 +18,27 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::privacy::{DeviceIdentity, PrivateWindow};
+use driftline_core::status::{DeviceState, StatusReport};
+
+/// A status message of a simulated device.
+fn status(device: &DeviceIdentity, state: DeviceState) -> Vec<u8> {
+    StatusReport {
+        schema_version: 1,
+        device_id: device.device_id.clone(),
+        fleet: device.fleet.clone(),
+        state,
+        at: chrono::Utc::now(),
+        agent_version: Some(device.agent_version.clone()),
+        models: Vec::new(),
+        budget_remaining_rho: None,
+        budget_exhausted: false,
+        resumes_at: None,
+        windows_withheld: 0,
+        buffered_windows: 0,
+        lost_windows: 0,
+    }
+    .encode()
+}
 
 /// Errors of the publisher.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +85,7 @@ impl Publisher {
         broker: &BrokerUrl,
         device: DeviceIdentity,
         first_seq: u64,
+        credentials: Option<(String, String)>,
     ) -> Result<Self, PublishError> {
         let client_id = format!("driftline-{}-{}", device.fleet, device.device_id);
         let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
@@ -73,12 +95,30 @@ impl Publisher {
         // the broker had not acknowledged (with a clean session it would
         // drop it, and this publisher has no disk buffer to re-send from).
         options.set_clean_session(false);
+        if let Some((username, password)) = credentials {
+            options.set_credentials(username, password);
+        }
+        // Like a real agent: retained status, offline as the last will.
+        let status_topic = topic::status_topic(&device.fleet, &device.device_id);
+        options.set_last_will(rumqttc::LastWill::new(
+            &status_topic,
+            status(&device, DeviceState::Offline),
+            QoS::AtLeastOnce,
+            true,
+        ));
         // The simulator trusts the system's roots for mqtts://.
         options.set_transport(crate::tls::transport(
             broker,
             &crate::tls::TlsFiles::default(),
         )?);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
+        // QoS 0: its acknowledgement would count as a window's.
+        let _ = client.try_publish(
+            &status_topic,
+            QoS::AtMostOnce,
+            true,
+            status(&device, DeviceState::Online),
+        );
         let (acked_tx, acked) = watch::channel(0u64);
         let device_id = device.device_id.clone();
         let driver = tokio::spawn(async move {
@@ -145,6 +185,12 @@ impl Publisher {
         let published = self.published;
         let waited = self.wait_acked(timeout).await;
         let acked = *self.acked.borrow();
+        let topic = topic::status_topic(&self.device.fleet, &self.device.device_id);
+        let offline = status(&self.device, DeviceState::Offline);
+        let _ = self
+            .client
+            .publish(topic, QoS::AtMostOnce, true, offline)
+            .await;
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.driver).await;
         self.driver.abort();

@@ -97,6 +97,8 @@ pub struct SimConfig {
     /// Each device's privacy budget (kept in memory); windows over it are
     /// withheld, as on a real device.
     pub budget: Budget,
+    /// Broker login (username, password) shared by the virtual devices.
+    pub credentials: Option<(String, String)>,
 }
 
 /// What a run did.
@@ -195,8 +197,13 @@ async fn run_device(
         device: device.device_id.clone(),
         source,
     };
-    let mut publisher =
-        Publisher::connect(&config.broker, device.clone(), 0).map_err(publish_error)?;
+    let mut publisher = Publisher::connect(
+        &config.broker,
+        device.clone(),
+        0,
+        config.credentials.clone(),
+    )
+    .map_err(publish_error)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20));
     let mut windower = Windower::new(config.window_secs, config.start);
     let privatizer = Privatizer::new(config.mechanism)?;

@@ -129,7 +129,15 @@ pub async fn run(
         i64::try_from(options.backfill.as_secs() / u64::from(options.window_secs)).unwrap_or(0);
     let start = window::align(Utc::now(), options.window_secs)
         - length * i32::try_from(backfill_windows).unwrap_or(0);
-    let drift_at = u64::try_from(backfill_windows * 2 / 3).unwrap_or(0);
+    // The drift starts 45 minutes before the present (two whole 15-minute
+    // detection periods are then drifted by the time the fleet is live), or
+    // two thirds into a shorter backfill.
+    let drift_windows_back = 45 * 60 / i64::from(options.window_secs);
+    let drift_at = if backfill_windows >= drift_windows_back * 2 {
+        u64::try_from(backfill_windows - drift_windows_back).unwrap_or(0)
+    } else {
+        u64::try_from(backfill_windows * 2 / 3).unwrap_or(0)
+    };
     let drift_time = start + length * i32::try_from(drift_at).unwrap_or(0);
     let sim = SimConfig {
         broker: broker.clone(),
@@ -155,6 +163,7 @@ pub async fn run(
             rho: 1e6,
             period: TimeDelta::days(1),
         },
+        credentials: None,
     };
 
     let ctx = Arc::new(query::session_with_limit(&options.data_dir, Some(1 << 30)).await?);
@@ -218,6 +227,7 @@ pub async fn run(
     );
     println!();
 
+    inject_bad_messages(&broker).await;
     let progress = Arc::new(SimProgress::default());
     let stop_sim = CancellationToken::new();
     let fleet = tokio::spawn(simulate::run(sim, progress.clone(), stop_sim.clone()));
@@ -312,6 +322,36 @@ pub async fn run(
         options.data_dir.display()
     );
     Ok(summary)
+}
+
+/// A misbehaving device: three messages the collector must quarantine (so
+/// the quarantine table and its dashboard panel have something to show).
+async fn inject_bad_messages(broker: &BrokerUrl) {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let options = MqttOptions::new(
+        "driftline-demo-bad-device",
+        broker.host.clone(),
+        broker.port,
+    );
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    let topic = driftline_core::topic::metrics_topic("demo", "broken-device");
+    let bad: [&[u8]; 3] = [
+        b"{ not json",
+        br#"{"schema_version": 99}"#,
+        br#"{"schema_version": 1, "device_id": "broken-device"}"#,
+    ];
+    for payload in bad {
+        let _ = client.try_publish(&topic, QoS::AtLeastOnce, false, payload.to_vec());
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(event) = eventloop.poll().await {
+            if let rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect) = event {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Starts rumqttd on its own thread and waits until it accepts connections.

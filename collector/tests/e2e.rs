@@ -277,6 +277,7 @@ fn agent_windows_reach_the_lake_exactly_once() {
             rho: 1e6,
             period: TimeDelta::days(1),
         },
+        credentials: None,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let summary = rt
@@ -785,6 +786,7 @@ fn simulate_in_background(
             rho: 1e6,
             period: TimeDelta::days(1),
         },
+        credentials: None,
     };
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -1493,5 +1495,100 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
     assert_eq!(
         status,
         vec![vec!["succeeded".to_string(), "run 42".to_string()]]
+    );
+}
+
+#[test]
+fn compose_mosquitto_config_enforces_the_acl() {
+    // deploy/mosquitto as docker-compose mounts it, with the port and the
+    // paths moved into a temp dir.
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["passwords", "acl"] {
+        std::fs::copy(deploy.join(f), dir.path().join(f)).expect("copy");
+    }
+    let d = dir.path().display().to_string();
+    let port = free_port();
+    let conf = std::fs::read_to_string(deploy.join("mosquitto.conf"))
+        .expect("mosquitto.conf")
+        .replace(
+            "listener 1883 0.0.0.0",
+            &format!("listener {port} 127.0.0.1"),
+        )
+        .replace("/mosquitto/config/", &format!("{d}/"))
+        .replace("/mosquitto/data/", &format!("{d}/"));
+    assert!(conf.contains("acl_file") && conf.contains("allow_anonymous false"));
+    std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write conf");
+    let mut child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(dir.path().join("mosquitto.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto");
+    wait_for_port(port, "mosquitto");
+    let url = BrokerUrl {
+        host: "127.0.0.1".into(),
+        port,
+        tls: false,
+    };
+    let data = tempfile::tempdir().expect("tempdir");
+    let collector = Collector::serve_with(
+        &url,
+        data.path(),
+        "e2e-acl",
+        &[
+            "--mqtt-username",
+            "collector",
+            "--mqtt-password",
+            "collector-secret",
+        ],
+    );
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/v1/valid/laplace.json");
+    let recent = recent_window_start(60, 2).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let publish = |user: &str, password: &str, device: &str| {
+        let body = std::fs::read_to_string(&fixture)
+            .expect("fixture")
+            .replace("2026-11-27T10:00:00Z", &recent)
+            .replace("kiosk-0007", device);
+        let file = data.path().join(format!("{device}.json"));
+        std::fs::write(&file, body).expect("write");
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-q",
+                "1",
+                "-u",
+                user,
+                "-P",
+                password,
+            ])
+            .args([
+                "-t",
+                &format!("driftline/v1/eu-kiosks/{device}/metrics"),
+                "-f",
+            ])
+            .arg(&file)
+            .status()
+            .expect("mosquitto_pub")
+            .success()
+    };
+    // A device publishes under its own topic: stored.
+    assert!(publish("kiosk-0001", "kiosk-secret", "kiosk-0001"));
+    // Posing as another device: the broker drops it.
+    publish("kiosk-0001", "kiosk-secret", "kiosk-0002");
+    // No login, or a wrong password: refused at connect.
+    assert!(!publish("kiosk-0001", "wrong", "kiosk-0001-b"));
+    std::thread::sleep(Duration::from_secs(1));
+    collector.terminate();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        query(data.path(), "SELECT device_id FROM metrics"),
+        vec![vec!["kiosk-0001".to_string()]]
     );
 }
