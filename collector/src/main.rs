@@ -55,6 +55,10 @@ struct DetectArgs {
     /// Evaluate as of this event time (RFC 3339). Default: the latest data.
     #[arg(long, env = "DRIFTLINE_AT")]
     at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Print each detector's SQL for that time (placeholders filled) and
+    /// exit without running anything.
+    #[arg(long)]
+    print_sql: bool,
     #[command(flatten)]
     retrain: RetrainArgs,
 }
@@ -466,6 +470,16 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
             }
         },
     };
+    if args.print_sql {
+        for d in &detectors {
+            println!(
+                "-- {}\n{};\n",
+                d.name,
+                detect::render(d, &d.periods(at)).trim_end()
+            );
+        }
+        return Ok(());
+    }
     let summary = detect::run_all(&ctx, &lake, &detectors, at).await?;
     let fired: Vec<_> = summary
         .evaluations

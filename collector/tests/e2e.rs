@@ -314,7 +314,7 @@ fn agent_windows_reach_the_lake_exactly_once() {
     );
     let metrics = curl("/metrics");
     assert!(
-        metrics.contains(&format!("driftline_messages_received_total {expected}")),
+        metrics.contains(&format!("driftline_windows_stored_total {expected}")),
         "{metrics}"
     );
     assert!(
@@ -885,7 +885,7 @@ fn collector_killed_mid_stream_stores_every_window_exactly_once() {
     );
     // Replaced files are gone from disk, not only from view.
     assert_eq!(
-        parquet_files(&data.path().join("_driftline")).len(),
+        parquet_files(&data.path().join("_driftline/gens/metrics")).len(),
         files.len()
     );
 }

@@ -1,0 +1,229 @@
+"""Driftline query benchmark: the detectors and typical analyst queries on a
+simulated lake, through the SQL endpoint (psycopg), through
+`driftline-collector query`, and through DuckDB (in-process) on the same
+Parquet files; writes the table into BENCHMARKS.md between the markers.
+
+    python3 bench/run.py            # 10M-row lake (about 15 min on 2 cores)
+    python3 bench/run.py --quick    # 1M rows, 1 repetition (smoke run)
+
+The lake: the release collector's demo simulates a fleet (real agent
+pipelines, real OpenDP noise) for a few hours of event time; DuckDB then
+replicates those windows under new device ids until the lake has the
+requested number of rows (OpenDP's exact sampler makes simulating every
+row take hours). The replicas keep each window's noise, histogram shapes
+and drift.
+"""
+
+import argparse
+import datetime
+import os
+import pathlib
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import duckdb
+import psycopg
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
+                                      pathlib.Path.home() / ".cache/driftline/release-target"))
+COLLECTOR = RELEASE / "release" / "driftline-collector"
+BEGIN, END = "<!-- bench:queries:begin -->", "<!-- bench:queries:end -->"
+
+ANALYST = {
+    "count by model and version (1 day)":
+        "SELECT model_id, model_version, count(*) AS windows, sum(inference_count) AS inferences "
+        "FROM metrics WHERE window_start >= {day_ago} GROUP BY 1, 2 ORDER BY 1, 2",
+    "hourly errors and latency buckets (7 days)":
+        "SELECT date_trunc('hour', window_start) AS hour, model_id, sum(error_count) AS errors, "
+        + ", ".join(f"sum(latency_ms_b{i:02}) AS l{i:02}" for i in range(16))
+        + " FROM metrics WHERE window_start >= {week_ago} GROUP BY 1, 2 ORDER BY 1, 2",
+    "devices per fleet and version":
+        "SELECT fleet, model_version, count(DISTINCT device_id) AS devices FROM metrics "
+        "GROUP BY 1, 2 ORDER BY 1, 2",
+    "top 20 devices by negative feedback":
+        "SELECT device_id, sum(feedback_negative) AS negative FROM metrics "
+        "GROUP BY 1 ORDER BY 2 DESC LIMIT 20",
+    "5-minute time series of one model (Grafana shape)":
+        "SELECT floor(extract(epoch from window_start)/300)*300 AS \"time\", "
+        "sum(inference_count) AS inferences FROM metrics "
+        "WHERE model_id = 'model-0' AND window_start >= {day_ago} GROUP BY 1 ORDER BY 1",
+}
+
+# The statistics functions, for DuckDB: noise_var as a macro (it runs per
+# row); the per-group functions as Python UDFs mirroring query/stats.rs.
+DUCK_MACROS = [
+    "CREATE MACRO noise_var(m, s) AS CASE WHEN s IS NULL OR s <= 0 THEN 0.0 "
+    "WHEN m = 'laplace' THEN 2 * exp(-1 / s) / ((1 - exp(-1 / s)) * (1 - exp(-1 / s))) "
+    "WHEN m = 'gaussian' THEN s * s ELSE 0.0 END",
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_lake(rows, workdir):
+    """The simulated base lake, replicated to `rows` rows."""
+    base = workdir / "base"
+    hours = 3
+    print(f"simulating the base fleet (200 devices x 2 models, {hours} h of event time) ...", flush=True)
+    subprocess.run(
+        [str(COLLECTOR), "demo", "--duration", "100s", "--devices", "200", "--backfill", f"{hours}h",
+         "--pg-listen", "127.0.0.1:0", "--data-dir", str(base)],
+        timeout=600,
+        check=True, stdout=subprocess.DEVNULL)
+    con = duckdb.connect()
+    n = con.execute(f"SELECT count(*) FROM read_parquet('{base}/metrics/*/*.parquet')").fetchone()[0]
+    copies = max(1, -(-rows // n))
+    lake = workdir / "lake"
+    print(f"replicating {n} simulated windows x {copies} ...", flush=True)
+    (lake / "metrics").mkdir(parents=True)
+    con.execute(f"""
+        COPY (
+            SELECT * REPLACE (CASE WHEN k = 0 THEN device_id ELSE device_id || '-r' || k END AS device_id),
+                   strftime(window_start, '%Y-%m-%d') AS date
+            FROM read_parquet('{base}/metrics/*/*.parquet') m, range({copies}) r(k)
+            ORDER BY model_id, window_start, device_id
+            LIMIT {rows}
+        ) TO '{lake}/metrics' (FORMAT parquet, COMPRESSION zstd, PARTITION_BY (date), ROW_GROUP_SIZE 131072)
+    """)
+    total = con.execute(f"SELECT count(*) FROM read_parquet('{lake}/metrics/*/*.parquet')").fetchone()[0]
+    return lake, total
+
+
+def detector_sql(lake, at):
+    out = subprocess.run([str(COLLECTOR), "detect", "--print-sql", "--at", at, "--data-dir", str(lake)],
+                         check=True, capture_output=True, text=True).stdout
+    queries = {}
+    for block in out.split(";\n"):
+        block = block.strip()
+        if block.startswith("-- "):
+            name, sql = block.split("\n", 1)
+            queries[f"detector {name[3:]}"] = sql
+    return queries
+
+
+def duck_inner(sql):
+    """A detector's scan-and-aggregate subquery (the part that reads the
+    lake), in DuckDB's dialect: the innermost FROM metrics ... GROUP BY."""
+    start = sql.rfind("SELECT model_id, model_version", 0, sql.find("FROM metrics"))
+    end = sql.find("GROUP BY model_id, model_version", start)
+    inner = sql[start:end] + "GROUP BY model_id, model_version"
+    inner = re.sub(r"first_value\(([a-z_]+)\)", r"first(\1)", inner)
+    return inner.replace("make_array(", "list_value(")
+
+
+def timed(fn, reps):
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        rows = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rows", type=int)
+    args = ap.parse_args()
+    rows = args.rows or (1_000_000 if args.quick else 10_000_000)
+    reps = 1 if args.quick else 5
+    if not COLLECTOR.exists():
+        sys.exit(f"build the release collector first:\n  CARGO_TARGET_DIR={RELEASE} "
+                 "cargo build --release -p driftline-collector")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="driftline-bench-"))
+    try:
+        lake, total = build_lake(rows, work)
+        con = duckdb.connect()
+        for m in DUCK_MACROS:
+            con.execute(m)
+        con.execute(f"CREATE VIEW metrics AS SELECT * FROM read_parquet('{lake}/metrics/*/*.parquet', hive_partitioning = true)")
+        latest = con.execute("SELECT max(window_start) FROM metrics").fetchone()[0]
+        at = latest.strftime("%Y-%m-%dT%H:%M:%SZ")
+        fmt = lambda t: f"TIMESTAMP '{t.strftime('%Y-%m-%d %H:%M:%S')}'"
+        params = {"day_ago": fmt(latest - datetime.timedelta(days=1)),
+                  "week_ago": fmt(latest - datetime.timedelta(days=7))}
+        queries = {name: (sql.format(**params), sql.format(**params)) for name, sql in ANALYST.items()}
+        for name, sql in detector_sql(lake, at).items():
+            queries[name] = (sql, duck_inner(sql))
+
+        port = free_port()
+        (work / "no-detectors").mkdir()
+        serve = subprocess.Popen(
+            [str(COLLECTOR), "serve", "--broker", "mqtt://127.0.0.1:1", "--data-dir", str(lake),
+             "--pg-listen", f"127.0.0.1:{port}", "--pg-password", "bench", "--pg-statement-timeout", "10m",
+             "--pg-memory-mb", "8192", "--queries", str(work / "no-detectors"),
+             "--detect-interval", "24h"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dsn = f"host=127.0.0.1 port={port} user=driftline password=bench dbname=driftline"
+        for _ in range(100):
+            try:
+                psycopg.connect(dsn).close()
+                break
+            except psycopg.OperationalError:
+                time.sleep(0.2)
+        results = []
+        with psycopg.connect(dsn, autocommit=True) as pg:
+            for name, (df_sql, duck_sql) in queries.items():
+                endpoint, _ = timed(lambda: pg.execute(df_sql).fetchall(), reps)
+                # The detectors' statistics run per group on a few rows; the
+                # comparison is on the part that reads the lake.
+                scan_sql = duck_sql if name.startswith("detector") else df_sql
+                if name.startswith("detector"):
+                    scan_df, _ = timed(lambda: pg.execute(scan_sql.replace("list_value(", "make_array(")
+                                                          .replace("first(", "first_value(")).fetchall(), reps)
+                else:
+                    scan_df = endpoint
+                cli, _ = timed(lambda: subprocess.run(
+                    [str(COLLECTOR), "query", "--format", "csv", "--data-dir", str(lake), df_sql],
+                    check=True, capture_output=True), reps)
+                duck, _ = timed(lambda: con.execute(scan_sql).fetchall(), reps)
+                results.append((name, endpoint, scan_df, cli, duck))
+                print(f"{name:<50} endpoint {endpoint:7.3f}s  scan {scan_df:7.3f}s  query {cli:7.3f}s  "
+                      f"duckdb {duck:7.3f}s  ratio {scan_df / duck:5.2f}", flush=True)
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=30)
+        write(results, total, reps)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write(results, total, reps):
+    lines = [
+        BEGIN,
+        f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `python3 bench/run.py`, "
+        f"{total:,} rows, median of {reps}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; DataFusion 55.2 (release build), DuckDB {duckdb.__version__}.",
+        "",
+        "| query | endpoint (psycopg) | scan part, endpoint | `query` CLI (incl. start) | DuckDB, same scan | ratio DataFusion/DuckDB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, endpoint, scan, cli, duck in results:
+        lines.append(f"| {name} | {endpoint:.3f} s | {scan:.3f} s | {cli:.3f} s | {duck:.3f} s | {scan / duck:.2f} |")
+    lines += ["", "For detectors, \"scan part\" is the detector's aggregation over the lake (both periods in one "
+              "pass), the same SQL in both engines; the full detector adds the statistics functions on a few "
+              "rows (the endpoint column).", END]
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text()
+    block = "\n".join(lines)
+    if BEGIN in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text += "\n## Queries: DataFusion against DuckDB\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
