@@ -74,6 +74,14 @@ struct RetrainArgs {
     /// Run this shell command per job, the evidence JSON on stdin.
     #[arg(long, env = "DRIFTLINE_RETRAIN_COMMAND")]
     retrain_command: Option<String>,
+    /// Publish each job's evidence to this MQTT topic (QoS 1), on the
+    /// collector's broker (`serve`) or `--retrain-broker` (`detect`).
+    #[arg(long, env = "DRIFTLINE_RETRAIN_MQTT_TOPIC")]
+    retrain_mqtt_topic: Option<String>,
+    /// Broker for --retrain-mqtt-topic (mqtt:// or mqtts://). `serve` uses
+    /// its own broker and login by default.
+    #[arg(long, env = "DRIFTLINE_RETRAIN_BROKER")]
+    retrain_broker: Option<String>,
     /// Periods in a row a model must drift before a job opens.
     #[arg(long, env = "DRIFTLINE_RETRAIN_CONSECUTIVE", default_value_t = 2)]
     retrain_consecutive: u32,
@@ -99,12 +107,33 @@ impl RetrainArgs {
         }
     }
 
-    fn targets(&self) -> retrain::Targets {
-        retrain::Targets {
+    /// Where jobs go; `subscriber` gives `serve`'s broker and login.
+    fn targets(
+        &self,
+        subscriber: Option<&subscriber::SubscriberOptions>,
+    ) -> anyhow::Result<retrain::Targets> {
+        let mqtt = match (&self.retrain_mqtt_topic, &self.retrain_broker, subscriber) {
+            (None, _, _) => None,
+            (Some(topic), Some(url), _) => Some(retrain::MqttTarget {
+                broker: url.parse().context("--retrain-broker")?,
+                topic: topic.clone(),
+                credentials: None,
+                tls: Default::default(),
+            }),
+            (Some(topic), None, Some(s)) => Some(retrain::MqttTarget {
+                broker: s.broker.clone(),
+                topic: topic.clone(),
+                credentials: s.credentials.clone(),
+                tls: s.tls.clone(),
+            }),
+            (Some(_), None, None) => anyhow::bail!("--retrain-mqtt-topic needs --retrain-broker"),
+        };
+        Ok(retrain::Targets {
             webhook: self.retrain_webhook.clone(),
             secret: self.retrain_secret.clone(),
             command: self.retrain_command.clone(),
-        }
+            mqtt,
+        })
     }
 }
 
@@ -409,7 +438,8 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let queries = queries_dir(args.queries.clone(), &config.data_dir)?;
-    let schedule = detect::Schedule::new(queries, args.retrain.rule(), args.retrain.targets());
+    let targets = args.retrain.targets(Some(&config.subscriber))?;
+    let schedule = detect::Schedule::new(queries, args.retrain.rule(), targets);
     let detection = tokio::spawn(detect::run_schedule(
         schedule,
         Arc::new(query::session(&config.data_dir).await?),
@@ -516,7 +546,7 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
         &ctx,
         &lake,
         &args.retrain.rule(),
-        &args.retrain.targets(),
+        &args.retrain.targets(None)?,
         &fired,
     )
     .await?;

@@ -15,8 +15,10 @@
 //! of the body}`. A 2xx answer marks the job dispatched; timeouts, 5xx, 408
 //! and 429 are retried with exponential backoff (4 attempts); other answers
 //! fail the job. Command: run with `sh -c`, the evidence on stdin; exit 0
-//! marks it dispatched. The training system reports back with
-//! `driftline-collector job-status` (acknowledged, succeeded, failed).
+//! marks it dispatched. MQTT: published (QoS 1) to a configured topic; the
+//! broker's acknowledgement marks it dispatched. The training system reports
+//! back with `driftline-collector job-status` (acknowledged, succeeded,
+//! failed).
 
 use std::time::Duration;
 
@@ -57,11 +59,22 @@ pub struct Targets {
     pub secret: Option<String>,
     /// A shell command that receives the evidence on stdin.
     pub command: Option<String>,
+    /// An MQTT topic the evidence is published to (QoS 1).
+    pub mqtt: Option<MqttTarget>,
+}
+
+/// Publishing jobs over MQTT.
+#[derive(Debug, Clone)]
+pub struct MqttTarget {
+    pub broker: driftline_core::broker::BrokerUrl,
+    pub topic: String,
+    pub credentials: Option<crate::subscriber::Credentials>,
+    pub tls: driftline_agent::tls::TlsFiles,
 }
 
 impl Targets {
     pub fn is_empty(&self) -> bool {
-        self.webhook.is_none() && self.command.is_none()
+        self.webhook.is_none() && self.command.is_none() && self.mqtt.is_none()
     }
 }
 
@@ -316,6 +329,10 @@ async fn dispatch(targets: &Targets, job_id: &str, body: String) -> Result<Strin
         run_command(command, &body).await?;
         done.push("command".to_owned());
     }
+    if let Some(mqtt) = &targets.mqtt {
+        publish(mqtt, job_id, &body).await?;
+        done.push(format!("MQTT topic {}", mqtt.topic));
+    }
     Ok(format!("sent to {}", done.join(" and ")))
 }
 
@@ -364,6 +381,53 @@ fn post(url: &str, secret: Option<&str>, job_id: &str, body: &str) -> Result<(),
         }
     }
     Err(format!("{last} (4 attempts)"))
+}
+
+/// Publishes the evidence (QoS 1) and waits for the broker's PubAck.
+async fn publish(target: &MqttTarget, job_id: &str, body: &str) -> Result<(), String> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+    let mut options = MqttOptions::new(
+        format!("driftline-jobs-{}", std::process::id()),
+        target.broker.host.clone(),
+        target.broker.port,
+    );
+    if let Some(c) = &target.credentials {
+        options.set_credentials(c.username.clone(), c.password.clone());
+    }
+    options.set_transport(
+        driftline_agent::tls::transport(&target.broker, &target.tls).map_err(|e| e.to_string())?,
+    );
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    client
+        .try_publish(
+            &target.topic,
+            QoS::AtLeastOnce,
+            false,
+            body.as_bytes().to_vec(),
+        )
+        .map_err(|e| e.to_string())?;
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("MQTT {}: {e}", target.broker)),
+            }
+        }
+    })
+    .await
+    .map_err(|_| format!("MQTT {}: no acknowledgement in 10 s", target.broker))?;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Outgoing(Outgoing::Disconnect) = event {
+                break;
+            }
+        }
+    })
+    .await;
+    tracing::debug!(job_id, topic = target.topic, "job published");
+    acked
 }
 
 async fn run_command(command: &str, body: &str) -> Result<(), String> {

@@ -1359,6 +1359,23 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
     );
 
     let (port, request) = one_request_server(200);
+    // Jobs also go to an MQTT topic; a subscriber waits for the first one.
+    let broker = Mosquitto::start();
+    let mut jobs_topic = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-t",
+            "training/jobs",
+        ])
+        .args(["-q", "1", "-C", "1", "-W", "60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    std::thread::sleep(Duration::from_millis(300));
+    let broker_url = broker.url().to_string();
     let at = (end + TimeDelta::minutes(1)).to_rfc3339();
     let detect = || {
         let out = Command::new(COLLECTOR)
@@ -1374,6 +1391,12 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
             .args([
                 "--retrain-webhook",
                 &format!("http://127.0.0.1:{port}/retrain"),
+            ])
+            .args([
+                "--retrain-mqtt-topic",
+                "training/jobs",
+                "--retrain-broker",
+                &broker_url,
             ])
             .arg("--data-dir")
             .arg(data.path())
@@ -1457,6 +1480,17 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
         .as_str()
         .unwrap_or_default()
         .contains("drift_events"));
+    // The same evidence arrived on the MQTT topic.
+    let mut published = String::new();
+    std::io::Read::read_to_string(
+        jobs_topic.stdout.as_mut().expect("mosquitto_sub stdout"),
+        &mut published,
+    )
+    .expect("read mosquitto_sub");
+    let _ = jobs_topic.wait();
+    let over_mqtt: serde_json::Value =
+        serde_json::from_str(published.trim()).expect("MQTT evidence");
+    assert_eq!(over_mqtt["job_id"], evidence["job_id"]);
 
     // Running again for the same period records and dispatches nothing.
     let second = detect();
