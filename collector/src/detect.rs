@@ -196,11 +196,15 @@ fn literal(t: DateTime<Utc>) -> String {
     format!("TIMESTAMP '{}'", t.format("%Y-%m-%dT%H:%M:%SZ"))
 }
 
-/// The scale column of a noised count.
+/// The noise scale of a noised field: its `scale_*` column, or for
+/// `categories.{name}` and `custom.{name}` its entry in `noise_scale`.
 fn scale_of(field: &str) -> String {
     match field {
         "feedback_positive" | "feedback_negative" | "feedback_correction" => {
             "scale_feedback".into()
+        }
+        f if f.starts_with("categories.") || f.starts_with("custom.") => {
+            format!("json_number(noise_scale, '{}')", f.replace('\'', "''"))
         }
         other => format!("scale_{other}"),
     }
@@ -591,7 +595,7 @@ impl Schedule {
 
 /// The detectors shipped in `queries/detectors/`, built into the binary for
 /// the demo and for `serve` without `--queries`.
-pub const BUILTIN: [(&str, &str); 6] = [
+pub const BUILTIN: [(&str, &str); 7] = [
     (
         "canary_latency.sql",
         include_str!("../../queries/detectors/canary_latency.sql"),
@@ -603,6 +607,10 @@ pub const BUILTIN: [(&str, &str); 6] = [
     (
         "input_drift.sql",
         include_str!("../../queries/detectors/input_drift.sql"),
+    ),
+    (
+        "label_drift.sql",
+        include_str!("../../queries/detectors/label_drift.sql"),
     ),
     (
         "latency_regression.sql",

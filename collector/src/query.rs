@@ -81,9 +81,10 @@ pub async fn session_with_limit(
     )
     .map_err(|e| QueryError::Sql(*e))?;
     ctx.register_udf(pg::current_setting());
-    for udf in stats::udfs() {
+    for udf in stats::udfs().into_iter().chain(stats::count_udfs()) {
         ctx.register_udf(udf);
     }
+    ctx.register_udaf(stats::category_sum_udaf());
     ctx.sql(&model_windows_view()).await?;
     if let Some(catalog) = ctx.catalog(CATALOG) {
         let catalogs = ctx.state().catalog_list().clone();

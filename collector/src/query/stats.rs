@@ -550,3 +550,177 @@ mod calibration {
         assert_eq!(hist_mean(&edges, &[0.0, -1.0, 0.0]), None);
     }
 }
+
+// ---- Label counts ------------------------------------------------------
+//
+// Categorical fields (`categories`, e.g. predicted labels) are stored as
+// JSON text: {"label": {"billing": 21, "cancel": 9}}. `category_sum` adds
+// one field's counts over rows into a JSON object; the `*_counts`
+// functions compare two such objects over the union of their keys.
+
+use datafusion::logical_expr::{create_udaf, Accumulator, AggregateUDF};
+use datafusion::scalar::ScalarValue;
+use std::collections::BTreeMap;
+
+/// Sums the counts of one categorical field over rows.
+#[derive(Debug, Default)]
+struct CategorySum {
+    counts: BTreeMap<String, f64>,
+}
+
+impl CategorySum {
+    fn add_json(&mut self, text: &str, field: Option<&str>) {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
+            return;
+        };
+        let counts = match field {
+            Some(f) => value.get(f).cloned(),
+            None => Some(value),
+        };
+        if let Some(serde_json::Value::Object(map)) = counts {
+            for (k, v) in map {
+                if let Some(n) = v.as_f64() {
+                    *self.counts.entry(k).or_default() += n;
+                }
+            }
+        }
+    }
+}
+
+impl Accumulator for CategorySum {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let texts = cast(&values[0], &DataType::Utf8)?;
+        let names = cast(&values[1], &DataType::Utf8)?;
+        let (texts, names) = (as_string_array(&texts)?, as_string_array(&names)?);
+        for i in 0..texts.len() {
+            if !texts.is_null(i) && !names.is_null(i) {
+                self.add_json(texts.value(i), Some(names.value(i)));
+            }
+        }
+        Ok(())
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        let texts = cast(&states[0], &DataType::Utf8)?;
+        let texts = as_string_array(&texts)?;
+        for i in 0..texts.len() {
+            if !texts.is_null(i) {
+                self.add_json(texts.value(i), None);
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.evaluate()?])
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(ScalarValue::Utf8(serde_json::to_string(&self.counts).ok()))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.counts.keys().map(|k| k.len() + 32).sum::<usize>()
+    }
+}
+
+/// `category_sum(categories, 'label')`: the field's counts summed, as JSON.
+pub fn category_sum_udaf() -> AggregateUDF {
+    create_udaf(
+        "category_sum",
+        vec![DataType::Utf8, DataType::Utf8],
+        Arc::new(DataType::Utf8),
+        Volatility::Immutable,
+        Arc::new(|_| Ok(Box::new(CategorySum::default()))),
+        Arc::new(vec![DataType::Utf8]),
+    )
+}
+
+/// Two JSON count objects as aligned vectors over the union of their keys.
+fn aligned(reference: &str, current: &str) -> Option<(Vec<f64>, Vec<f64>)> {
+    let parse = |t: &str| serde_json::from_str::<BTreeMap<String, f64>>(t).ok();
+    let (r, c) = (parse(reference)?, parse(current)?);
+    let keys: std::collections::BTreeSet<&String> = r.keys().chain(c.keys()).collect();
+    Some((
+        keys.iter()
+            .map(|k| r.get(*k).copied().unwrap_or(0.0))
+            .collect(),
+        keys.iter()
+            .map(|k| c.get(*k).copied().unwrap_or(0.0))
+            .collect(),
+    ))
+}
+
+/// A SQL function over two JSON count objects (and optional floats).
+fn counts_fn(
+    name: &'static str,
+    arity: usize,
+    f: fn(&[f64], &[f64], &[f64]) -> Option<f64>,
+) -> ScalarUDF {
+    let mut types = vec![DataType::Utf8, DataType::Utf8];
+    types.resize(arity, DataType::Float64);
+    create_udf(
+        name,
+        types,
+        DataType::Float64,
+        Volatility::Immutable,
+        Arc::new(move |args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let (r, c) = (as_string_array(&arrays[0])?, as_string_array(&arrays[1])?);
+            let extra: Vec<&Float64Array> = arrays[2..]
+                .iter()
+                .map(|a| as_float64_array(a))
+                .collect::<Result<_>>()?;
+            let out: Float64Array = (0..r.len())
+                .map(|i| {
+                    if r.is_null(i) || c.is_null(i) || extra.iter().any(|e| e.is_null(i)) {
+                        return None;
+                    }
+                    let (rv, cv) = aligned(r.value(i), c.value(i))?;
+                    let x: Vec<f64> = extra.iter().map(|e| e.value(i)).collect();
+                    f(&rv, &cv, &x).filter(|v| v.is_finite())
+                })
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        }),
+    )
+}
+
+/// `json_number(json, key)`: a number from a JSON object (e.g. a noise
+/// scale from `noise_scale`), NULL when absent.
+fn json_number_udf() -> ScalarUDF {
+    create_udf(
+        "json_number",
+        vec![DataType::Utf8, DataType::Utf8],
+        DataType::Float64,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let (json, key) = (as_string_array(&arrays[0])?, as_string_array(&arrays[1])?);
+            let out: Float64Array = (0..json.len())
+                .map(|i| {
+                    if json.is_null(i) || key.is_null(i) {
+                        return None;
+                    }
+                    serde_json::from_str::<serde_json::Value>(json.value(i))
+                        .ok()?
+                        .get(key.value(i))?
+                        .as_f64()
+                })
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        }),
+    )
+}
+
+/// The label-count functions.
+pub fn count_udfs() -> Vec<ScalarUDF> {
+    vec![
+        counts_fn("psi_counts", 2, |r, c, _| psi(r, c)),
+        counts_fn("js_distance_counts", 2, |r, c, _| js_distance(r, c)),
+        counts_fn("counts_shift_pvalue", 4, |r, c, x| {
+            hist_shift_pvalue(r, c, x[0], x[1])
+        }),
+        json_number_udf(),
+    ]
+}
