@@ -651,12 +651,11 @@ fn aligned(reference: &str, current: &str) -> Option<(Vec<f64>, Vec<f64>)> {
     ))
 }
 
+/// A statistic of two aligned count vectors and extra float arguments.
+type CountsStatistic = fn(&[f64], &[f64], &[f64]) -> Option<f64>;
+
 /// A SQL function over two JSON count objects (and optional floats).
-fn counts_fn(
-    name: &'static str,
-    arity: usize,
-    f: fn(&[f64], &[f64], &[f64]) -> Option<f64>,
-) -> ScalarUDF {
+fn counts_fn(name: &'static str, arity: usize, f: CountsStatistic) -> ScalarUDF {
     let mut types = vec![DataType::Utf8, DataType::Utf8];
     types.resize(arity, DataType::Float64);
     create_udf(
