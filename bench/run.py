@@ -35,7 +35,7 @@ import psycopg
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
                                       pathlib.Path.home() / ".cache/driftline/release-target"))
-COLLECTOR = RELEASE / "release" / "driftline-collector"
+COLLECTOR = pathlib.Path(os.environ.get("DRIFTLINE_COLLECTOR", RELEASE / "release" / "driftline-collector"))
 BEGIN, END = "<!-- bench:queries:begin -->", "<!-- bench:queries:end -->"
 
 ANALYST = {

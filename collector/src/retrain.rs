@@ -431,27 +431,38 @@ async fn publish(target: &MqttTarget, job_id: &str, body: &str) -> Result<(), St
 }
 
 async fn run_command(command: &str, body: &str) -> Result<(), String> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("sh")
+    let (command, body) = (command.to_owned(), body.to_owned());
+    tokio::task::spawn_blocking(move || run_command_blocking(&command, &body))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// Runs `sh -c command` with `body` on stdin, at most 60 s.
+fn run_command_blocking(command: &str, body: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sh")
         .args(["-c", command])
         .stdin(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run {command:?}: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(body.as_bytes())
-            .await
             .map_err(|e| format!("writing to {command:?}: {e}"))?;
     }
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .map_err(|_| format!("{command:?} ran longer than 60 s"))?
-        .map_err(|e| e.to_string())?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{command:?} exited with {status}"))
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("{command:?} exited with {status}")),
+            Ok(None) if std::time::Instant::now() > until => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{command:?} ran longer than 60 s"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 
