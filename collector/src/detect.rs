@@ -595,10 +595,14 @@ impl Schedule {
 
 /// The detectors shipped in `queries/detectors/`, built into the binary for
 /// the demo and for `serve` without `--queries`.
-pub const BUILTIN: [(&str, &str); 7] = [
+pub const BUILTIN: [(&str, &str); 8] = [
     (
         "canary_latency.sql",
         include_str!("../../queries/detectors/canary_latency.sql"),
+    ),
+    (
+        "custom_drift.sql",
+        include_str!("../../queries/detectors/custom_drift.sql"),
     ),
     (
         "error_rate.sql",

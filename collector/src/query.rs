@@ -81,10 +81,16 @@ pub async fn session_with_limit(
     )
     .map_err(|e| QueryError::Sql(*e))?;
     ctx.register_udf(pg::current_setting());
-    for udf in stats::udfs().into_iter().chain(stats::count_udfs()) {
+    for udf in stats::udfs()
+        .into_iter()
+        .chain(stats::count_udfs())
+        .chain(stats::custom_udfs())
+    {
         ctx.register_udf(udf);
     }
-    ctx.register_udaf(stats::category_sum_udaf());
+    for udaf in std::iter::once(stats::category_sum_udaf()).chain(stats::custom_udafs()) {
+        ctx.register_udaf(udaf);
+    }
     ctx.sql(&model_windows_view()).await?;
     if let Some(catalog) = ctx.catalog(CATALOG) {
         let catalogs = ctx.state().catalog_list().clone();

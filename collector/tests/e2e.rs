@@ -1217,6 +1217,9 @@ fn fixture_window(
         "output_tokens": {
             "edges": [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768],
             "counts": input },
+        // An app feature that shifts with the drift too.
+        "custom": { "brightness": { "edges": [0, 0.5, 1],
+            "counts": if errors > 4 { [30, 10] } else { [10, 30] } } },
         // Labels follow the errors: a drifting window predicts differently.
         "categories": { "label": if errors > 4 {
             serde_json::json!({"billing": 5, "cancel": 30, "other": 5})
@@ -1428,6 +1431,8 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
         // canary: v2's median 150 ms against v1's 75 ms.
         ["canary_latency", "m-drift", "2", "true", "1.0"],
         // error rate: 8/40 against 1/40.
+        ["custom_drift", "m-drift", "1", "true", "PSI"],
+        ["custom_drift", "m-stable", "1", "false", "0.0"],
         ["error_rate", "m-drift", "1", "true", "0.175"],
         ["error_rate", "m-stable", "1", "false", "0.0"],
         ["input_drift", "m-drift", "1", "true", "PSI"],
@@ -1510,7 +1515,7 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
         "SELECT (SELECT count(*) FROM drift_events) AS events, (SELECT count(*) FROM retrain_jobs) AS jobs",
     );
     // One job: the canary (same model) waits while the first is open.
-    assert_eq!(counts, vec![vec!["7".to_string(), "1".to_string()]]);
+    assert_eq!(counts, vec![vec!["8".to_string(), "1".to_string()]]);
 
     // The training system reports back.
     let job = evidence["job_id"].as_str().unwrap_or_default().to_owned();

@@ -43,7 +43,13 @@ pub fn key_columns(table: &str) -> &'static [&'static str] {
         METRICS => &["device_id", "model_id", "window_start", "seq"],
         QUARANTINE => &["received_at", "topic", "payload"],
         STATUS => &["device_id", "at", "state"],
-        DETECTOR_RUNS | DRIFT_EVENTS => &["detector", "model_id", "model_version", "current_start"],
+        DETECTOR_RUNS | DRIFT_EVENTS => &[
+            "detector",
+            "model_id",
+            "model_version",
+            "statistic",
+            "current_start",
+        ],
         JOB_EVENTS => &["job_id", "status"],
         _ => &[],
     }

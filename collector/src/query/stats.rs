@@ -723,3 +723,269 @@ pub fn count_udfs() -> Vec<ScalarUDF> {
         json_number_udf(),
     ]
 }
+
+// ---- Custom features ---------------------------------------------------
+//
+// An app's own numeric features arrive as histograms in the `custom` JSON
+// column: {"image_brightness": {"edges": [...], "counts": [...]}}.
+// `custom_sum(custom)` adds every feature's counts over rows (keeping the
+// first edges seen); `custom_noise(mechanism, noise_scale)` sums each
+// feature's per-bucket noise variance; `custom_features(ref, cur)` lists the
+// features present in both (for `unnest`); `custom_psi` and
+// `custom_shift_pvalue` compare one feature.
+
+/// Per feature: edges and summed counts.
+#[derive(Debug, Default)]
+struct CustomSum {
+    features: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
+}
+
+impl CustomSum {
+    fn add_json(&mut self, text: &str) {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(text)
+        else {
+            return;
+        };
+        for (name, h) in map {
+            let numbers = |key: &str| -> Vec<f64> {
+                h.get(key)
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                    .unwrap_or_default()
+            };
+            let (edges, counts) = (numbers("edges"), numbers("counts"));
+            let entry = self
+                .features
+                .entry(name)
+                .or_insert_with(|| (edges.clone(), vec![]));
+            if entry.1.len() < counts.len() {
+                entry.1.resize(counts.len(), 0.0);
+            }
+            for (sum, c) in entry.1.iter_mut().zip(counts) {
+                *sum += c;
+            }
+        }
+    }
+
+    fn to_json(&self) -> String {
+        let map: BTreeMap<&String, serde_json::Value> = self
+            .features
+            .iter()
+            .map(|(k, (e, c))| (k, serde_json::json!({"edges": e, "counts": c})))
+            .collect();
+        serde_json::to_string(&map).unwrap_or_default()
+    }
+}
+
+impl Accumulator for CustomSum {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let texts = cast(&values[0], &DataType::Utf8)?;
+        let texts = as_string_array(&texts)?;
+        for i in 0..texts.len() {
+            if !texts.is_null(i) {
+                self.add_json(texts.value(i));
+            }
+        }
+        Ok(())
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.update_batch(states)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.evaluate()?])
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(ScalarValue::Utf8(Some(self.to_json())))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self)
+            + self
+                .features
+                .values()
+                .map(|(e, c)| 64 + 8 * (e.len() + c.len()))
+                .sum::<usize>()
+    }
+}
+
+/// Per feature: the summed noise variance of each bucket.
+#[derive(Debug, Default)]
+struct CustomNoise {
+    noise: BTreeMap<String, f64>,
+}
+
+impl Accumulator for CustomNoise {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let (m, s) = (
+            cast(&values[0], &DataType::Utf8)?,
+            cast(&values[1], &DataType::Utf8)?,
+        );
+        let (mechanisms, scales) = (as_string_array(&m)?, as_string_array(&s)?);
+        for i in 0..mechanisms.len() {
+            if mechanisms.is_null(i) || scales.is_null(i) {
+                continue;
+            }
+            let Ok(serde_json::Value::Object(map)) =
+                serde_json::from_str::<serde_json::Value>(scales.value(i))
+            else {
+                continue;
+            };
+            for (key, scale) in map {
+                if let (Some(name), Some(b)) = (key.strip_prefix("custom."), scale.as_f64()) {
+                    *self.noise.entry(name.to_owned()).or_default() +=
+                        noise_var(mechanisms.value(i), b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        let texts = cast(&states[0], &DataType::Utf8)?;
+        let texts = as_string_array(&texts)?;
+        for i in 0..texts.len() {
+            if let Ok(map) = serde_json::from_str::<BTreeMap<String, f64>>(texts.value(i)) {
+                for (k, v) in map {
+                    *self.noise.entry(k).or_default() += v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.evaluate()?])
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(ScalarValue::Utf8(serde_json::to_string(&self.noise).ok()))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.noise.keys().map(|k| k.len() + 32).sum::<usize>()
+    }
+}
+
+/// The custom-feature aggregates.
+pub fn custom_udafs() -> Vec<AggregateUDF> {
+    vec![
+        create_udaf(
+            "custom_sum",
+            vec![DataType::Utf8],
+            Arc::new(DataType::Utf8),
+            Volatility::Immutable,
+            Arc::new(|_| Ok(Box::new(CustomSum::default()))),
+            Arc::new(vec![DataType::Utf8]),
+        ),
+        create_udaf(
+            "custom_noise",
+            vec![DataType::Utf8, DataType::Utf8],
+            Arc::new(DataType::Utf8),
+            Volatility::Immutable,
+            Arc::new(|_| Ok(Box::new(CustomNoise::default()))),
+            Arc::new(vec![DataType::Utf8]),
+        ),
+    ]
+}
+
+/// Counts of feature `name` in a `custom_sum` result.
+fn feature_counts(json: &str, name: &str) -> Option<Vec<f64>> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v.get(name)?
+        .get("counts")?
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+}
+
+fn feature_noise(json: &str, name: &str) -> f64 {
+    serde_json::from_str::<BTreeMap<String, f64>>(json)
+        .ok()
+        .and_then(|m| m.get(name).copied())
+        .unwrap_or(0.0)
+}
+
+/// A statistic of one feature: (ref counts, cur counts, ref noise, cur noise).
+type FeatureStatistic = fn(&[f64], &[f64], f64, f64) -> Option<f64>;
+
+/// `f(ref_sum, cur_sum, feature [, ref_noise, cur_noise])`.
+fn feature_fn(name: &'static str, with_noise: bool, f: FeatureStatistic) -> ScalarUDF {
+    let arity = if with_noise { 5 } else { 3 };
+    create_udf(
+        name,
+        vec![DataType::Utf8; arity],
+        DataType::Float64,
+        Volatility::Immutable,
+        Arc::new(move |args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let cols: Vec<&datafusion::arrow::array::StringArray> = arrays
+                .iter()
+                .map(|a| as_string_array(a))
+                .collect::<Result<_>>()?;
+            let out: Float64Array = (0..cols[0].len())
+                .map(|i| {
+                    if cols.iter().take(3).any(|c| c.is_null(i)) {
+                        return None;
+                    }
+                    let feature = cols[2].value(i);
+                    let r = feature_counts(cols[0].value(i), feature)?;
+                    let c = feature_counts(cols[1].value(i), feature)?;
+                    let (nr, nc) = if with_noise && !cols[3].is_null(i) && !cols[4].is_null(i) {
+                        (
+                            feature_noise(cols[3].value(i), feature),
+                            feature_noise(cols[4].value(i), feature),
+                        )
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    f(&r, &c, nr, nc).filter(|v| v.is_finite())
+                })
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        }),
+    )
+}
+
+/// `custom_features(ref_sum, cur_sum)`: the features present in both, as
+/// a list (use with `unnest`).
+fn custom_features_udf() -> ScalarUDF {
+    use datafusion::arrow::array::{ListBuilder, StringBuilder};
+    create_udf(
+        "custom_features",
+        vec![DataType::Utf8, DataType::Utf8],
+        DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let (r, c) = (as_string_array(&arrays[0])?, as_string_array(&arrays[1])?);
+            let mut out = ListBuilder::new(StringBuilder::new());
+            let names = |t: &str| -> std::collections::BTreeSet<String> {
+                serde_json::from_str::<BTreeMap<String, serde_json::Value>>(t)
+                    .map(|m| m.into_keys().collect())
+                    .unwrap_or_default()
+            };
+            for i in 0..r.len() {
+                if !r.is_null(i) && !c.is_null(i) {
+                    let (a, b) = (names(r.value(i)), names(c.value(i)));
+                    for n in a.intersection(&b) {
+                        out.values().append_value(n);
+                    }
+                }
+                out.append(true);
+            }
+            Ok(ColumnarValue::Array(Arc::new(out.finish())))
+        }),
+    )
+}
+
+/// The custom-feature scalar functions.
+pub fn custom_udfs() -> Vec<ScalarUDF> {
+    vec![
+        custom_features_udf(),
+        feature_fn("custom_psi", false, |r, c, _, _| psi(r, c)),
+        feature_fn("custom_js_distance", false, |r, c, _, _| js_distance(r, c)),
+        feature_fn("custom_shift_pvalue", true, hist_shift_pvalue),
+    ]
+}
