@@ -19,6 +19,8 @@ import socket
 import subprocess
 import tempfile
 import time
+
+from report import write_block
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -192,7 +194,6 @@ def main():
 
 def write(n, ceiling, live, drain, peak, per_window, size):
     lines = [
-        BEGIN,
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `python3 bench/ingest.py`, "
         f"{n:,} messages of {size:.0f} B, Mosquitto on loopback (in-flight window 1000), release collector, "
         f"{os.cpu_count()} cores shared by broker, publishers and collector.",
@@ -204,16 +205,8 @@ def write(n, ceiling, live, drain, peak, per_window, size):
         f"| backlog drain ({n:,} queued while the collector was away) | {drain:,.0f} msg/s | ceiling {ceiling:,.0f} msg/s | {drain / ceiling:.2f} |",
         f"| peak RSS of the collector during the drain | {peak:.0f} MiB | | |",
         f"| bytes on disk per stored window (zstd Parquet) | {per_window:.0f} B | JSON payload {size:.0f} B | {per_window / size:.3f} |",
-        END,
     ]
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    block = "\n".join(lines)
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += "\n## Ingest: end to end against the broker's ceiling\n\n" + block + "\n"
-    path.write_text(text)
+    write_block(BEGIN, END, lines, "Ingest: end to end against the broker's ceiling")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+from report import write_block
+
 import duckdb
 import psycopg
 
@@ -209,7 +211,6 @@ def main():
 
 def write(results, total, reps):
     lines = [
-        BEGIN,
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `python3 bench/run.py`, "
         f"{total:,} rows, median of {reps}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; DataFusion 55.2 (release build), DuckDB {duckdb.__version__}.",
@@ -225,14 +226,7 @@ def write(results, total, reps):
     lines += ["", "For detectors, \"scan part\" is the detector's aggregation over the lake (both periods in one "
               "pass), the same SQL in both engines; the full detector adds the statistics functions on a few "
               "rows (the endpoint column).", END]
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    block = "\n".join(lines)
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text += "\n## Queries: DataFusion against DuckDB\n\n" + block + "\n"
-    path.write_text(text)
+    write_block(BEGIN, END, lines, "Queries: DataFusion against DuckDB")
 
 
 if __name__ == "__main__":

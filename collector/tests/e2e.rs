@@ -260,33 +260,9 @@ fn agent_windows_reach_the_lake_exactly_once() {
     );
 
     let (devices, models, windows) = (3u32, 2u32, 4u64);
-    let config = SimConfig {
-        broker: broker.url(),
-        fleet: "e2e".into(),
-        devices,
-        models,
-        windows: Some(windows),
-        window_secs: 60,
-        start: recent_window_start(60, 10),
-        seed: 7,
-        mechanism: MechanismConfig::Laplace { epsilon: 1.0 },
-        events_per_window: 20.0,
-        drift: None,
-        live: false,
-        budget: Budget {
-            rho: 1e6,
-            period: TimeDelta::days(1),
-        },
-        credentials: None,
-    };
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let summary = rt
-        .block_on(simulate::run(
-            config,
-            Arc::new(SimProgress::default()),
-            CancellationToken::new(),
-        ))
-        .expect("simulation");
+    let summary = simulate_in_background(sim_config(broker.url(), devices, models, windows, 7))
+        .join()
+        .expect("simulator thread");
     let expected = u64::from(devices * models) * windows;
     assert_eq!(summary.published, expected);
     assert_eq!(summary.acknowledged, expected);
@@ -762,18 +738,13 @@ fn serve_reads_from_a_tls_broker_with_a_password() {
     );
 }
 
-/// Runs the simulator on its own thread; the handle returns its summary.
-fn simulate_in_background(
-    broker: BrokerUrl,
-    devices: u32,
-    windows: u64,
-    seed: u64,
-) -> std::thread::JoinHandle<simulate::SimSummary> {
-    let config = SimConfig {
+/// A simulated fleet of `devices` x `models`, `windows` recent windows each.
+fn sim_config(broker: BrokerUrl, devices: u32, models: u32, windows: u64, seed: u64) -> SimConfig {
+    SimConfig {
         broker,
         fleet: "e2e".into(),
         devices,
-        models: 1,
+        models,
         windows: Some(windows),
         window_secs: 60,
         start: recent_window_start(60, windows as i64 + 5),
@@ -787,7 +758,11 @@ fn simulate_in_background(
             period: TimeDelta::days(1),
         },
         credentials: None,
-    };
+    }
+}
+
+/// Runs the simulator on its own thread; the handle returns its summary.
+fn simulate_in_background(config: SimConfig) -> std::thread::JoinHandle<simulate::SimSummary> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(simulate::run(
@@ -825,7 +800,7 @@ fn collector_killed_mid_stream_stores_every_window_exactly_once() {
     let data = tempfile::tempdir().expect("tempdir");
     let mut collector = Collector::serve(&broker.url(), data.path(), "e2e-kill");
     let (devices, windows) = (200u32, 40u64);
-    let sim = simulate_in_background(broker.url(), devices, windows, 11);
+    let sim = simulate_in_background(sim_config(broker.url(), devices, 1, windows, 11));
 
     // Kill -9 as soon as the first file is in the lake.
     let until = Instant::now() + Duration::from_secs(60);
@@ -898,7 +873,7 @@ fn two_collectors_share_one_stream_without_loss_or_duplicates() {
     let a = Collector::serve_with(&broker.url(), data.path(), "e2e-share-a", &share);
     let b = Collector::serve_with(&broker.url(), data.path(), "e2e-share-b", &share);
     let (devices, windows) = (100u32, 20u64);
-    let summary = simulate_in_background(broker.url(), devices, windows, 5)
+    let summary = simulate_in_background(sim_config(broker.url(), devices, 1, windows, 5))
         .join()
         .expect("simulator thread");
     let expected = u64::from(devices) * windows;
@@ -966,7 +941,7 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
         ],
     );
     let (devices, windows) = (20u32, 12u64);
-    simulate_in_background(broker.url(), devices, windows, 3)
+    simulate_in_background(sim_config(broker.url(), devices, 1, windows, 3))
         .join()
         .expect("simulator");
     let expected = u64::from(devices) * windows;
