@@ -139,6 +139,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rows", type=int)
+    ap.add_argument("--lake", help="keep the generated lake here and reuse it on the next run")
     args = ap.parse_args()
     rows = args.rows or (1_000_000 if args.quick else 10_000_000)
     reps = 1 if args.quick else 5
@@ -147,7 +148,14 @@ def main():
                  "cargo build --release -p driftline-collector")
     work = pathlib.Path(tempfile.mkdtemp(prefix="driftline-bench-"))
     try:
-        lake, total = build_lake(rows, work)
+        if args.lake and (pathlib.Path(args.lake) / "metrics").is_dir():
+            lake = pathlib.Path(args.lake)
+            total = duckdb.sql(f"SELECT count(*) FROM read_parquet('{lake}/metrics/*/*.parquet')").fetchone()[0]
+        else:
+            lake, total = build_lake(rows, work)
+            if args.lake:
+                shutil.copytree(lake, args.lake)
+                lake = pathlib.Path(args.lake)
         con = duckdb.connect()
         for m in DUCK_MACROS:
             con.execute(m)

@@ -53,7 +53,9 @@ pub async fn session_with_limit(
     data_dir: &Path,
     memory_limit: Option<usize>,
 ) -> Result<SessionContext, QueryError> {
-    let config = SessionConfig::new()
+    // DATAFUSION_* environment variables tune the engine (for example
+    // DATAFUSION_EXECUTION_BATCH_SIZE); Driftline's own settings follow.
+    let config = SessionConfig::from_env()?
         // Replaced by `information_schema` with PostgreSQL type names below.
         .with_information_schema(false)
         .with_default_catalog_and_schema(CATALOG, "public")
