@@ -419,7 +419,15 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal()?;
     let counters = Arc::new(Counters::default());
     if let Some(listen) = args.metrics_listen {
-        let addr = observe::serve(listen, counters.clone(), shutdown.clone())
+        let jobs = match &args.retrain.retrain_secret {
+            Some(secret) => Some(observe::JobsApi {
+                ctx: Arc::new(query::session(&config.data_dir).await?),
+                lake: lake.clone(),
+                secret: secret.clone(),
+            }),
+            None => None,
+        };
+        let addr = observe::serve(listen, counters.clone(), jobs, shutdown.clone())
             .await
             .with_context(|| format!("serving metrics on {listen}"))?;
         tracing::info!(%addr, "metrics and health endpoint listening");

@@ -1,5 +1,8 @@
 //! The collector's own health and metrics: `GET /metrics` (Prometheus text
-//! format) and `GET /health` on `--metrics-listen`.
+//! format) and `GET /health` on `--metrics-listen`; with a retraining
+//! secret, also `POST /v1/jobs/{job_id}/status` for the training system to
+//! report a job's state (`{"status": "succeeded", "detail": "..."}`, signed
+//! like the webhook: `X-Driftline-Signature: sha256={hex HMAC of the body}`).
 //!
 //! Counters live in [`Counters`] (atomics the ingest path bumps); at each
 //! scrape they are copied into the `metrics` registry, which also holds the
@@ -24,6 +27,15 @@ use crate::ingest::Counters;
 struct Observed {
     prometheus: PrometheusHandle,
     counters: Arc<Counters>,
+    jobs: Option<Arc<JobsApi>>,
+}
+
+/// What the job-status route needs.
+pub struct JobsApi {
+    pub ctx: Arc<datafusion::prelude::SessionContext>,
+    pub lake: Arc<crate::lake::LakeWriter>,
+    /// The HMAC key requests must be signed with.
+    pub secret: String,
 }
 
 /// Installs the metrics recorder (once per process) and serves `/metrics`
@@ -31,6 +43,7 @@ struct Observed {
 pub async fn serve(
     listen: SocketAddr,
     counters: Arc<Counters>,
+    jobs: Option<JobsApi>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let recorder = PrometheusBuilder::new()
@@ -42,10 +55,12 @@ pub async fn serve(
     let state = Observed {
         prometheus,
         counters,
+        jobs: jobs.map(Arc::new),
     };
     let app = Router::new()
         .route("/metrics", get(render))
         .route("/health", get(health))
+        .route("/v1/jobs/:job_id/status", axum::routing::post(job_status))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -123,4 +138,72 @@ async fn health(State(o): State<Observed>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, axum::Json(body))
+}
+
+#[derive(serde::Deserialize)]
+struct StatusReport {
+    status: String,
+    detail: Option<String>,
+}
+
+async fn job_status(
+    State(o): State<Observed>,
+    axum::extract::Path(job_id): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> impl IntoResponse {
+    let reply = |code: StatusCode, message: String| {
+        (
+            code,
+            axum::Json(serde_json::json!({ "job_id": job_id, "message": message })),
+        )
+    };
+    let Some(jobs) = &o.jobs else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "job reports need --retrain-secret".into(),
+        );
+    };
+    let signed = headers
+        .get("x-driftline-signature")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("sha256="))
+        .and_then(|hex| {
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| {
+                    hex.get(i..i + 2)
+                        .and_then(|b| u8::from_str_radix(b, 16).ok())
+                })
+                .collect::<Option<Vec<u8>>>()
+        });
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, jobs.secret.as_bytes());
+    if !signed.is_some_and(|tag| ring::hmac::verify(&key, &body, &tag).is_ok()) {
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong X-Driftline-Signature".into(),
+        );
+    }
+    let report: StatusReport = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return reply(StatusCode::BAD_REQUEST, format!("body: {e}")),
+    };
+    match crate::retrain::report(
+        &jobs.ctx,
+        &jobs.lake,
+        &job_id,
+        &report.status,
+        report.detail,
+    )
+    .await
+    {
+        Ok(()) => reply(StatusCode::OK, report.status),
+        Err(e @ crate::retrain::RetrainError::UnknownJob(_)) => {
+            reply(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e @ crate::retrain::RetrainError::Status(_)) => {
+            reply(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }

@@ -17,8 +17,9 @@
 //! fail the job. Command: run with `sh -c`, the evidence on stdin; exit 0
 //! marks it dispatched. MQTT: published (QoS 1) to a configured topic; the
 //! broker's acknowledgement marks it dispatched. The training system reports
-//! back with `driftline-collector job-status` (acknowledged, succeeded,
-//! failed).
+//! back (acknowledged, succeeded, failed) with `POST /v1/jobs/{job_id}/status`
+//! on `serve --metrics-listen` (signed with the same secret, see
+//! [`crate::observe`]) or `driftline-collector job-status`.
 
 use std::time::Duration;
 

@@ -1492,8 +1492,48 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
     // One job: the canary (same model) waits while the first is open.
     assert_eq!(counts, vec![vec!["8".to_string(), "1".to_string()]]);
 
-    // The training system reports back.
+    // The training system reports back: over HTTP to a running collector
+    // (signed), then with the CLI.
     let job = evidence["job_id"].as_str().unwrap_or_default().to_owned();
+    let metrics_port = free_port();
+    let serve = Collector::serve_with(
+        &broker.url(),
+        data.path(),
+        "e2e-jobs",
+        &[
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--retrain-secret",
+            "s3cret",
+            "--detect-interval",
+            "1h",
+        ],
+    );
+    let report = |body: &str, signature: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .args(["-H", &format!("X-Driftline-Signature: sha256={signature}")])
+            .args(["--data-binary", body])
+            .arg(format!(
+                "http://127.0.0.1:{metrics_port}/v1/jobs/{job}/status"
+            ))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let body = r#"{"status": "acknowledged", "detail": "queued"}"#;
+    let good = driftline_collector::retrain::signature("s3cret", body.as_bytes());
+    assert_eq!(report(body, "00"), "401", "unsigned reports are refused");
+    assert_eq!(report(body, &good), "200");
+    let bad_status = r#"{"status": "done"}"#;
+    let signed = driftline_collector::retrain::signature("s3cret", bad_status.as_bytes());
+    assert_eq!(report(bad_status, &signed), "400");
+    serve.terminate();
+    let acknowledged = query(
+        data.path(),
+        &format!("SELECT detail FROM retrain_job_events WHERE job_id = '{job}' AND status = 'acknowledged'"),
+    );
+    assert_eq!(acknowledged, vec![vec!["queued".to_string()]]);
     let out = Command::new(COLLECTOR)
         .args([
             "job-status",
