@@ -933,11 +933,11 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
             "--pg-password",
             "pw",
             "--pg-statement-timeout",
-            "2s",
+            "10s",
             "--pg-max-connections",
             "4",
             "--pg-memory-mb",
-            "32",
+            "16",
         ],
     );
     let (devices, windows) = (20u32, 12u64);
