@@ -404,21 +404,16 @@ impl LakeWriter {
         date: &str,
         generation: &Path,
     ) -> Result<&'a mut PartitionIndex, LakeError> {
-        let entry = index
-            .entry((table, date.to_owned()))
-            .or_insert_with(|| PartitionIndex {
-                generation: generation.to_path_buf(),
-                files: HashSet::new(),
-                keys: HashSet::new(),
-                used: Instant::now(),
-            });
+        let empty = || PartitionIndex {
+            generation: generation.to_path_buf(),
+            files: HashSet::new(),
+            keys: HashSet::new(),
+            used: Instant::now(),
+        };
+        let entry = index.entry((table, date.to_owned())).or_insert_with(empty);
+        // Another collector compacted the partition: index the new generation.
         if entry.generation != generation {
-            *entry = PartitionIndex {
-                generation: generation.to_path_buf(),
-                files: HashSet::new(),
-                keys: HashSet::new(),
-                used: Instant::now(),
-            };
+            *entry = empty();
         }
         entry.used = Instant::now();
         for file in parquet_files(generation)? {
