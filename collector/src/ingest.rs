@@ -217,17 +217,14 @@ impl Ingest {
             schema::metrics_batch,
             &self.counters.stored_windows,
             &self.counters,
-            |w: &StoredWindow| {
-                let r = &w.report;
-                let topic = driftline_core::topic::metrics_topic(&r.fleet, &r.device_id);
-                (
-                    w.received_at,
-                    topic,
-                    r.encode().unwrap_or_default(),
-                    String::new(),
-                )
-            },
-            &mut unstorable,
+            Some((
+                &|w: &StoredWindow| {
+                    let r = &w.report;
+                    let topic = driftline_core::topic::metrics_topic(&r.fleet, &r.device_id);
+                    (w.received_at, topic, r.encode().unwrap_or_default())
+                },
+                &mut unstorable,
+            )),
         );
         let status = flush_table(
             lake,
@@ -236,12 +233,14 @@ impl Ingest {
             schema::status_batch,
             &self.counters.stored_status,
             &self.counters,
-            |s: &StoredStatus| {
-                let r = &s.report;
-                let topic = driftline_core::topic::status_topic(&r.fleet, &r.device_id);
-                (s.received_at, topic, r.encode(), String::new())
-            },
-            &mut unstorable,
+            Some((
+                &|s: &StoredStatus| {
+                    let r = &s.report;
+                    let topic = driftline_core::topic::status_topic(&r.fleet, &r.device_id);
+                    (s.received_at, topic, r.encode())
+                },
+                &mut unstorable,
+            )),
         );
         // Rows that cannot become lake rows are kept as quarantine rows.
         let unstorable_count = unstorable.len();
@@ -249,7 +248,8 @@ impl Ingest {
             self.quarantine(&topic, &payload, received_at, UNSTORABLE, detail);
         }
         self.pending = self.pending.saturating_sub(unstorable_count);
-        let mut never = Vec::new();
+        // A quarantine row that cannot be encoded stays pending (and the
+        // flush fails): there is no further place to keep it.
         let quarantine = flush_table(
             lake,
             QUARANTINE,
@@ -257,15 +257,7 @@ impl Ingest {
             schema::quarantine_batch,
             &self.counters.stored_quarantine,
             &self.counters,
-            |q: &QuarantinedMessage| {
-                (
-                    q.received_at,
-                    q.topic.clone(),
-                    q.payload.clone(),
-                    String::new(),
-                )
-            },
-            &mut never,
+            None,
         );
         self.pending = self
             .pending
@@ -299,9 +291,14 @@ fn accept_status(topic: &str, payload: &[u8]) -> Result<StatusReport, String> {
     }
 }
 
-/// A row that cannot be stored: when it arrived, its topic, its payload
-/// and why.
+/// The message a lake row came from: when it arrived, its topic, its payload.
+type Original = (DateTime<Utc>, String, Vec<u8>);
+
+/// A row that cannot be stored: its message and why.
 type Unstorable = (DateTime<Utc>, String, Vec<u8>, String);
+
+/// How to turn a row back into its message, and where unstorable rows go.
+type ToQuarantine<'a, T> = Option<(&'a dyn Fn(&T) -> Original, &'a mut Vec<Unstorable>)>;
 
 /// Rows taken out of the pending map by one flush, and the first error.
 struct Flushed {
@@ -310,9 +307,8 @@ struct Flushed {
 }
 
 /// Writes each date's rows of one table as one file. Rows whose write fails
-/// stay pending; rows that cannot be encoded at all go to `unstorable` as
-/// (received_at, original payload, reason).
-#[allow(clippy::too_many_arguments)]
+/// stay pending; rows that cannot be encoded at all go to `to_quarantine`
+/// as their original message and the reason, or without it stay pending.
 fn flush_table<T>(
     lake: &LakeWriter,
     table: &'static str,
@@ -320,23 +316,31 @@ fn flush_table<T>(
     build: fn(&[T]) -> Result<RecordBatch, ArrowError>,
     stored: &AtomicU64,
     counters: &Counters,
-    original: impl Fn(&T) -> Unstorable,
-    unstorable: &mut Vec<Unstorable>,
+    to_quarantine: ToQuarantine<'_, T>,
 ) -> Flushed {
     let mut flushed = Flushed {
         rows: 0,
         error: None,
     };
+    let mut to_quarantine = to_quarantine;
     for (date, rows) in std::mem::take(pending) {
-        let batch = match build(&rows) {
-            Ok(batch) => batch,
-            Err(e) => {
+        let batch = match (build(&rows), to_quarantine.as_mut()) {
+            (Ok(batch), _) => batch,
+            (Err(e), Some((original, unstorable))) => {
                 tracing::error!(table, error = %e, rows = rows.len(), "rows cannot be encoded; quarantined");
                 flushed.rows += rows.len();
                 unstorable.extend(rows.iter().map(|row| {
-                    let (at, topic, payload, _) = original(row);
+                    let (at, topic, payload) = original(row);
                     (at, topic, payload, format!("cannot store in {table}: {e}"))
                 }));
+                continue;
+            }
+            (Err(source), None) => {
+                tracing::error!(table, error = %source, rows = rows.len(), "rows cannot be encoded; kept pending");
+                pending.insert(date, rows);
+                flushed
+                    .error
+                    .get_or_insert(LakeError::Arrow { table, source });
                 continue;
             }
         };
