@@ -241,6 +241,17 @@ fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// The golden fixture `valid/laplace.json` (device kiosk-0007), moved to a
+/// recent window so the collector accepts it.
+fn recent_laplace_fixture() -> String {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/v1/valid/laplace.json");
+    let recent = recent_window_start(60, 2).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    std::fs::read_to_string(fixture)
+        .expect("fixture")
+        .replace("2026-11-27T10:00:00Z", &recent)
+}
+
 fn recent_window_start(window_secs: i64, windows_back: i64) -> DateTime<Utc> {
     let now = Utc::now().timestamp();
     let aligned = now - now.rem_euclid(window_secs) - windows_back * window_secs;
@@ -702,12 +713,7 @@ fn serve_reads_from_a_tls_broker_with_a_password() {
         ],
     );
 
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/v1/valid/laplace.json");
-    let recent = recent_window_start(60, 2).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let body = std::fs::read_to_string(fixture)
-        .expect("fixture")
-        .replace("2026-11-27T10:00:00Z", &recent);
+    let body = recent_laplace_fixture();
     let payload = data.path().join("message.json");
     std::fs::write(&payload, body).expect("write");
     let status = Command::new("mosquitto_pub")
@@ -1607,14 +1613,8 @@ fn compose_mosquitto_config_enforces_the_acl() {
             "collector-secret",
         ],
     );
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/v1/valid/laplace.json");
-    let recent = recent_window_start(60, 2).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let publish = |user: &str, password: &str, device: &str| {
-        let body = std::fs::read_to_string(&fixture)
-            .expect("fixture")
-            .replace("2026-11-27T10:00:00Z", &recent)
-            .replace("kiosk-0007", device);
+        let body = recent_laplace_fixture().replace("kiosk-0007", device);
         let file = data.path().join(format!("{device}.json"));
         std::fs::write(&file, body).expect("write");
         Command::new("mosquitto_pub")
