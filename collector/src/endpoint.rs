@@ -420,7 +420,16 @@ struct Limited {
 /// PostgreSQL's out_of_memory (53200); other errors unchanged.
 fn map_error(e: PgWireError) -> PgWireError {
     match e {
-        PgWireError::ApiError(inner) if inner.to_string().contains("Resources exhausted") => {
+        PgWireError::ApiError(inner)
+            if inner
+                .downcast_ref::<datafusion::error::DataFusionError>()
+                .is_some_and(|e| {
+                    matches!(
+                        e.find_root(),
+                        datafusion::error::DataFusionError::ResourcesExhausted(_)
+                    )
+                }) =>
+        {
             PgWireError::UserError(Box::new(ErrorInfo::new(
                 "ERROR".into(),
                 "53200".into(),
