@@ -8,7 +8,9 @@ target rate for --seconds, and samples both processes from /proc: CPU time
 agent's traffic in the same run, is the reference. Also reports the size of
 the stripped agent binary against Mosquitto's.
 
-    python3 bench/agent_footprint.py --agent target/release/driftline-agent
+    python3 bench/agent_footprint.py [--agent PATH] [--seconds N]
+
+Writes its table into BENCHMARKS.md (between the agent-footprint markers).
 """
 
 import argparse
@@ -20,6 +22,12 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+
+from report import write_block
+
+RELEASE = os.environ.get("DRIFTLINE_RELEASE_TARGET",
+                         os.path.expanduser("~/.cache/driftline/release-target"))
+BEGIN, END = "<!-- bench:agent-footprint:begin -->", "<!-- bench:agent-footprint:end -->"
 
 
 def free_port():
@@ -56,7 +64,7 @@ def peak_rss_kib(pid):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--agent", default="target/release/driftline-agent")
+    ap.add_argument("--agent", default=os.path.join(RELEASE, "release", "driftline-agent"))
     ap.add_argument("--rate", type=int, default=1000, help="events per second")
     ap.add_argument("--seconds", type=int, default=30)
     args = ap.parse_args()
@@ -128,6 +136,20 @@ labels = ["a", "b", "c"]
     print(f"reference: mosquitto {broker_rss / 1024:.1f} MiB (ratio {agent_rss / max(broker_rss, 1):.1f}x)")
     print(f"stripped agent       {agent_size / 1e6:.1f} MB "
           f"(mosquitto binary {broker_size / 1e6:.2f} MB, dynamically linked)")
+    write_block(BEGIN, END, [
+        f"`python3 bench/agent_footprint.py`: {args.rate:,} inference events/s posted to the local HTTP "
+        f"ingest in batches of 100 for {args.seconds} s; Mosquitto carries the agent's traffic in the same run.",
+        "",
+        "| measure | agent | reference: Mosquitto, same run | ratio |",
+        "|---|---|---|---|",
+        f"| events recorded | {sent:,} in {elapsed:.1f} s ({rate:,.0f}/s) | | |",
+        f"| CPU | {100 * agent_cpu / elapsed:.2f} % of one core ({1e6 * agent_cpu / max(sent, 1):.1f} us per event, "
+        f"HTTP + JSON included) | {100 * broker_cpu / elapsed:.2f} % | |",
+        f"| peak RSS (VmHWM) | {agent_rss / 1024:.1f} MiB | {broker_rss / 1024:.1f} MiB | "
+        f"{agent_rss / max(broker_rss, 1):.1f}x |",
+        f"| stripped binary (release, `strip`, OpenTelemetry built in) | {agent_size / 1e6:.1f} MB | "
+        f"{broker_size / 1e6:.2f} MB (dynamically linked, plus libmosquitto) | {agent_size / broker_size:.0f}x |",
+    ], "Agent: footprint at 1,000 events/s")
 
 
 if __name__ == "__main__":

@@ -152,11 +152,15 @@ def main():
         # Driftline: publisher to queryable Parquet.
         lake, metrics_port = work / "lake", free_port()
         collector = serve(port, lake, metrics_port)
+        cpu0 = cpu_seconds(collector.pid)
         t = time.perf_counter()
         publish(port, lines)
         while stored(metrics_port) < n:
             time.sleep(0.05)
-        live = n / (time.perf_counter() - t)
+        elapsed = time.perf_counter() - t
+        live = n / elapsed
+        cpu = cpu_seconds(collector.pid) - cpu0
+        live_rss = peak_rss_mib(collector.pid)
         collector.send_signal(signal.SIGTERM)
         collector.wait()
 
@@ -187,12 +191,18 @@ def main():
         print(f"ceiling {ceiling:,.0f} msg/s; driftline {live:,.0f} msg/s ({live / ceiling:.0%}); "
               f"backlog drain {drain:,.0f} msg/s, peak RSS {peak:.0f} MiB; {per_window:.0f} B/window "
               f"vs {size:.0f} B JSON")
-        write(n, ceiling, live, drain, peak, per_window, size)
+        write(n, ceiling, live, drain, peak, per_window, size, cpu, elapsed, live_rss)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def write(n, ceiling, live, drain, peak, per_window, size):
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def write(n, ceiling, live, drain, peak, per_window, size, cpu, elapsed, live_rss):
     lines = [
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `python3 bench/ingest.py`, "
         f"{n:,} messages of {size:.0f} B, Mosquitto on loopback (in-flight window 1000), release collector, "
@@ -202,6 +212,9 @@ def write(n, ceiling, live, drain, peak, per_window, size):
         "|---|---:|---:|---:|",
         f"| sustained ingest, publish to queryable Parquet (WAL fsync before ack) | {live:,.0f} msg/s | "
         f"ceiling: same broker to a counting `mosquitto_sub`, {ceiling:,.0f} msg/s | {live / ceiling:.2f} |",
+        f"| collector CPU during sustained ingest | {cpu / elapsed:.2f} cores ({1e6 * cpu / n:.0f} us per message) | "
+        f"{os.cpu_count()} cores on the machine | |",
+        f"| peak RSS of the collector during sustained ingest | {live_rss:.0f} MiB | | |",
         f"| backlog drain ({n:,} queued while the collector was away) | {drain:,.0f} msg/s | ceiling {ceiling:,.0f} msg/s | {drain / ceiling:.2f} |",
         f"| peak RSS of the collector during the drain | {peak:.0f} MiB | | |",
         f"| bytes on disk per stored window (zstd Parquet) | {per_window:.0f} B | JSON payload {size:.0f} B | {per_window / size:.3f} |",

@@ -24,6 +24,7 @@ pub mod privacy;
 pub mod publish;
 pub mod runtime;
 pub mod simulate;
+pub mod telemetry;
 pub mod tls;
 pub mod window;
 

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,7 +146,12 @@ impl Loop {
     /// Closes due windows: spend, noise, stamp, queue.
     fn close_windows(&mut self, now: DateTime<Utc>) -> Result<(), AgentError> {
         let cost = self.privatizer.rho_per_window();
-        for window in self.windower.close_due(now) {
+        let due = self.windower.close_due(now);
+        if due.is_empty() {
+            return Ok(());
+        }
+        let _span = tracing::info_span!("close_windows", windows = due.len()).entered();
+        for window in due {
             match self.ledger.try_spend(now, cost) {
                 Ok(()) => {
                     self.exhausted_until = None;
@@ -155,6 +160,7 @@ impl Loop {
                     match report.encode() {
                         Ok(bytes) => {
                             self.queue.push(&bytes)?;
+                            metrics::counter!("driftline_agent_windows_queued_total").increment(1);
                         }
                         Err(e) => tracing::error!(error = %e, "window does not encode; dropped"),
                     }
@@ -170,6 +176,25 @@ impl Loop {
             }
         }
         Ok(())
+    }
+
+    /// Hands the agent's figures to the metrics facade (OTLP when
+    /// configured; free otherwise).
+    fn publish_metrics(&self, status: &StatusReport) {
+        let shared = &self.shared;
+        metrics::counter!("driftline_agent_events_accepted_total")
+            .absolute(shared.events_accepted.load(Ordering::Relaxed));
+        metrics::counter!("driftline_agent_requests_refused_total")
+            .absolute(shared.requests_refused.load(Ordering::Relaxed));
+        metrics::counter!("driftline_agent_windows_withheld_total").absolute(self.withheld);
+        metrics::counter!("driftline_agent_windows_lost_total").absolute(status.lost_windows);
+        metrics::gauge!("driftline_agent_windows_buffered").set(status.buffered_windows as f64);
+        metrics::gauge!("driftline_agent_budget_remaining_rho")
+            .set(status.budget_remaining_rho.unwrap_or(0.0));
+        metrics::gauge!("driftline_agent_connected").set(match status.state {
+            DeviceState::Online => 1.0,
+            DeviceState::Offline => 0.0,
+        });
     }
 
     fn status(&self, state: DeviceState, now: DateTime<Utc>) -> StatusReport {
@@ -323,6 +348,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 if let Ok(mut s) = state.shared.status.lock() {
                     *s = status.clone();
                 }
+                state.publish_metrics(&status);
                 // Publish the status when its state changes, and at least
                 // once a minute (budget and buffer figures move every window).
                 let changed = last_status.as_ref().is_none_or(|old| {
@@ -353,6 +379,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     acked += 1;
                     if in_flight > 0 && acked >= in_flight {
                         state.queue.ack_front(in_flight)?;
+                        metrics::counter!("driftline_agent_windows_acknowledged_total").increment(in_flight as u64);
                         (in_flight, acked) = (0, 0);
                     }
                 }

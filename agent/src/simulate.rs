@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::event::{Feedback, InferenceEvent};
 use crate::ledger::{Budget, Ledger};
-use crate::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, Privatizer};
+use crate::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, PrivateWindow, Privatizer};
 use crate::publish::{PublishError, Publisher};
 use crate::window::{ModelHandle, ModelKey, ModelSpec, Windower};
 
@@ -182,49 +182,128 @@ pub fn device_id(index: u32) -> String {
     format!("sim-{index:05}")
 }
 
+/// One simulated device: its models, randomness, privatizer and budget.
+/// [`DeviceSim::window`] records a window's synthetic events and returns
+/// what the device would publish, without any network: [`run`] publishes
+/// it, benchmarks hand it to the collector's ingest directly.
+pub struct DeviceSim {
+    identity: DeviceIdentity,
+    rng: ChaCha8Rng,
+    windower: Windower,
+    privatizer: Privatizer,
+    ledger: Ledger,
+    models: Vec<(String, ModelHandle, ModelProfile)>,
+    start: DateTime<Utc>,
+    length: TimeDelta,
+    events_per_window: f64,
+    drift: Option<Drift>,
+    withheld: u64,
+}
+
+impl DeviceSim {
+    /// Device `index` of the fleet `config` describes.
+    pub fn new(index: u32, config: &SimConfig) -> Result<Self, SimError> {
+        let mut windower = Windower::new(config.window_secs, config.start);
+        let spec = ModelSpec::default().with_labels(LABELS);
+        let models = (0..config.models)
+            .map(|m| {
+                let id = format!("model-{m}");
+                let handle = windower.register(ModelKey::new(id.clone(), "1.0.0"), &spec);
+                (id, handle, ModelProfile::new(m))
+            })
+            .collect();
+        Ok(DeviceSim {
+            identity: DeviceIdentity {
+                device_id: device_id(index),
+                fleet: config.fleet.clone(),
+                agent_version: crate::AGENT_VERSION.to_owned(),
+            },
+            rng: ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20)),
+            windower,
+            privatizer: Privatizer::new(config.mechanism)?,
+            ledger: Ledger::in_memory(config.budget),
+            models,
+            start: config.start,
+            length: TimeDelta::seconds(i64::from(config.window_secs)),
+            events_per_window: config.events_per_window,
+            drift: config.drift.clone(),
+            withheld: 0,
+        })
+    }
+
+    pub fn identity(&self) -> &DeviceIdentity {
+        &self.identity
+    }
+
+    /// When window `w` (counted from the start) ends.
+    pub fn window_end(&self, w: u64) -> DateTime<Utc> {
+        self.start + self.length * i32::try_from(w + 1).unwrap_or(i32::MAX)
+    }
+
+    /// Windows not published because the budget was spent.
+    pub fn withheld(&self) -> u64 {
+        self.withheld
+    }
+
+    /// Records window `w`'s events and returns the closed windows, noised;
+    /// a window over the device's budget is withheld (and counted).
+    pub fn window(&mut self, w: u64) -> Result<Vec<PrivateWindow>, SimError> {
+        for (model_id, handle, profile) in &self.models {
+            let drift = self
+                .drift
+                .as_ref()
+                .filter(|d| w >= d.at && &d.model_id == model_id)
+                .map(|d| (d.kind, d.size));
+            for _ in 0..profile.event_count(&mut self.rng, self.events_per_window) {
+                let (event, feedback) = profile.sample(&mut self.rng, drift);
+                handle.record(&event);
+                if let Some(f) = feedback {
+                    handle.feedback(f);
+                }
+            }
+        }
+        let end = self.window_end(w);
+        let mut out = Vec::new();
+        for closed in self.windower.close_due(end) {
+            if self
+                .ledger
+                .try_spend(end, self.privatizer.rho_per_window())
+                .is_err()
+            {
+                self.withheld += 1;
+                continue;
+            }
+            out.push(self.privatizer.privatize(closed)?);
+        }
+        Ok(out)
+    }
+}
+
 async fn run_device(
     index: u32,
     config: &SimConfig,
     progress: &SimProgress,
     cancel: &CancellationToken,
 ) -> Result<SimSummary, SimError> {
-    let device = DeviceIdentity {
-        device_id: device_id(index),
-        fleet: config.fleet.clone(),
-        agent_version: crate::AGENT_VERSION.to_owned(),
-    };
+    let mut sim = DeviceSim::new(index, config)?;
     let publish_error = |source| SimError::Publish {
-        device: device.device_id.clone(),
+        device: device_id(index),
         source,
     };
     let mut publisher = Publisher::connect(
         &config.broker,
-        device.clone(),
+        sim.identity().clone(),
         0,
         config.credentials.clone(),
     )
     .map_err(publish_error)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20));
-    let mut windower = Windower::new(config.window_secs, config.start);
-    let privatizer = Privatizer::new(config.mechanism)?;
-    let mut ledger = Ledger::in_memory(config.budget);
-    let mut withheld = 0;
-    let spec = ModelSpec::default().with_labels(LABELS);
-    let models: Vec<(String, ModelHandle, ModelProfile)> = (0..config.models)
-        .map(|m| {
-            let id = format!("model-{m}");
-            let handle = windower.register(ModelKey::new(id.clone(), "1.0.0"), &spec);
-            (id, handle, ModelProfile::new(m))
-        })
-        .collect();
-    let length = TimeDelta::seconds(i64::from(config.window_secs));
     let mut w: u64 = 0;
     let mut live = false;
     while config.windows.is_none_or(|n| w < n) && !cancel.is_cancelled() {
-        let start = config.start + length * i32::try_from(w).unwrap_or(i32::MAX);
-        let end = start + length;
         if config.live {
-            let wait = (end - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            let wait = (sim.window_end(w) - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO);
             if !wait.is_zero() && !live {
                 live = true;
                 progress.caught_up.fetch_add(1, Ordering::Relaxed);
@@ -234,26 +313,7 @@ async fn run_device(
                 _ = cancel.cancelled() => break,
             }
         }
-        for (model_id, handle, profile) in &models {
-            let drift = config
-                .drift
-                .as_ref()
-                .filter(|d| w >= d.at && &d.model_id == model_id)
-                .map(|d| (d.kind, d.size));
-            for _ in 0..profile.event_count(&mut rng, config.events_per_window) {
-                let (event, feedback) = profile.sample(&mut rng, drift);
-                handle.record(&event);
-                if let Some(f) = feedback {
-                    handle.feedback(f);
-                }
-            }
-        }
-        for closed in windower.close_due(end) {
-            if ledger.try_spend(end, privatizer.rho_per_window()).is_err() {
-                withheld += 1;
-                continue;
-            }
-            let private = privatizer.privatize(closed)?;
+        for private in sim.window(w)? {
             publisher.publish(private).await.map_err(publish_error)?;
             progress.published.fetch_add(1, Ordering::Relaxed);
         }
@@ -275,7 +335,7 @@ async fn run_device(
     Ok(SimSummary {
         published,
         acknowledged,
-        withheld,
+        withheld: sim.withheld(),
     })
 }
 

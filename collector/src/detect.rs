@@ -278,6 +278,7 @@ pub fn render(detector: &Detector, p: &Periods) -> String {
 }
 
 /// Runs one detector for the period ending at or before `at`.
+#[tracing::instrument(name = "detector", skip_all, fields(detector = %detector.name, %at))]
 pub async fn evaluate(
     ctx: &SessionContext,
     detector: &Detector,
@@ -394,6 +395,7 @@ pub struct RunSummary {
 
 /// Runs every detector for the period ending at or before `at` and records
 /// the results. Evaluations already in the lake are not stored again.
+#[tracing::instrument(name = "detection", skip_all, fields(detectors = detectors.len(), %at))]
 pub async fn run_all(
     ctx: &SessionContext,
     lake: &LakeWriter,

@@ -311,16 +311,34 @@ fn main() -> ExitCode {
         Command::Demo(_) => "warn,rumqttd=off",
         Command::Serve(_) => "info,rumqttc=warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `serve` with --metrics-listen renders the metrics as Prometheus text.
+    let prometheus = match &cli.command {
+        Command::Serve(args) if args.metrics_listen.is_some() => {
+            match observe::prometheus_recorder() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    let telemetry =
+        match driftline_agent::telemetry::init("driftline-collector", default_level, prometheus) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: telemetry: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+    if !telemetry.exporting().is_empty() {
+        tracing::info!(signals = ?telemetry.exporting(), "exporting OpenTelemetry over OTLP");
+    }
     let result = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .and_then(|rt| rt.block_on(dispatch(cli.command)));
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -418,6 +436,20 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(data_dir = %config.data_dir.display(), "lake opened");
     let shutdown = shutdown_on_signal()?;
     let counters = Arc::new(Counters::default());
+    // The ingest counters reach the metrics facade (and so OTLP) every few
+    // seconds, not only when Prometheus scrapes.
+    let published = counters.clone();
+    let publishing = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = publishing.cancelled() => break,
+                _ = tick.tick() => observe::publish_counters(&published),
+            }
+        }
+        observe::publish_counters(&published);
+    });
     if let Some(listen) = args.metrics_listen {
         let jobs = match &args.retrain.retrain_secret {
             Some(secret) => Some(observe::JobsApi {

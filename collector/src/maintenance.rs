@@ -25,6 +25,7 @@ pub struct Report {
 
 /// One pass: retention first (no point compacting what goes), then
 /// compaction.
+#[tracing::instrument(name = "maintenance", skip(lake))]
 pub fn once(
     lake: &LakeWriter,
     min_files: usize,

@@ -5,19 +5,24 @@
 //! like the webhook: `X-Driftline-Signature: sha256={hex HMAC of the body}`).
 //!
 //! Counters live in [`Counters`] (atomics the ingest path bumps); at each
-//! scrape they are copied into the `metrics` registry, which also holds the
-//! histograms recorded where things happen (`driftline_flush_seconds`,
-//! `driftline_detector_runs_total`, `driftline_jobs_total`).
+//! scrape, and every few seconds for OpenTelemetry, [`publish_counters`]
+//! copies them into the `metrics` facade, which also takes the values
+//! recorded where things happen (`driftline_flush_seconds`,
+//! `driftline_detector_runs_total`, `driftline_jobs_total`). The recorder
+//! behind the facade (`driftline_agent::telemetry`) feeds both this
+//! endpoint's Prometheus registry and, when `OTEL_EXPORTER_OTLP_*` is set,
+//! OTLP.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use driftline_agent::telemetry::LocalRecorder;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -38,20 +43,32 @@ pub struct JobsApi {
     pub secret: String,
 }
 
-/// Installs the metrics recorder (once per process) and serves `/metrics`
-/// and `/health` on `listen` until `shutdown`. Returns the bound address.
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The Prometheus registry `/metrics` renders, as the recorder to hand to
+/// `telemetry::init` (once per process, before [`serve`]).
+pub fn prometheus_recorder() -> anyhow::Result<LocalRecorder> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0])?
+        .build_recorder();
+    PROMETHEUS
+        .set(recorder.handle())
+        .map_err(|_| anyhow::anyhow!("the Prometheus recorder is already built"))?;
+    Ok(Box::new(recorder))
+}
+
+/// Serves `/metrics` and `/health` on `listen` until `shutdown`. Returns
+/// the bound address.
 pub async fn serve(
     listen: SocketAddr,
     counters: Arc<Counters>,
     jobs: Option<JobsApi>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let recorder = PrometheusBuilder::new()
-        .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0])
-        .map_err(std::io::Error::other)?
-        .build_recorder();
-    let prometheus = recorder.handle();
-    metrics::set_global_recorder(recorder).map_err(std::io::Error::other)?;
+    let prometheus = PROMETHEUS
+        .get()
+        .cloned()
+        .ok_or_else(|| std::io::Error::other("the Prometheus recorder is not installed"))?;
     let state = Observed {
         prometheus,
         counters,
@@ -76,7 +93,15 @@ pub async fn serve(
 }
 
 async fn render(State(o): State<Observed>) -> impl IntoResponse {
-    let c = &o.counters;
+    publish_counters(&o.counters);
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        o.prometheus.render(),
+    )
+}
+
+/// Copies the ingest counters into the `metrics` facade.
+pub fn publish_counters(c: &Counters) {
     let total = |name: &'static str, v: u64| metrics::counter!(name).absolute(v);
     total(
         "driftline_messages_received_total",
@@ -118,10 +143,6 @@ async fn render(State(o): State<Observed>) -> impl IntoResponse {
     } else {
         0.0
     });
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        o.prometheus.render(),
-    )
 }
 
 async fn health(State(o): State<Observed>) -> impl IntoResponse {

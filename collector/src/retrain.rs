@@ -313,6 +313,7 @@ pub async fn report(
 }
 
 /// Sends a job to every target; the first failure fails it.
+#[tracing::instrument(name = "retrain_dispatch", skip(targets, body))]
 async fn dispatch(targets: &Targets, job_id: &str, body: String) -> Result<String, String> {
     let mut done = Vec::new();
     if let Some(url) = &targets.webhook {

@@ -257,6 +257,7 @@ fn commit(wal: &mut Wal, client: &AsyncClient, unacked: &mut Vec<Publish>) -> Re
 
 /// Writes pending rows to the lake. The log is rotated first, so once the
 /// flush succeeds every sealed segment is in the lake and can go.
+#[tracing::instrument(name = "flush", skip_all, fields(pending = ingest.pending()))]
 fn flush(
     ingest: &mut Ingest,
     lake: &LakeWriter,

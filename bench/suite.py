@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Driftline's benchmark suite: one command, every figure of BENCHMARKS.md.
+
+    python3 bench/suite.py           # the full suite (about 15 min on 2 cores, after the build)
+    python3 bench/suite.py --quick   # a smoke run of every part (a few minutes)
+    python3 bench/suite.py --only agent,accuracy
+
+It builds the release binaries (into DRIFTLINE_RELEASE_TARGET, default
+~/.cache/driftline/release-target, so the debug target of the tests is left
+alone), then runs each part; each part prints its table and rewrites its own
+block of BENCHMARKS.md, and the header records machine, versions and date.
+
+Parts:
+  agent      criterion: ns per recorded event and per noised window, each
+             against a reference in the same run; footprint at 1,000 events/s
+             (CPU, RSS) and the stripped binary size (bench/agent_footprint.py)
+  ingest     end to end through Mosquitto into queryable Parquet against the
+             broker's ceiling; collector CPU and RSS; backlog drain; bytes per
+             stored window against the JSON payload (bench/ingest.py)
+  queries    detector and analyst SQL through the SQL endpoint and `query`,
+             against DuckDB on the same Parquet files (bench/run.py)
+  accuracy   privacy utility against the local-DP lower bound; detection
+             delay and false alarms over seeds (collector/benches/accuracy.rs)
+
+Timing figures are never asserted anywhere: they are measured here, next to
+their reference, and written down.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from report import write_block
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
+                                      pathlib.Path.home() / ".cache/driftline/release-target"))
+PARTS = ["agent", "ingest", "queries", "accuracy"]
+
+
+def sh(cmd, **kw):
+    print("$", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def cargo(*args, capture=False):
+    env = dict(os.environ, CARGO_TARGET_DIR=str(RELEASE))
+    return sh(["cargo", *args], cwd=ROOT, env=env, capture_output=capture, text=True)
+
+
+def version(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine():
+    cpu = "?"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kib = int(pathlib.Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kib / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    mosquitto = version([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-h"])
+    mosquitto = re.sub(r"^mosquitto version ", "", mosquitto)
+    try:
+        import duckdb
+        duck = duckdb.__version__
+    except ImportError:
+        duck = "not installed"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem}; {platform.system()} {platform.release()}; "
+            f"{version(['rustc', '--version'])}; Mosquitto {mosquitto}; DuckDB {duck}; "
+            f"DataFusion 55.2, OpenDP 0.16")
+
+
+CRITERION = re.compile(r"^(\S[^\n]*?)\s*(?:\n\s*)?time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", re.M)
+
+
+def agent(quick):
+    """Criterion (record, window), then the footprint script."""
+    out = cargo("bench", "-p", "driftline-agent", "--bench", "record", "--", *(["--quick"] if quick else []),
+                capture=True).stdout
+    print(out)
+    times = {}
+    for name, value, unit in CRITERION.findall(out):
+        scale = {"ps": 1e-3, "ns": 1.0, "µs": 1e3, "us": 1e3, "ms": 1e6, "s": 1e9}[unit]
+        times[name.strip()] = float(value) * scale
+    ref = times.get("record/reference: one relaxed atomic add")
+    enc = times.get("window/reference: encode one message (JSON)")
+    lines = ["`cargo bench -p driftline-agent --bench record` (criterion, release), "
+             f"{'quick mode, ' if quick else ''}each case against the reference of its group measured in the same run.",
+             "", "| case | time per call | reference | ratio |", "|---|---:|---|---:|"]
+    for name, ns in times.items():
+        if "reference" in name:
+            continue
+        record = name.startswith("record/")
+        base = ref if record else enc
+        label = "one relaxed atomic add" if record else "encoding one message as JSON"
+        if base:
+            lines.append(f"| {name} | {fmt_ns(ns)} | {label}: {fmt_ns(base)} | {ns / base:.1f}x |")
+        else:
+            lines.append(f"| {name} | {fmt_ns(ns)} | {label}: not measured | |")
+    write_block("<!-- bench:agent-record:begin -->", "<!-- bench:agent-record:end -->", lines,
+                "Agent: recording an event and closing a window")
+    sh([sys.executable, str(BENCH / "agent_footprint.py"), "--agent", str(RELEASE / "release" / "driftline-agent"),
+        "--seconds", "10" if quick else "30"])
+
+
+def fmt_ns(ns):
+    return f"{ns:.1f} ns" if ns < 1e3 else f"{ns / 1e3:.2f} us" if ns < 1e6 else f"{ns / 1e6:.2f} ms"
+
+
+def accuracy(quick):
+    with tempfile.TemporaryDirectory() as out:
+        cargo("bench", "-p", "driftline-collector", "--bench", "accuracy", "--",
+              *(["--quick"] if quick else []), "--out", out)
+        utility = pathlib.Path(out, "utility.md").read_text().splitlines()
+        detection = pathlib.Path(out, "detection.md").read_text().splitlines()
+    mode = " --quick" if quick else ""
+    write_block("<!-- bench:utility:begin -->", "<!-- bench:utility:end -->",
+                [f"`cargo bench -p driftline-collector --bench accuracy{mode} -- --only utility`, "
+                 f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}.", "", *utility],
+                "Privacy utility against the local-DP lower bound")
+    write_block("<!-- bench:detection:begin -->", "<!-- bench:detection:end -->",
+                [f"`cargo bench -p driftline-collector --bench accuracy{mode} -- --only detection`, "
+                 f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}.", "", *detection],
+                "Detection delay and false alarms")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smoke run of every part")
+    ap.add_argument("--only", help=f"comma-separated parts ({', '.join(PARTS)})")
+    ap.add_argument("--skip-build", action="store_true")
+    args = ap.parse_args()
+    parts = args.only.split(",") if args.only else PARTS
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    started = time.time()
+    if not args.skip_build:
+        cargo("build", "--release", "--locked", "-p", "driftline-agent", "-p", "driftline-collector", "--bins")
+    build_done = time.time()
+    spent = {}
+    for part in parts:
+        t = time.time()
+        quick = ["--quick"] if args.quick else []
+        if part == "agent":
+            agent(args.quick)
+        elif part == "ingest":
+            sh([sys.executable, str(BENCH / "ingest.py"), *quick])
+        elif part == "queries":
+            sh([sys.executable, str(BENCH / "run.py"), *quick])
+        elif part == "accuracy":
+            accuracy(args.quick)
+        spent[part] = time.time() - t
+    total = time.time() - build_done
+    write_block("<!-- bench:machine:begin -->", "<!-- bench:machine:end -->", [
+        f"Last suite run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"`python3 bench/suite.py{' --quick' if args.quick else ''}`"
+        f"{' --only ' + args.only if args.only else ''}, {total / 60:.1f} min after the build "
+        f"({', '.join(f'{p} {s / 60:.1f} min' for p, s in spent.items())}).",
+        f"Machine: {machine()}.",
+    ], "Machine")
+    print(json.dumps({"minutes": round(total / 60, 1), "parts": {p: round(s / 60, 1) for p, s in spent.items()},
+                      "build_minutes": round((build_done - started) / 60, 1)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""OpenTelemetry export: an agent and a collector, pointed at an OTLP/HTTP
+receiver by the standard OTEL_EXPORTER_OTLP_* variables, send traces and
+metrics that decode with the OpenTelemetry protobuf definitions. The
+receiver is a real HTTP server; the broker is a real Mosquitto."""
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+COLLECTOR = TARGET / "debug" / "driftline-collector"
+AGENT = TARGET / "debug" / "driftline-agent"
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Received:
+    """What the receiver decoded, per service.name."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.spans = {}    # service -> [span name]
+        self.metrics = {}  # service -> {metric name: last value}
+        self.content_types = set()
+
+    def add_traces(self, body):
+        req = trace_service_pb2.ExportTraceServiceRequest()
+        req.ParseFromString(body)
+        with self.lock:
+            for rs in req.resource_spans:
+                service = resource_service(rs.resource)
+                for ss in rs.scope_spans:
+                    self.spans.setdefault(service, []).extend(s.name for s in ss.spans)
+
+    def add_metrics(self, body):
+        req = metrics_service_pb2.ExportMetricsServiceRequest()
+        req.ParseFromString(body)
+        with self.lock:
+            for rm in req.resource_metrics:
+                service = resource_service(rm.resource)
+                seen = self.metrics.setdefault(service, {})
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        kind = m.WhichOneof("data")
+                        points = getattr(m, kind).data_points
+                        if kind == "histogram":
+                            seen[m.name] = sum(p.count for p in points)
+                        elif points:
+                            p = points[-1]
+                            seen[m.name] = p.as_int if p.HasField("as_int") else p.as_double
+
+    def snapshot(self):
+        with self.lock:
+            return ({k: list(v) for k, v in self.spans.items()},
+                    {k: dict(v) for k, v in self.metrics.items()})
+
+
+def resource_service(resource):
+    for kv in resource.attributes:
+        if kv.key == "service.name":
+            return kv.value.string_value
+    return "?"
+
+
+@pytest.fixture
+def receiver():
+    received = Received()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.content_types.add(self.headers.get("Content-Type"))
+            if self.path == "/v1/traces":
+                received.add_traces(body)
+            elif self.path == "/v1/metrics":
+                received.add_metrics(body)
+            else:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"mqtt://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def otel_env(endpoint):
+    env = dict(os.environ)
+    env.update({
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
+    })
+    return env
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+
+
+def test_agent_and_collector_export_traces_and_metrics(tmp_path, receiver, broker):
+    assert COLLECTOR.exists() and AGENT.exists(), "build first (cargo build)"
+    endpoint, received = receiver
+    metrics_port = free_port()
+    collector = subprocess.Popen(
+        [str(COLLECTOR), "serve", "--broker", broker, "--data-dir", str(tmp_path / "lake"),
+         "--flush-interval", "1s", "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+        env=otel_env(endpoint), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+device_id = "otel-test-1"
+fleet = "otel"
+broker = "{broker}"
+state_dir = "{tmp_path / 'agent-state'}"
+window = "1s"
+[privacy]
+mechanism = "laplace"
+epsilon = 1.0
+budget_rho = 100000.0
+[http]
+listen = "127.0.0.1:{free_port()}"
+[[models]]
+id = "m"
+version = "1"
+labels = ["a", "b"]
+""")
+    agent = subprocess.Popen([str(AGENT), "run", "--config", str(config)],
+                             env=otel_env(endpoint), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            spans, metrics = received.snapshot()
+            c = metrics.get("driftline-collector", {})
+            a = metrics.get("driftline-agent", {})
+            if ("flush" in spans.get("driftline-collector", [])
+                    and "close_windows" in spans.get("driftline-agent", [])
+                    and c.get("driftline_windows_stored_total", 0) >= 3
+                    and c.get("driftline_flush_seconds", 0) >= 1
+                    and a.get("driftline_agent_windows_acknowledged_total", 0) >= 3):
+                break
+            assert collector.poll() is None and agent.poll() is None
+            time.sleep(0.25)
+        spans, metrics = received.snapshot()
+        assert "flush" in spans.get("driftline-collector", []), spans.keys()
+        assert "close_windows" in spans.get("driftline-agent", []), spans.keys()
+        collected = metrics.get("driftline-collector", {})
+        assert collected.get("driftline_windows_stored_total", 0) >= 3, collected
+        assert collected.get("driftline_messages_received_total", 0) >= 3, collected
+        assert collected.get("driftline_flush_seconds", 0) >= 1, collected
+        agent_metrics = metrics.get("driftline-agent", {})
+        assert agent_metrics.get("driftline_agent_windows_acknowledged_total", 0) >= 3
+        assert agent_metrics.get("driftline_agent_budget_remaining_rho", 0) > 0
+        assert received.content_types == {"application/x-protobuf"}
+        # The same figures still reach Prometheus: one recorder feeds both.
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        stored = [line for line in text.splitlines()
+                  if line.startswith("driftline_windows_stored_total ")]
+        assert stored and float(stored[0].split()[1]) >= 3, text
+    finally:
+        stop(agent)
+        stop(collector)
+
+
+def test_unsupported_otlp_protocol_is_refused_with_a_reason(tmp_path):
+    assert AGENT.exists(), "build first (cargo build)"
+    env = otel_env("http://127.0.0.1:4317")
+    env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "grpc"
+    run = subprocess.run([str(AGENT), "check-config", "--config",
+                          str(ROOT / "agent" / "agent.example.toml")],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode != 0
+    assert "http/protobuf" in run.stderr, run.stderr
+
