@@ -275,13 +275,17 @@ fn utility(quick: bool) -> Result<String, Error> {
 
 // -------------------------------------------------------------- detection
 
-/// A drift the simulator can inject and the detector that should see it.
-const DRIFTS: [(DriftKind, &str, f64, &str); 5] = [
+/// A drift the simulator can inject, its relative size, and the detector
+/// that should see it. The rates start at 2% (errors, negative feedback per
+/// inference): a doubling and a quadrupling.
+const DRIFTS: [(DriftKind, &str, f64, &str); 7] = [
     (DriftKind::Input, "input", 0.3, "input_drift"),
     (DriftKind::Confidence, "confidence", 0.1, "prediction_drift"),
     (DriftKind::Latency, "latency", 0.3, "latency_regression"),
     (DriftKind::Errors, "errors", 1.0, "error_rate"),
+    (DriftKind::Errors, "errors", 3.0, "error_rate"),
     (DriftKind::Feedback, "feedback", 1.0, "negative_feedback"),
+    (DriftKind::Feedback, "feedback", 3.0, "negative_feedback"),
 ];
 
 const DEVICES: u32 = 30;
@@ -398,7 +402,7 @@ fn detection(quick: bool) -> Result<String, Error> {
         .single()
         .ok_or("date")?
         + TimeDelta::minutes(DRIFT_AT as i64);
-    let mut delays: BTreeMap<&str, Vec<Option<i64>>> = BTreeMap::new();
+    let mut delays: BTreeMap<String, Vec<Option<i64>>> = BTreeMap::new();
     let mut quiet: BTreeMap<String, Tally> = BTreeMap::new();
     for (kind, name, size, detector) in DRIFTS {
         for seed in 0..seeds {
@@ -421,8 +425,11 @@ fn detection(quick: bool) -> Result<String, Error> {
                     t.alpha = e.alpha;
                 }
             }
-            eprintln!("{name} drift, seed {seed}: first alarm {first:?} min after onset");
-            delays.entry(name).or_default().push(first);
+            eprintln!("{name} drift +{size}, seed {seed}: first alarm {first:?} min after onset");
+            delays
+                .entry(format!("{name} {size}"))
+                .or_default()
+                .push(first);
         }
     }
     let mut lines = vec![
@@ -437,7 +444,10 @@ fn detection(quick: bool) -> Result<String, Error> {
     ];
     for (kind, name, size, detector) in DRIFTS {
         let _ = kind;
-        let runs = delays.get(name).cloned().unwrap_or_default();
+        let runs = delays
+            .get(&format!("{name} {size}"))
+            .cloned()
+            .unwrap_or_default();
         let mut hit: Vec<i64> = runs.iter().flatten().copied().collect();
         hit.sort_unstable();
         let median = hit.get(hit.len() / 2).map_or("-".into(), |d| d.to_string());
