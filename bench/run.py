@@ -233,7 +233,7 @@ def write(results, total, reps):
             lines.append(f"| {name} | {endpoint:.3f} s | {scan:.3f} s | {cli:.3f} s | n/a (JSON aggregates) | n/a |")
     lines += ["", "For detectors, \"scan part\" is the detector's aggregation over the lake (both periods in one "
               "pass), the same SQL in both engines; the full detector adds the statistics functions on a few "
-              "rows (the endpoint column).", END]
+              "rows (the endpoint column)."]
     write_block(BEGIN, END, lines, "Queries: DataFusion against DuckDB")
 
 

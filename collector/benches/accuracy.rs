@@ -88,6 +88,31 @@ fn main() -> Result<(), Error> {
     Ok(())
 }
 
+/// Runs `work(thread, threads)` on one thread per core and concatenates
+/// what they return (the first error wins).
+fn on_every_core<T: Send>(
+    work: impl Fn(usize, usize) -> Result<Vec<T>, Error> + Sync,
+) -> Result<Vec<T>, Error> {
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let results: Vec<Result<Vec<T>, Error>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let work = &work;
+                s.spawn(move || work(t, threads))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a thread panicked".into())))
+            .collect()
+    });
+    let mut out = Vec::new();
+    for r in results {
+        out.extend(r?);
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------- utility
 
 /// One device's window: exactly one inference, so `n` devices are `n`
@@ -156,74 +181,58 @@ fn plain_mean(counts: &[f64], inferences: f64) -> f64 {
     }
 }
 
-/// `trials` fleets of `n` devices at `epsilon`, on `threads` threads.
+/// `trials` fleets of `n` devices at `epsilon`, spread over the cores.
 fn cell(epsilon: f64, n: usize, trials: usize, seed: u64) -> Result<Cell, Error> {
-    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
-    let per_thread = trials.div_ceil(threads);
-    let results: Vec<Result<Vec<[f64; 3]>, Error>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || -> Result<Vec<[f64; 3]>, Error> {
-                    let privatizer = Privatizer::laplace(epsilon)?;
-                    let start = Utc
-                        .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
-                        .single()
-                        .ok_or("date")?;
-                    let mut windower = Windower::new(60, start);
-                    let handle = windower.register(ModelKey::new("m", "1"), &ModelSpec::default());
-                    let mut end = start + TimeDelta::seconds(60);
-                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((t as u64) << 32));
-                    let latency = LogNormal::new(120f64.ln(), 0.8)?;
-                    let k = LATENCY_MS_EDGES.len() - 1;
-                    let mut out = Vec::new();
-                    for _ in 0..per_thread.min(trials.saturating_sub(t * per_thread)) {
-                        let mut exact = vec![0f64; k];
-                        let mut noised = vec![0f64; k];
-                        let mut inferences = 0f64;
-                        for _ in 0..n {
-                            let (bucket, counts, count) = one_device(
-                                &privatizer,
-                                &mut windower,
-                                &handle,
-                                &mut end,
-                                latency.sample(&mut rng),
-                            )?;
-                            exact[bucket] += 1.0;
-                            inferences += count as f64;
-                            for (sum, c) in noised.iter_mut().zip(counts) {
-                                *sum += c as f64;
-                            }
-                        }
-                        // The estimator the SQL uses (hist_mean), with and
-                        // without the noise: the difference is the noise's.
-                        let truth = hist_mean(&LATENCY_MS_EDGES, &exact).ok_or("empty")?;
-                        let estimate = hist_mean(&LATENCY_MS_EDGES, &noised).unwrap_or(0.0);
-                        let clamped: Vec<f64> = noised.iter().map(|c| c.max(0.0)).collect();
-                        let total: f64 = clamped.iter().sum::<f64>().max(1.0);
-                        let l1: f64 = clamped
-                            .iter()
-                            .zip(&exact)
-                            .map(|(c, e)| (c / total - e / n as f64).abs())
-                            .sum();
-                        out.push([
-                            estimate - truth,
-                            plain_mean(&noised, inferences) - truth,
-                            l1,
-                        ]);
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a thread panicked".into())))
-            .collect()
-    });
-    let mut errors = Vec::new();
-    for r in results {
-        errors.extend(r?);
-    }
+    let errors = on_every_core(|t, threads| {
+        let privatizer = Privatizer::laplace(epsilon)?;
+        let start = Utc
+            .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+            .single()
+            .ok_or("date")?;
+        let mut windower = Windower::new(60, start);
+        let handle = windower.register(ModelKey::new("m", "1"), &ModelSpec::default());
+        let mut end = start + TimeDelta::seconds(60);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((t as u64) << 32));
+        let latency = LogNormal::new(120f64.ln(), 0.8)?;
+        let k = LATENCY_MS_EDGES.len() - 1;
+        let mut out = Vec::new();
+        for _ in (t..trials).step_by(threads) {
+            let mut exact = vec![0f64; k];
+            let mut noised = vec![0f64; k];
+            let mut inferences = 0f64;
+            for _ in 0..n {
+                let (bucket, counts, count) = one_device(
+                    &privatizer,
+                    &mut windower,
+                    &handle,
+                    &mut end,
+                    latency.sample(&mut rng),
+                )?;
+                exact[bucket] += 1.0;
+                inferences += count as f64;
+                for (sum, c) in noised.iter_mut().zip(counts) {
+                    *sum += c as f64;
+                }
+            }
+            // The estimator the SQL uses (hist_mean), with and
+            // without the noise: the difference is the noise's.
+            let truth = hist_mean(&LATENCY_MS_EDGES, &exact).ok_or("empty")?;
+            let estimate = hist_mean(&LATENCY_MS_EDGES, &noised).unwrap_or(0.0);
+            let clamped: Vec<f64> = noised.iter().map(|c| c.max(0.0)).collect();
+            let total: f64 = clamped.iter().sum::<f64>().max(1.0);
+            let l1: f64 = clamped
+                .iter()
+                .zip(&exact)
+                .map(|(c, e)| (c / total - e / n as f64).abs())
+                .sum();
+            out.push([
+                estimate - truth,
+                plain_mean(&noised, inferences) - truth,
+                l1,
+            ]);
+        }
+        Ok(out)
+    })?;
     let m = errors.len().max(1) as f64;
     Ok(Cell {
         epsilon,
@@ -331,44 +340,28 @@ fn run_fleet(
         credentials: None,
     };
     // Devices noise their windows on every core.
-    let threads = std::thread::available_parallelism().map_or(1, |p| p.get()) as u32;
-    let messages: Vec<Result<Vec<Message>, Error>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let config = &config;
-                s.spawn(move || {
-                    let mut out = Vec::new();
-                    for index in (t..config.devices).step_by(threads as usize) {
-                        let mut sim = DeviceSim::new(index, config)?;
-                        let topic = driftline_core::topic::metrics_topic(
-                            &config.fleet,
-                            &sim.identity().device_id,
-                        );
-                        let mut seq = 0;
-                        for w in 0..WINDOWS {
-                            for private in sim.window(w)? {
-                                let report = private.into_report(sim.identity(), seq);
-                                seq += 1;
-                                out.push((topic.clone(), report.encode()?, sim.window_end(w)));
-                            }
-                        }
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a thread panicked".into())))
-            .collect()
-    });
+    let messages: Vec<Message> = on_every_core(|t, threads| {
+        let mut out = Vec::new();
+        for index in (t as u32..config.devices).step_by(threads) {
+            let mut sim = DeviceSim::new(index, &config)?;
+            let topic =
+                driftline_core::topic::metrics_topic(&config.fleet, &sim.identity().device_id);
+            let mut seq = 0;
+            for w in 0..WINDOWS {
+                for private in sim.window(w)? {
+                    let report = private.into_report(sim.identity(), seq);
+                    seq += 1;
+                    out.push((topic.clone(), report.encode()?, sim.window_end(w)));
+                }
+            }
+        }
+        Ok(out)
+    })?;
     let dir = tempfile::tempdir()?;
     let lake = LakeWriter::open(dir.path())?;
     let mut ingest = Ingest::new(IngestLimits::default(), Arc::new(Counters::default()));
-    for batch in messages {
-        for (topic, payload, at) in batch? {
-            ingest.handle(&topic, &payload, at + TimeDelta::seconds(1));
-        }
+    for (topic, payload, at) in messages {
+        ingest.handle(&topic, &payload, at + TimeDelta::seconds(1));
     }
     ingest.flush(&lake)?;
     let queries = dir.path().join("_driftline").join("queries");
