@@ -44,6 +44,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 /// SCRAM iterations (PostgreSQL's default).
 const SCRAM_ITERATIONS: usize = 4096;
@@ -255,6 +256,9 @@ struct ReadOnly;
 impl ReadOnly {
     fn check(statement: &Statement) -> Option<PgWireError> {
         let refuse = |what: String| {
+            // Counted here, where each refused statement passes once
+            // (a statement refused at Parse never reaches Execute).
+            metrics::counter!("driftline_sql_refused_total").increment(1);
             Some(PgWireError::UserError(Box::new(ErrorInfo::new(
                 "ERROR".into(),
                 "25006".into(),
@@ -440,6 +444,30 @@ fn map_error(e: PgWireError) -> PgWireError {
     }
 }
 
+/// Counts an error of a statement that was let run (time-out, memory
+/// limit, execution error) by SQLSTATE (`driftline_sql_errors_total`), and
+/// passes it on. Refused writes have their own counter
+/// (`driftline_sql_refused_total`); errors of the extended protocol's Parse
+/// step (syntax, unknown table) are answered before any statement runs and
+/// are not counted.
+fn counted(e: PgWireError) -> PgWireError {
+    let sqlstate = match &e {
+        PgWireError::UserError(info) => info.code.clone(),
+        PgWireError::ApiError(_) => "XX000".to_owned(),
+        _ => "08000".to_owned(),
+    };
+    if sqlstate != "25006" {
+        metrics::counter!("driftline_sql_errors_total", "sqlstate" => sqlstate).increment(1);
+    }
+    e
+}
+
+/// A statement's span: it lasts until its last row is sent.
+fn statement_span(protocol: &'static str) -> tracing::Span {
+    metrics::counter!("driftline_sql_statements_total", "protocol" => protocol).increment(1);
+    tracing::info_span!("sql_statement", protocol)
+}
+
 fn timed_out() -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".into(),
@@ -454,7 +482,12 @@ impl Limited {
     /// up the connection: at `deadline` the client gets SQLSTATE 57014, the
     /// task is aborted and its plan dropped (which cancels it) at its next
     /// yield.
-    fn limit(&self, response: Response, deadline: tokio::time::Instant) -> Response {
+    fn limit(
+        &self,
+        response: Response,
+        deadline: tokio::time::Instant,
+        span: tracing::Span,
+    ) -> Response {
         let Response::Query(q) = response else {
             return response;
         };
@@ -462,20 +495,27 @@ impl Limited {
         let schema = q.row_schema();
         let mut rows = q.data_rows;
         let (tx, rx) = tokio::sync::mpsc::channel::<PgWireResult<DataRow>>(64);
-        let producer = sql_runtime().spawn(async move {
-            use futures::StreamExt;
-            while let Some(row) = rows.next().await {
-                if tx.send(row.map_err(map_error)).await.is_err() {
-                    break;
+        let producer = sql_runtime().spawn(
+            async move {
+                use futures::StreamExt;
+                while let Some(row) = rows.next().await {
+                    if tx
+                        .send(row.map_err(|e| counted(map_error(e))))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
                 }
             }
-        });
+            .instrument(span),
+        );
         let state = (rx, Some(AbortOnDrop(producer)));
         let limited = futures::stream::unfold(state, move |(mut rx, guard)| async move {
             let guard = guard?;
             tokio::select! {
                 row = rx.recv() => row.map(|r| (r, (rx, Some(guard)))),
-                _ = tokio::time::sleep_until(deadline) => Some((Err(timed_out()), (rx, None))),
+                _ = tokio::time::sleep_until(deadline) => Some((Err(counted(timed_out())), (rx, None))),
             }
         });
         let mut limited = QueryResponse::new(schema, limited);
@@ -557,15 +597,18 @@ impl SimpleQueryHandler for Limited {
         PgWireError: From<<C as futures::Sink<PgWireBackendMessage>>::Error>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let span = statement_span("simple");
         let responses = tokio::time::timeout_at(
             deadline,
-            OnSqlRuntime::new(SimpleQueryHandler::do_query(&self.inner, client, query)),
+            OnSqlRuntime::new(SimpleQueryHandler::do_query(&self.inner, client, query))
+                .instrument(span.clone()),
         )
         .await
-        .map_err(|_| timed_out())??;
+        .map_err(|_| counted(timed_out()))?
+        .map_err(counted)?;
         Ok(responses
             .into_iter()
-            .map(|r| self.limit(r, deadline))
+            .map(|r| self.limit(r, deadline, span.clone()))
             .collect())
     }
 }
@@ -597,6 +640,7 @@ impl ExtendedQueryHandler for Limited {
         PgWireError: From<<C as futures::Sink<PgWireBackendMessage>>::Error>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let span = statement_span("extended");
         let response = tokio::time::timeout_at(
             deadline,
             OnSqlRuntime::new(ExtendedQueryHandler::do_query(
@@ -604,11 +648,12 @@ impl ExtendedQueryHandler for Limited {
                 client,
                 portal,
                 max_rows,
-            )),
+            ))
+            .instrument(span.clone()),
         )
         .await
-        .map_err(|_| timed_out())?
-        .map_err(map_error)?;
-        Ok(self.limit(response, deadline))
+        .map_err(|_| counted(timed_out()))?
+        .map_err(|e| counted(map_error(e)))?;
+        Ok(self.limit(response, deadline, span))
     }
 }

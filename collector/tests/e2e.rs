@@ -258,6 +258,21 @@ fn recent_window_start(window_secs: i64, windows_back: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(aligned, 0).expect("timestamp")
 }
 
+/// `GET http://127.0.0.1:{port}{path}` with curl: the body, a newline and
+/// the status code.
+fn http_get(port: u16, path: &str) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn agent_windows_reach_the_lake_exactly_once() {
     let broker = Mosquitto::start();
@@ -282,24 +297,12 @@ fn agent_windows_reach_the_lake_exactly_once() {
     // returns: give the broker a moment to hand it over, then stop.
     std::thread::sleep(Duration::from_secs(1));
     // The collector's own metrics, scraped like Prometheus does.
-    let curl = |path: &str| {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-w",
-                "\n%{http_code}",
-                &format!("http://127.0.0.1:{metrics_port}{path}"),
-            ])
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let health = curl("/health");
+    let health = http_get(metrics_port, "/health");
     assert!(
         health.ends_with("200") && health.contains("\"subscribed\":true"),
         "{health}"
     );
-    let metrics = curl("/metrics");
+    let metrics = http_get(metrics_port, "/metrics");
     assert!(
         metrics.contains(&format!("driftline_windows_stored_total {expected}")),
         "{metrics}"
@@ -929,6 +932,7 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
     let broker = Mosquitto::start();
     let data = tempfile::tempdir().expect("tempdir");
     let port = free_port();
+    let metrics_port = free_port();
     let collector = Collector::serve_with(
         &broker.url(),
         data.path(),
@@ -944,6 +948,8 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
             "4",
             "--pg-memory-mb",
             "16",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
         ],
     );
     let (devices, windows) = (20u32, 12u64);
@@ -1161,6 +1167,20 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
         assert_eq!(sqlstate(&e), "53300", "{e}");
         drop((c3, c4));
     });
+    // Each refusal (psql's DROP, psycopg's CREATE TABLE, 6 statements in
+    // both protocols), time-out and memory error above is counted once.
+    let metrics = http_get(metrics_port, "/metrics");
+    for line in [
+        "driftline_sql_refused_total 14",
+        "driftline_sql_errors_total{sqlstate=\"57014\"} 1",
+        "driftline_sql_errors_total{sqlstate=\"53200\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(
+        metrics.contains("driftline_sql_statements_total{protocol=\"extended\"}"),
+        "{metrics}"
+    );
     collector.terminate();
 }
 
