@@ -27,8 +27,11 @@ pub const DEFAULT_DATA_DIR: &str = "driftline-data";
 pub struct ServeFile {
     /// MQTT broker, `mqtt://host:port`.
     pub broker: Option<String>,
-    /// Lake directory.
+    /// Lake directory (with `lake`: the local state directory).
     pub data_dir: Option<PathBuf>,
+    /// The lake on an object store, `s3://bucket/prefix` (default: the
+    /// data directory).
+    pub lake: Option<String>,
     /// MQTT client id; the broker keeps the session under it.
     pub client_id: Option<String>,
     /// How often pending rows are written to the lake.
@@ -117,6 +120,7 @@ impl ServeFile {
         ServeFile {
             broker: over.broker.or(self.broker),
             data_dir: over.data_dir.or(self.data_dir),
+            lake: over.lake.or(self.lake),
             client_id: over.client_id.or(self.client_id),
             flush_interval: over.flush_interval.or(self.flush_interval),
             flush_rows: over.flush_rows.or(self.flush_rows),
@@ -148,6 +152,8 @@ impl ServeFile {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
+    /// `s3://bucket/prefix`, or `None` for the lake in `data_dir`.
+    pub lake: Option<String>,
     pub subscriber: SubscriberOptions,
     pub maintenance: Maintenance,
     /// The SQL endpoint, if a password is configured.
@@ -298,6 +304,7 @@ impl ServeConfig {
             endpoint,
             sql_memory_bytes: layers.pg_memory_mb.unwrap_or(2048).saturating_mul(1 << 20),
             maintenance,
+            lake: layers.lake,
             data_dir: layers
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),

@@ -14,7 +14,11 @@
 //! a hidden temporary name, fsynced, then renamed into place, so readers
 //! never see a partial file. `{instance}` is unique per collector process, so
 //! several collectors can write to one lake.
+//!
+//! The lake can also live on S3 or an S3-compatible store (`--lake
+//! s3://bucket/prefix`): see [`object`].
 
+pub mod object;
 pub mod schema;
 mod writer;
 
@@ -73,12 +77,47 @@ pub enum LakeError {
         table: &'static str,
         source: datafusion::error::DataFusionError,
     },
+    #[error("object store, {what}: {source}")]
+    Store {
+        what: String,
+        source: Box<object_store::Error>,
+    },
+    #[error("lake {url}: {reason}")]
+    Location { url: String, reason: String },
+    #[error("manifest {what}: {reason}")]
+    Manifest { what: String, reason: String },
+    #[error("table {table}: other writers kept changing its manifest; try again")]
+    Contention { table: &'static str },
+    #[error("the lake's I/O runtime is not running")]
+    Runtime,
 }
 
 impl LakeError {
     /// Whether a later attempt may succeed (disk full, permissions fixed).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, LakeError::Io { .. })
+        matches!(
+            self,
+            LakeError::Io { .. } | LakeError::Store { .. } | LakeError::Contention { .. }
+        )
+    }
+}
+
+/// Where a lake lives: a directory, or an object store.
+#[derive(Debug, Clone)]
+pub enum Location {
+    Dir(PathBuf),
+    Object(Arc<object::ObjectLake>),
+}
+
+impl Location {
+    /// `--lake URL` when given, else the data directory.
+    pub fn resolve(lake: Option<&str>, data_dir: &Path) -> Result<Self, LakeError> {
+        match lake {
+            Some(url) => Ok(Location::Object(Arc::new(object::ObjectLake::from_url(
+                url,
+            )?))),
+            None => Ok(Location::Dir(data_dir.to_path_buf())),
+        }
     }
 }
 
@@ -87,16 +126,39 @@ pub use writer::{Appended, Compacted, LakeWriter};
 
 /// Registers the lake's tables in `ctx`, creating empty directories if the
 /// lake is new. Files written later are seen by later queries.
-pub async fn register(ctx: &SessionContext, root: &Path) -> Result<(), LakeError> {
-    for (table, schema) in [
-        (METRICS, schema::metrics()),
-        (QUARANTINE, schema::quarantine()),
-        (STATUS, schema::status()),
-        (DETECTOR_RUNS, schema::evaluations()),
-        (DRIFT_EVENTS, schema::evaluations()),
-        (JOB_EVENTS, schema::job_events()),
-    ] {
-        register_table(ctx, root, table, schema).await?;
+pub async fn register(ctx: &SessionContext, location: &Location) -> Result<(), LakeError> {
+    let root = match location {
+        Location::Dir(root) => root,
+        Location::Object(lake) => return register_object(ctx, lake),
+    };
+    for (table, schema) in TABLE_SCHEMAS {
+        register_table(ctx, root, table, schema()).await?;
+    }
+    Ok(())
+}
+
+/// Makes a table's file schema.
+type MakeSchema = fn() -> SchemaRef;
+
+/// Every stored table and its file schema.
+const TABLE_SCHEMAS: [(&str, MakeSchema); 6] = [
+    (METRICS, schema::metrics),
+    (QUARANTINE, schema::quarantine),
+    (STATUS, schema::status),
+    (DETECTOR_RUNS, schema::evaluations),
+    (DRIFT_EVENTS, schema::evaluations),
+    (JOB_EVENTS, schema::job_events),
+];
+
+/// The tables of an object-store lake: each scan reads the table's
+/// manifest (see [`object::ManifestTable`]).
+fn register_object(ctx: &SessionContext, lake: &Arc<object::ObjectLake>) -> Result<(), LakeError> {
+    let (url, store) = lake.store();
+    ctx.register_object_store(url, store);
+    for (table, schema) in TABLE_SCHEMAS {
+        let provider = object::ManifestTable::new(lake.clone(), table, schema());
+        ctx.register_table(table, Arc::new(provider))
+            .map_err(|source| LakeError::Register { table, source })?;
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use driftline_collector::config::{ServeConfig, ServeFile, DEFAULT_DATA_DIR};
 use driftline_collector::demo::{self, DemoOptions};
 use driftline_collector::endpoint::Endpoint;
 use driftline_collector::ingest::Counters;
-use driftline_collector::lake::LakeWriter;
+use driftline_collector::lake::{LakeWriter, Location};
 use driftline_collector::query::{self, Format};
 use driftline_collector::{detect, maintenance, observe, retrain, subscriber};
 use std::sync::Arc;
@@ -49,6 +49,11 @@ struct DetectArgs {
     /// Lake directory.
     #[arg(long, env = "DRIFTLINE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// The lake on S3 or an S3-compatible store, s3://bucket/prefix
+    /// (credentials and endpoint from AWS_* variables). Default: the data
+    /// directory.
+    #[arg(long, env = "DRIFTLINE_LAKE")]
+    lake: Option<String>,
     /// Folder of detector SQL files. Default: the built-in detectors.
     #[arg(long, env = "DRIFTLINE_QUERIES")]
     queries: Option<PathBuf>,
@@ -142,6 +147,11 @@ struct JobStatusArgs {
     /// Lake directory.
     #[arg(long, env = "DRIFTLINE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// The lake on S3 or an S3-compatible store, s3://bucket/prefix
+    /// (credentials and endpoint from AWS_* variables). Default: the data
+    /// directory.
+    #[arg(long, env = "DRIFTLINE_LAKE")]
+    lake: Option<String>,
     /// The job id (X-Driftline-Job of the webhook, job_id in retrain_jobs).
     job_id: String,
     /// acknowledged, succeeded or failed.
@@ -187,9 +197,15 @@ struct ServeArgs {
     /// MQTT broker, mqtt://host:port. Default: mqtt://127.0.0.1:1883
     #[arg(long, env = "DRIFTLINE_BROKER")]
     broker: Option<String>,
-    /// Lake directory. Default: ./driftline-data
+    /// Lake directory. Default: ./driftline-data. With --lake: where the
+    /// write-ahead log and other local state live.
     #[arg(long, env = "DRIFTLINE_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The lake on S3 or an S3-compatible store, s3://bucket/prefix
+    /// (credentials and endpoint from AWS_* variables). Default: the data
+    /// directory.
+    #[arg(long, env = "DRIFTLINE_LAKE")]
+    lake: Option<String>,
     /// MQTT client id (the broker keeps the persistent session under it).
     #[arg(long, env = "DRIFTLINE_CLIENT_ID")]
     client_id: Option<String>,
@@ -276,6 +292,11 @@ struct CompactArgs {
     /// Lake directory.
     #[arg(long, env = "DRIFTLINE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// The lake on S3 or an S3-compatible store, s3://bucket/prefix
+    /// (credentials and endpoint from AWS_* variables). Default: the data
+    /// directory.
+    #[arg(long, env = "DRIFTLINE_LAKE")]
+    lake: Option<String>,
     /// Files a partition needs before it is compacted.
     #[arg(long, env = "DRIFTLINE_COMPACT_MIN_FILES", default_value_t = 2)]
     compact_min_files: usize,
@@ -293,6 +314,11 @@ struct QueryArgs {
     /// Lake directory.
     #[arg(long, env = "DRIFTLINE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// The lake on S3 or an S3-compatible store, s3://bucket/prefix
+    /// (credentials and endpoint from AWS_* variables). Default: the data
+    /// directory.
+    #[arg(long, env = "DRIFTLINE_LAKE")]
+    lake: Option<String>,
     /// Output format.
     #[arg(long, env = "DRIFTLINE_FORMAT", value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -407,6 +433,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     let flags = ServeFile {
         broker: args.broker,
         data_dir: args.data_dir,
+        lake: args.lake,
         client_id: args.client_id,
         flush_interval: args.flush_interval,
         flush_rows: args.flush_rows,
@@ -432,8 +459,9 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         pg_memory_mb: args.pg_memory_mb,
     };
     let config = ServeConfig::resolve(file.overlay(flags))?;
-    let lake = Arc::new(LakeWriter::open(&config.data_dir)?);
-    tracing::info!(data_dir = %config.data_dir.display(), "lake opened");
+    let location = Location::resolve(config.lake.as_deref(), &config.data_dir)?;
+    let lake = Arc::new(LakeWriter::open_at(&location, &config.data_dir)?);
+    tracing::info!(data_dir = %config.data_dir.display(), lake = ?config.lake, "lake opened");
     let shutdown = shutdown_on_signal()?;
     let counters = Arc::new(Counters::default());
     // The ingest counters reach the metrics facade (and so OTLP) every few
@@ -453,7 +481,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.metrics_listen {
         let jobs = match &args.retrain.retrain_secret {
             Some(secret) => Some(observe::JobsApi {
-                ctx: Arc::new(query::session(&config.data_dir).await?),
+                ctx: Arc::new(query::session_at(&location, None).await?),
                 lake: lake.clone(),
                 secret: secret.clone(),
             }),
@@ -466,8 +494,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     }
     let sql = match config.endpoint {
         Some(endpoint) => {
-            let ctx =
-                query::session_with_limit(&config.data_dir, Some(config.sql_memory_bytes)).await?;
+            let ctx = query::session_at(&location, Some(config.sql_memory_bytes)).await?;
             let endpoint = Endpoint::bind(Arc::new(ctx), endpoint).await?;
             tracing::info!(listen = %endpoint.local_addr()?, "SQL endpoint listening");
             Some(tokio::spawn(endpoint.run(shutdown.clone())))
@@ -482,7 +509,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     let schedule = detect::Schedule::new(queries, args.retrain.rule(), targets);
     let detection = tokio::spawn(detect::run_schedule(
         schedule,
-        Arc::new(query::session(&config.data_dir).await?),
+        Arc::new(query::session_at(&location, None).await?),
         lake.clone(),
         args.detect_interval,
         shutdown.clone(),
@@ -523,13 +550,11 @@ fn queries_dir(queries: Option<PathBuf>, data_dir: &std::path::Path) -> anyhow::
 }
 
 async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
-    if !args.data_dir.is_dir() {
-        anyhow::bail!("no lake at {} (use --data-dir)", args.data_dir.display());
-    }
+    let location = lake_location(args.lake.as_deref(), &args.data_dir)?;
     let queries = queries_dir(args.queries, &args.data_dir)?;
     let detectors = detect::load(&queries)?;
-    let lake = LakeWriter::open(&args.data_dir)?;
-    let ctx = query::session(&args.data_dir).await?;
+    let lake = LakeWriter::open_at(&location, &args.data_dir)?;
+    let ctx = query::session_at(&location, None).await?;
     let at = match args.at {
         Some(at) => at,
         None => match detect::latest_event_time(&ctx).await? {
@@ -604,18 +629,17 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
 }
 
 async fn job_status_command(args: JobStatusArgs) -> anyhow::Result<()> {
-    let lake = LakeWriter::open(&args.data_dir)?;
-    let ctx = query::session(&args.data_dir).await?;
+    let location = lake_location(args.lake.as_deref(), &args.data_dir)?;
+    let lake = LakeWriter::open_at(&location, &args.data_dir)?;
+    let ctx = query::session_at(&location, None).await?;
     retrain::report(&ctx, &lake, &args.job_id, &args.status, args.detail).await?;
     println!("job {}: {}", args.job_id, args.status);
     Ok(())
 }
 
 fn compact_command(args: CompactArgs) -> anyhow::Result<()> {
-    if !args.data_dir.is_dir() {
-        anyhow::bail!("no lake at {} (use --data-dir)", args.data_dir.display());
-    }
-    let lake = LakeWriter::open(&args.data_dir)?;
+    let location = lake_location(args.lake.as_deref(), &args.data_dir)?;
+    let lake = LakeWriter::open_at(&location, &args.data_dir)?;
     let report = maintenance::once(&lake, args.compact_min_files, args.retention, args.grace)?;
     for c in &report.compacted {
         println!(
@@ -632,11 +656,20 @@ fn compact_command(args: CompactArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn query_command(args: QueryArgs) -> anyhow::Result<()> {
-    if !args.data_dir.is_dir() {
-        anyhow::bail!("no lake at {} (use --data-dir)", args.data_dir.display());
+/// `--lake` when given; else the data directory, which must exist.
+fn lake_location(lake: Option<&str>, data_dir: &std::path::Path) -> anyhow::Result<Location> {
+    if lake.is_none() && !data_dir.is_dir() {
+        anyhow::bail!(
+            "no lake at {} (use --data-dir or --lake)",
+            data_dir.display()
+        );
     }
-    let ctx = query::session(&args.data_dir).await?;
+    Ok(Location::resolve(lake, data_dir)?)
+}
+
+async fn query_command(args: QueryArgs) -> anyhow::Result<()> {
+    let location = lake_location(args.lake.as_deref(), &args.data_dir)?;
+    let ctx = query::session_at(&location, None).await?;
     let batches = query::run(&ctx, &args.sql).await?;
     print!("{}", query::render(&batches, args.format)?);
     if args.format == Format::Table {

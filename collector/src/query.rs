@@ -13,7 +13,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use std::sync::Arc;
 
-use crate::lake::{self, LakeError};
+use crate::lake::{self, LakeError, Location};
 
 mod information_schema;
 mod pg;
@@ -43,7 +43,7 @@ pub enum Format {
 /// (`pg_catalog`, `current_setting`, ...) and no memory limit. Timestamps
 /// are shown in UTC.
 pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
-    session_with_limit(data_dir, None).await
+    session_at(&Location::Dir(data_dir.to_path_buf()), None).await
 }
 
 /// [`session`] whose queries together may use at most `memory_limit`
@@ -51,6 +51,15 @@ pub async fn session(data_dir: &Path) -> Result<SessionContext, QueryError> {
 /// leaves the others alone.
 pub async fn session_with_limit(
     data_dir: &Path,
+    memory_limit: Option<usize>,
+) -> Result<SessionContext, QueryError> {
+    session_at(&Location::Dir(data_dir.to_path_buf()), memory_limit).await
+}
+
+/// [`session_with_limit`] over the lake at `location` (a directory or an
+/// object store).
+pub async fn session_at(
+    location: &Location,
     memory_limit: Option<usize>,
 ) -> Result<SessionContext, QueryError> {
     // DATAFUSION_* environment variables tune the engine (for example
@@ -73,7 +82,7 @@ pub async fn session_with_limit(
             );
     }
     let ctx = SessionContext::new_with_config_rt(config, runtime.build_arc()?);
-    lake::register(&ctx, data_dir).await?;
+    lake::register(&ctx, location).await?;
     ctx.sql(DEVICES_VIEW).await?;
     ctx.sql(RETRAIN_JOBS_VIEW).await?;
     datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(

@@ -13,13 +13,16 @@
 //! exclusive lock (`_driftline/locks/{table}.lock`) around
 //! read-index-then-write, so several collectors on one lake never store a
 //! key twice.
+//!
+//! On an object store (see [`super::object`]) the same writer keeps the
+//! same promises with a manifest per table instead of links and locks.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::NaiveDate;
@@ -32,8 +35,10 @@ use datafusion::parquet::arrow::{ArrowWriter, ProjectionMask};
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 
+use super::object::{self, ObjectLake};
 use super::{
-    LakeError, DETECTOR_RUNS, DRIFT_EVENTS, JOB_EVENTS, METRICS, QUARANTINE, STATUS, TABLES,
+    LakeError, Location, DETECTOR_RUNS, DRIFT_EVENTS, JOB_EVENTS, METRICS, QUARANTINE, STATUS,
+    TABLES,
 };
 
 /// The columns that identify a row: two rows with equal keys are the same
@@ -89,9 +94,17 @@ struct PartitionIndex {
     used: Instant,
 }
 
-/// Writes Parquet files into one lake directory.
+/// How many times an append to an object-store lake retries after
+/// another writer changed the manifest first.
+const MANIFEST_RETRIES: usize = 50;
+
+/// Writes Parquet files into one lake directory, or into a lake on an
+/// object store.
 pub struct LakeWriter {
+    /// The lake directory; for an object-store lake, the local state
+    /// directory (write-ahead log).
     root: PathBuf,
+    object: Option<Arc<ObjectLake>>,
     instance: String,
     counter: AtomicU64,
     index: Mutex<HashMap<(&'static str, String), PartitionIndex>>,
@@ -123,6 +136,7 @@ impl LakeWriter {
         std::fs::create_dir_all(&locks).map_err(io(&locks))?;
         Ok(LakeWriter {
             root: root.to_path_buf(),
+            object: None,
             instance: instance_id(),
             counter: AtomicU64::new(0),
             index: Mutex::new(HashMap::new()),
@@ -130,6 +144,24 @@ impl LakeWriter {
         })
     }
 
+    /// A writer for the lake at `location`; `state_dir` keeps local state
+    /// (for a directory lake, it is the lake).
+    pub fn open_at(location: &Location, state_dir: &Path) -> Result<Self, LakeError> {
+        match location {
+            Location::Dir(root) => Self::open(root),
+            Location::Object(lake) => Ok(LakeWriter {
+                root: state_dir.to_path_buf(),
+                object: Some(lake.clone()),
+                instance: instance_id(),
+                counter: AtomicU64::new(0),
+                index: Mutex::new(HashMap::new()),
+                hashers: (RandomState::new(), RandomState::new()),
+            }),
+        }
+    }
+
+    /// The lake directory, or for an object-store lake the local state
+    /// directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -142,6 +174,9 @@ impl LakeWriter {
         date: &str,
         batch: &RecordBatch,
     ) -> Result<Appended, LakeError> {
+        if let Some(lake) = &self.object {
+            return self.append_object(lake, table, date, batch);
+        }
         let _lock = self.lock(table)?;
         let generation = self.generation(table, date, true)?;
         let keys = self.keys(table, batch)?;
@@ -194,6 +229,17 @@ impl LakeWriter {
         grace: Duration,
     ) -> Result<Vec<Compacted>, LakeError> {
         let mut done = Vec::new();
+        if let Some(lake) = &self.object {
+            for table in TABLES {
+                for date in self.dates(table)? {
+                    if let Some(c) = self.compact_object(lake, table, &date, min_files.max(2))? {
+                        done.push(c);
+                    }
+                }
+                self.delete_retired(lake, table, grace)?;
+            }
+            return Ok(done);
+        }
         for table in TABLES {
             for date in self.dates(table)? {
                 if let Some(c) = self.compact(table, &date, min_files.max(2))? {
@@ -209,6 +255,12 @@ impl LakeWriter {
     /// partitions dropped, as `table/date=...`.
     pub fn drop_before(&self, cutoff: NaiveDate) -> Result<Vec<String>, LakeError> {
         let mut dropped = Vec::new();
+        if let Some(lake) = &self.object {
+            for table in TABLES {
+                dropped.extend(self.drop_before_object(lake, table, cutoff)?);
+            }
+            return Ok(dropped);
+        }
         for table in TABLES {
             for date in self.dates(table)? {
                 let Ok(day) = NaiveDate::parse_from_str(&date, "%Y-%m-%d") else {
@@ -236,7 +288,11 @@ impl LakeWriter {
     }
 
     /// Dates of `table`'s partitions, sorted.
-    pub fn dates(&self, table: &str) -> Result<Vec<String>, LakeError> {
+    pub fn dates(&self, table: &'static str) -> Result<Vec<String>, LakeError> {
+        if let Some(lake) = &self.object {
+            let (manifest, _) = read_manifest(lake, table)?;
+            return Ok(manifest.partitions.into_keys().collect());
+        }
         let dir = self.root.join(table);
         let mut dates: Vec<String> = std::fs::read_dir(&dir)
             .map_err(io(&dir))?
@@ -472,16 +528,13 @@ impl LakeWriter {
         let name = format!("{prefix}-{}-{n:08}.parquet", self.instance);
         let tmp = dir.join(format!(".{name}.tmp"));
         let file = File::create(&tmp).map_err(io(&tmp))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-            .build();
-        let writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(|source| {
-            LakeError::Parquet {
-                path: tmp.clone(),
-                source,
-            }
-        })?;
+        let writer =
+            ArrowWriter::try_new(file, batch.schema(), Some(properties())).map_err(|source| {
+                LakeError::Parquet {
+                    path: tmp.clone(),
+                    source,
+                }
+            })?;
         Ok(NewFile {
             path: dir.join(name),
             tmp,
@@ -505,6 +558,342 @@ impl LakeWriter {
         file.lock().map_err(io(&path))?;
         Ok(file)
     }
+}
+
+/// The object-store backend: the same promises as the directory lake,
+/// with a manifest per table (see [`super::object`]).
+impl LakeWriter {
+    fn append_object(
+        &self,
+        lake: &Arc<ObjectLake>,
+        table: &'static str,
+        date: &str,
+        batch: &RecordBatch,
+    ) -> Result<Appended, LakeError> {
+        let keys = self.keys(table, batch)?;
+        for _ in 0..MANIFEST_RETRIES {
+            let (mut manifest, version) = read_manifest(lake, table)?;
+            let partition = manifest.partitions.entry(date.to_owned()).or_default();
+            self.index_object(lake, table, date, partition)?;
+            // New keys: not in the partition, and each once in the batch.
+            let keep: BooleanArray = {
+                let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+                let known = index.get(&(table, date.to_owned()));
+                let mut seen = HashSet::new();
+                keys.iter()
+                    .map(|k| Some(!known.is_some_and(|p| p.keys.contains(k)) && seen.insert(*k)))
+                    .collect()
+            };
+            let rows = keep.true_count();
+            if rows == 0 {
+                return Ok(Appended {
+                    path: None,
+                    rows: 0,
+                    duplicates: keys.len(),
+                });
+            }
+            let new = filter_record_batch(batch, &keep)
+                .map_err(|source| LakeError::Arrow { table, source })?;
+            let n = self.counter.fetch_add(1, Ordering::Relaxed);
+            let name = format!(
+                "{table}/date={date}/g{:06}-part-{}-{n:08}.parquet",
+                partition.generation, self.instance
+            );
+            let bytes = encode(&object::with_date(&new, date)?, &name)?;
+            partition.files.push(name.clone());
+            let (l, file) = (lake.clone(), name.clone());
+            object::block_on(async move { l.put_new(&file, bytes).await })?;
+            if write_manifest(lake, table, manifest, version)? {
+                let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(entry) = index.get_mut(&(table, date.to_owned())) {
+                    entry.files.insert(name.clone());
+                    entry.keys.extend(
+                        keys.iter()
+                            .zip(keep.iter())
+                            .filter_map(|(k, kept)| (kept == Some(true)).then_some(*k)),
+                    );
+                }
+                return Ok(Appended {
+                    path: Some(PathBuf::from(name)),
+                    rows,
+                    duplicates: keys.len() - rows,
+                });
+            }
+            // Another writer committed first: this file is in no manifest.
+            metrics::counter!("driftline_lake_manifest_conflicts_total", "table" => table)
+                .increment(1);
+            tracing::debug!(table, date, "manifest changed meanwhile; appending again");
+            let l = lake.clone();
+            object::block_on(async move { l.delete(&name).await })?;
+        }
+        Err(LakeError::Contention { table })
+    }
+
+    /// Brings the index of one partition up to date with `partition`'s
+    /// files (other collectors may have added some, or compacted it).
+    fn index_object(
+        &self,
+        lake: &Arc<ObjectLake>,
+        table: &'static str,
+        date: &str,
+        partition: &object::Partition,
+    ) -> Result<(), LakeError> {
+        let generation = PathBuf::from(format!("g{:06}", partition.generation));
+        let unread: Vec<String> = {
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = index
+                .entry((table, date.to_owned()))
+                .or_insert_with(|| PartitionIndex {
+                    generation: generation.clone(),
+                    files: HashSet::new(),
+                    keys: HashSet::new(),
+                    used: Instant::now(),
+                });
+            if entry.generation != generation {
+                *entry = PartitionIndex {
+                    generation: generation.clone(),
+                    files: HashSet::new(),
+                    keys: HashSet::new(),
+                    used: Instant::now(),
+                };
+            }
+            entry.used = Instant::now();
+            partition
+                .files
+                .iter()
+                .filter(|f| !entry.files.contains(*f))
+                .cloned()
+                .collect()
+        };
+        for file in unread {
+            let (l, name) = (lake.clone(), file.clone());
+            let bytes = object::block_on(async move { l.get(&name).await })?;
+            let mut keys = Vec::new();
+            for batch in read_bytes(bytes, &file, Some(key_columns(table)))? {
+                keys.extend(self.keys(table, &batch?)?);
+            }
+            let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = index.get_mut(&(table, date.to_owned())) {
+                entry.keys.extend(keys);
+                entry.files.insert(file);
+            }
+        }
+        Ok(())
+    }
+
+    fn compact_object(
+        &self,
+        lake: &Arc<ObjectLake>,
+        table: &'static str,
+        date: &str,
+        min_files: usize,
+    ) -> Result<Option<Compacted>, LakeError> {
+        let (mut manifest, version) = read_manifest(lake, table)?;
+        let Some(partition) = manifest.partitions.get(date).cloned() else {
+            return Ok(None);
+        };
+        if partition.files.len() < min_files {
+            return Ok(None);
+        }
+        let mut keys = HashSet::new();
+        let mut merged = Vec::new();
+        let mut duplicates = 0;
+        for file in &partition.files {
+            let (l, name) = (lake.clone(), file.clone());
+            let bytes = object::block_on(async move { l.get(&name).await })?;
+            for batch in read_bytes(bytes, file, None)? {
+                let batch = batch?;
+                let batch_keys = self.keys(table, &batch)?;
+                let keep: BooleanArray = batch_keys.iter().map(|k| Some(keys.insert(*k))).collect();
+                duplicates += batch.num_rows() - keep.true_count();
+                merged.push(
+                    filter_record_batch(&batch, &keep)
+                        .map_err(|source| LakeError::Arrow { table, source })?,
+                );
+            }
+        }
+        let Some(schema) = merged.first().map(|b| b.schema()) else {
+            return Ok(None);
+        };
+        let batch = datafusion::arrow::compute::concat_batches(&schema, &merged)
+            .map_err(|source| LakeError::Arrow { table, source })?;
+        let generation = partition.generation + 1;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = format!(
+            "{table}/date={date}/g{generation:06}-compact-{}-{n:08}.parquet",
+            self.instance
+        );
+        let bytes = encode(&batch, &name)?;
+        let (l, file) = (lake.clone(), name.clone());
+        object::block_on(async move { l.put_new(&file, bytes).await })?;
+        let now = chrono::Utc::now();
+        manifest
+            .retired
+            .extend(partition.files.iter().map(|f| object::Retired {
+                file: f.clone(),
+                at: now,
+            }));
+        manifest.partitions.insert(
+            date.to_owned(),
+            object::Partition {
+                generation,
+                files: vec![name.clone()],
+            },
+        );
+        if !write_manifest(lake, table, manifest, version)? {
+            // Changed meanwhile (an append): compact on the next pass.
+            let l = lake.clone();
+            object::block_on(async move { l.delete(&name).await })?;
+            return Ok(None);
+        }
+        let rows = keys.len();
+        self.index.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            (table, date.to_owned()),
+            PartitionIndex {
+                generation: PathBuf::from(format!("g{generation:06}")),
+                files: HashSet::from([name]),
+                keys,
+                used: Instant::now(),
+            },
+        );
+        Ok(Some(Compacted {
+            table,
+            date: date.to_owned(),
+            files_before: partition.files.len(),
+            rows,
+            duplicates,
+        }))
+    }
+
+    /// Deletes the files replaced more than `grace` ago.
+    fn delete_retired(
+        &self,
+        lake: &Arc<ObjectLake>,
+        table: &'static str,
+        grace: Duration,
+    ) -> Result<(), LakeError> {
+        let (mut manifest, version) = read_manifest(lake, table)?;
+        let (due, keep): (Vec<_>, Vec<_>) = manifest
+            .retired
+            .drain(..)
+            .partition(|r| object::retired_due(r, grace));
+        if due.is_empty() {
+            return Ok(());
+        }
+        for retired in &due {
+            let (l, name) = (lake.clone(), retired.file.clone());
+            object::block_on(async move { l.delete(&name).await })?;
+        }
+        manifest.retired = keep;
+        // If another writer changed the manifest meanwhile, the next pass
+        // forgets these (deleting a deleted file is fine).
+        write_manifest(lake, table, manifest, version)?;
+        Ok(())
+    }
+
+    fn drop_before_object(
+        &self,
+        lake: &Arc<ObjectLake>,
+        table: &'static str,
+        cutoff: NaiveDate,
+    ) -> Result<Vec<String>, LakeError> {
+        for _ in 0..MANIFEST_RETRIES {
+            let (mut manifest, version) = read_manifest(lake, table)?;
+            let old: Vec<String> = manifest
+                .partitions
+                .keys()
+                .filter(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok_and(|day| day < cutoff))
+                .cloned()
+                .collect();
+            if old.is_empty() {
+                return Ok(Vec::new());
+            }
+            let now = chrono::Utc::now();
+            for date in &old {
+                if let Some(p) = manifest.partitions.remove(date) {
+                    manifest.retired.extend(
+                        p.files
+                            .into_iter()
+                            .map(|file| object::Retired { file, at: now }),
+                    );
+                }
+            }
+            if write_manifest(lake, table, manifest, version)? {
+                let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+                for date in &old {
+                    index.remove(&(table, date.clone()));
+                }
+                return Ok(old
+                    .into_iter()
+                    .map(|d| format!("{table}/date={d}"))
+                    .collect());
+            }
+        }
+        Err(LakeError::Contention { table })
+    }
+}
+
+fn read_manifest(
+    lake: &Arc<ObjectLake>,
+    table: &'static str,
+) -> Result<object::Versioned, LakeError> {
+    let l = lake.clone();
+    object::block_on(async move { l.read_manifest(table).await })
+}
+
+fn write_manifest(
+    lake: &Arc<ObjectLake>,
+    table: &'static str,
+    manifest: object::Manifest,
+    version: Option<object::UpdateVersion>,
+) -> Result<bool, LakeError> {
+    let l = lake.clone();
+    object::block_on(async move { l.write_manifest(table, &manifest, version).await })
+}
+
+/// How every Parquet file of the lake is written.
+fn properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .build()
+}
+
+/// `batch` as the bytes of one Parquet file (`name` is for errors).
+fn encode(batch: &RecordBatch, name: &str) -> Result<Vec<u8>, LakeError> {
+    let parquet = |source| LakeError::Parquet {
+        path: PathBuf::from(name),
+        source,
+    };
+    let mut writer =
+        ArrowWriter::try_new(Vec::new(), batch.schema(), Some(properties())).map_err(parquet)?;
+    writer.write(batch).map_err(parquet)?;
+    writer.into_inner().map_err(parquet)
+}
+
+/// Reads Parquet bytes batch by batch, all columns or only `columns`.
+fn read_bytes(
+    bytes: bytes::Bytes,
+    name: &str,
+    columns: Option<&[&str]>,
+) -> Result<impl Iterator<Item = Result<RecordBatch, LakeError>>, LakeError> {
+    let path = PathBuf::from(name);
+    let read = |source| LakeError::Read {
+        path: path.clone(),
+        source,
+    };
+    let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(read)?;
+    if let Some(columns) = columns {
+        let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+        builder = builder.with_projection(mask);
+    }
+    let reader = builder.build().map_err(read)?;
+    Ok(reader.map(move |batch| {
+        batch.map_err(|e| LakeError::Read {
+            path: path.clone(),
+            source: e.into(),
+        })
+    }))
 }
 
 /// A Parquet file being written under a hidden temporary name.

@@ -1,0 +1,509 @@
+//! The lake on an object store (S3 or an S3-compatible server), through the
+//! `object_store` crate.
+//!
+//! Layout under the lake URL `s3://bucket/prefix`:
+//!
+//! ```text
+//! {table}/date=2026-11-27/g000001-part-{instance}-{n}.parquet   data files
+//! _driftline/manifests/{table}.json                             the table
+//! ```
+//!
+//! An object store has no rename and no symbolic link, so a table is its
+//! manifest: the files of each date partition, and the files replaced but
+//! not yet deleted. Readers ([`ManifestTable`]) read the manifest first and
+//! scan exactly the files it lists. Writers put a new file under a name
+//! nobody else uses (put-if-absent), then replace the manifest with a
+//! conditional put on its ETag. A writer that loses that race (another
+//! collector committed first) re-reads the manifest, checks its keys
+//! against the files added meanwhile, and tries again, so two collectors
+//! never store one key twice and nothing needs a lock. Compaction writes the
+//! merged file and swaps the partition's list in one manifest update;
+//! retention drops dates the same way. Replaced files are deleted after the
+//! grace period, so queries planned on the previous manifest can finish.
+//!
+//! The data files carry `date` as a column (the local lake has it in the
+//! directory name), so both lakes show the same columns to SQL.
+//!
+//! Credentials and endpoint come from the standard `AWS_*` variables
+//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+//! `AWS_ENDPOINT_URL` for an S3-compatible server, `AWS_ALLOW_HTTP=true`
+//! for one without TLS). The store must support conditional puts
+//! (`If-Match`, `If-None-Match`): AWS S3 does, as do MinIO, Cloudflare R2
+//! and moto.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use datafusion::arrow::array::{ArrayRef, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::Session;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::ExecutionPlan;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+pub use object_store::UpdateVersion;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use url::Url;
+
+use super::LakeError;
+
+/// One table's manifest.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// Date partitions: their live files, paths relative to the lake URL.
+    pub partitions: BTreeMap<String, Partition>,
+    /// Files no longer in any partition, waiting for the grace period.
+    #[serde(default)]
+    pub retired: Vec<Retired>,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Partition {
+    /// Bumped by each compaction; part of new file names.
+    pub generation: u64,
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Retired {
+    pub file: String,
+    pub at: DateTime<Utc>,
+}
+
+impl Manifest {
+    /// Every live file, sorted by partition.
+    pub fn files(&self) -> impl Iterator<Item = &String> {
+        self.partitions.values().flat_map(|p| p.files.iter())
+    }
+}
+
+/// A manifest as read, with the version a conditional update must match
+/// (`None`: the table has no manifest yet).
+pub type Versioned = (Manifest, Option<UpdateVersion>);
+
+/// A lake on an object store.
+#[derive(Debug)]
+pub struct ObjectLake {
+    store: Arc<dyn ObjectStore>,
+    /// `s3://bucket/`: what the store is registered under in DataFusion.
+    store_url: Url,
+    /// `s3://bucket/prefix/`: the lake's root.
+    url: Url,
+    /// `prefix`, as a path inside the bucket.
+    prefix: ObjectPath,
+}
+
+fn store_error(what: String) -> impl FnOnce(object_store::Error) -> LakeError {
+    move |source| LakeError::Store {
+        what,
+        source: Box::new(source),
+    }
+}
+
+impl ObjectLake {
+    /// The lake at `url` (`s3://bucket/prefix`), with credentials and
+    /// endpoint from the `AWS_*` variables.
+    pub fn from_url(url: &str) -> Result<Self, LakeError> {
+        let invalid = |reason: String| LakeError::Location {
+            url: url.to_owned(),
+            reason,
+        };
+        let parsed = Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        if parsed.scheme() != "s3" {
+            return Err(invalid("only s3:// lakes are supported".into()));
+        }
+        let bucket = parsed
+            .host_str()
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| invalid("no bucket".into()))?
+            .to_owned();
+        let store = AmazonS3Builder::from_env()
+            .with_bucket_name(&bucket)
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Self::with_store(Arc::new(store), &parsed).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// The lake at `url` in `store` (registered in DataFusion under the
+    /// URL's scheme and bucket).
+    pub fn with_store(store: Arc<dyn ObjectStore>, url: &Url) -> Result<Self, url::ParseError> {
+        let bucket = url.host_str().unwrap_or_default();
+        let prefix = url.path().trim_matches('/').to_owned();
+        let store_url = Url::parse(&format!("{}://{bucket}/", url.scheme()))?;
+        let root = if prefix.is_empty() {
+            store_url.clone()
+        } else {
+            store_url.join(&format!("{prefix}/"))?
+        };
+        Ok(ObjectLake {
+            store,
+            store_url,
+            url: root,
+            prefix: ObjectPath::from(prefix),
+        })
+    }
+
+    /// The lake's root URL, ending in `/`.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    pub fn store(&self) -> (&Url, Arc<dyn ObjectStore>) {
+        (&self.store_url, self.store.clone())
+    }
+
+    fn path(&self, relative: &str) -> ObjectPath {
+        relative
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.prefix.clone(), |path, part| path.join(part))
+    }
+
+    fn manifest_path(table: &str) -> String {
+        format!("_driftline/manifests/{table}.json")
+    }
+
+    /// `table`'s manifest and its version (an empty manifest if none yet).
+    pub async fn read_manifest(&self, table: &str) -> Result<Versioned, LakeError> {
+        let name = Self::manifest_path(table);
+        match self.store.get(&self.path(&name)).await {
+            Ok(got) => {
+                let version = UpdateVersion {
+                    e_tag: got.meta.e_tag.clone(),
+                    version: got.meta.version.clone(),
+                };
+                let bytes = got.bytes().await.map_err(store_error(name.clone()))?;
+                let manifest = serde_json::from_slice(&bytes).map_err(|e| LakeError::Manifest {
+                    what: name,
+                    reason: e.to_string(),
+                })?;
+                Ok((manifest, Some(version)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok((Manifest::default(), None)),
+            Err(e) => Err(store_error(name)(e)),
+        }
+    }
+
+    /// Replaces `table`'s manifest if it is still at `version`. `false`:
+    /// another writer changed it first (read it again and retry).
+    pub async fn write_manifest(
+        &self,
+        table: &str,
+        manifest: &Manifest,
+        version: Option<UpdateVersion>,
+    ) -> Result<bool, LakeError> {
+        let name = Self::manifest_path(table);
+        let body = serde_json::to_vec_pretty(manifest).map_err(|e| LakeError::Manifest {
+            what: name.clone(),
+            reason: e.to_string(),
+        })?;
+        let mode = match version {
+            Some(v) => PutMode::Update(v),
+            None => PutMode::Create,
+        };
+        match self
+            .store
+            .put_opts(&self.path(&name), PutPayload::from(body), mode.into())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::Precondition { .. })
+            | Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(store_error(name)(e)),
+        }
+    }
+
+    /// Puts a new object; fails if the name is taken.
+    pub async fn put_new(&self, relative: &str, bytes: Vec<u8>) -> Result<(), LakeError> {
+        self.store
+            .put_opts(
+                &self.path(relative),
+                PutPayload::from(bytes),
+                PutMode::Create.into(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(store_error(relative.to_owned()))
+    }
+
+    pub async fn get(&self, relative: &str) -> Result<Bytes, LakeError> {
+        let what = relative.to_owned();
+        let got = self
+            .store
+            .get(&self.path(relative))
+            .await
+            .map_err(store_error(what.clone()))?;
+        got.bytes().await.map_err(store_error(what))
+    }
+
+    /// Deletes an object; one already gone is fine.
+    pub async fn delete(&self, relative: &str) -> Result<(), LakeError> {
+        match self.store.delete(&self.path(relative)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_error(relative.to_owned())(e)),
+        }
+    }
+}
+
+/// Runs `future` to completion on the lake's I/O runtime and waits for it,
+/// from synchronous code (the lake writer is synchronous, like the local
+/// file system it was written for). The caller's thread waits; the I/O
+/// itself runs on the I/O runtime's own threads, so this works on any
+/// thread, inside another runtime or not.
+pub fn block_on<T: Send + 'static>(
+    future: impl Future<Output = Result<T, LakeError>> + Send + 'static,
+) -> Result<T, LakeError> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    let runtime = RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("driftline-lake-io")
+                .enable_all()
+                .build()
+                .ok()
+        })
+        .as_ref()
+        .ok_or(LakeError::Runtime)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    runtime.spawn(async move {
+        let _ = tx.send(future.await);
+    });
+    rx.recv().map_err(|_| LakeError::Runtime)?
+}
+
+/// `batch` with a constant `date` column appended: how data files on an
+/// object store carry their partition.
+pub fn with_date(batch: &RecordBatch, date: &str) -> Result<RecordBatch, LakeError> {
+    let arrow = |source| LakeError::Arrow {
+        table: "date column",
+        source,
+    };
+    let mut fields: Vec<Arc<Field>> = batch.schema().fields().iter().cloned().collect();
+    fields.push(Arc::new(Field::new("date", DataType::Utf8, false)));
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    columns.push(Arc::new(StringArray::from(vec![date; batch.num_rows()])));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(arrow)
+}
+
+/// `schema` with the `date` column last, as [`with_date`] writes it and as
+/// the local lake's partition column shows it.
+pub fn schema_with_date(schema: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
+    fields.push(Arc::new(Field::new("date", DataType::Utf8, false)));
+    Arc::new(Schema::new(fields))
+}
+
+/// A table of an object-store lake: each scan reads the manifest and
+/// scans exactly the files it lists.
+#[derive(Debug)]
+pub struct ManifestTable {
+    lake: Arc<ObjectLake>,
+    table: &'static str,
+    /// The files' schema, `date` included.
+    schema: SchemaRef,
+}
+
+impl ManifestTable {
+    pub fn new(lake: Arc<ObjectLake>, table: &'static str, schema: SchemaRef) -> Self {
+        ManifestTable {
+            lake,
+            table,
+            schema: schema_with_date(&schema),
+        }
+    }
+}
+
+#[async_trait]
+impl TableProvider for ManifestTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        // Used to prune row groups by their statistics; DataFusion still
+        // filters the rows.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let external = |e: LakeError| DataFusionError::External(Box::new(e));
+        let (manifest, _) = self
+            .lake
+            .read_manifest(self.table)
+            .await
+            .map_err(external)?;
+        let urls = manifest
+            .files()
+            .map(|f| ListingTableUrl::parse(format!("{}{f}", self.lake.url())))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        if urls.is_empty() {
+            let schema = match projection {
+                Some(p) => Arc::new(self.schema.project(p)?),
+                None => self.schema.clone(),
+            };
+            return Ok(Arc::new(EmptyExec::new(schema)));
+        }
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(self.schema.clone());
+        ListingTable::try_new(config)?
+            .scan(state, projection, filters, limit)
+            .await
+    }
+}
+
+/// Whether a replaced file's grace period is over (queries planned on the
+/// manifest that still listed it have had time to finish).
+pub fn retired_due(retired: &Retired, grace: Duration) -> bool {
+    (Utc::now() - retired.at)
+        .to_std()
+        .is_ok_and(|age| age >= grace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lake::schema::{job_events_batch, JobEvent};
+    use crate::lake::{LakeWriter, Location, JOB_EVENTS};
+
+    fn events(ids: std::ops::Range<u32>) -> RecordBatch {
+        let at = Utc::now();
+        let rows: Vec<JobEvent> = ids
+            .map(|i| JobEvent {
+                job_id: format!("job-{i}"),
+                model_id: "m".into(),
+                model_version: "1".into(),
+                status: "pending".into(),
+                at,
+                period_end: at,
+                detail: None,
+                evidence: None,
+            })
+            .collect();
+        job_events_batch(&rows).expect("batch")
+    }
+
+    /// Two writers (two collectors) append overlapping rows to one table at
+    /// the same time: the manifest's conditional updates make one of them
+    /// retry against the other's files, and every key is stored once.
+    #[test]
+    fn concurrent_writers_store_each_key_once() {
+        let url = Url::parse("s3://bucket/lake").expect("url");
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let lake = Arc::new(ObjectLake::with_store(store, &url).expect("lake"));
+        let location = Location::Object(lake.clone());
+        let state = tempfile::tempdir().expect("tempdir");
+        let writers: Vec<LakeWriter> = (0..2)
+            .map(|_| LakeWriter::open_at(&location, state.path()).expect("writer"))
+            .collect();
+        let stored: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = writers
+                .iter()
+                .enumerate()
+                .map(|(w, writer)| {
+                    s.spawn(move || {
+                        // Batches of 10 ids, shifted by 5 between writers
+                        // and between rounds: every id is sent 2-4 times.
+                        (0..20u32)
+                            .map(|round| {
+                                let start = round * 5 + w as u32 * 5;
+                                writer
+                                    .append(JOB_EVENTS, "2026-11-20", &events(start..start + 10))
+                                    .expect("append")
+                                    .rows
+                            })
+                            .sum::<usize>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("writer thread"))
+                .sum()
+        });
+        // Ids 0..110 exist (the last batch of writer 1 ends at 5*19+5+10).
+        assert_eq!(stored, 110);
+        let (manifest, _) = block_on({
+            let lake = lake.clone();
+            async move { lake.read_manifest(JOB_EVENTS).await }
+        })
+        .expect("manifest");
+        let mut ids = Vec::new();
+        for file in manifest.files() {
+            let bytes = block_on({
+                let (lake, file) = (lake.clone(), file.clone());
+                async move { lake.get(&file).await }
+            })
+            .expect("file");
+            let reader =
+                datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(
+                    bytes, 1024,
+                )
+                .expect("parquet");
+            for batch in reader {
+                let batch = batch.expect("batch");
+                let column = batch.column_by_name("job_id").expect("job_id");
+                let strings = column
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .expect("strings");
+                ids.extend(strings.iter().flatten().map(str::to_owned));
+                assert!(batch.column_by_name("date").is_some());
+            }
+        }
+        let total = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!((total, ids.len()), (110, 110));
+
+        // Compaction leaves one file with the same rows; retention then
+        // drops the partition.
+        let compacted = writers[0].compact_all(2, Duration::ZERO).expect("compact");
+        assert_eq!(compacted.len(), 1);
+        assert_eq!(compacted[0].rows, 110);
+        let (manifest, _) = block_on({
+            let lake = lake.clone();
+            async move { lake.read_manifest(JOB_EVENTS).await }
+        })
+        .expect("manifest");
+        assert_eq!(manifest.files().count(), 1);
+        assert!(manifest.retired.is_empty());
+        let dropped = writers[1]
+            .drop_before(chrono::NaiveDate::from_ymd_opt(2026, 11, 21).expect("date"))
+            .expect("retention");
+        assert_eq!(
+            dropped,
+            vec!["retrain_job_events/date=2026-11-20".to_owned()]
+        );
+        assert!(writers[1].dates(JOB_EVENTS).expect("dates").is_empty());
+    }
+}
