@@ -53,8 +53,11 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def cargo(*args, capture=False):
-    env = dict(os.environ, CARGO_TARGET_DIR=str(RELEASE))
+DEBUG = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", pathlib.Path.home() / ".cache/driftline/target"))
+
+
+def cargo(*args, capture=False, target=RELEASE):
+    env = dict(os.environ, CARGO_TARGET_DIR=str(target))
     return sh(["cargo", *args], cwd=ROOT, env=env, capture_output=capture, text=True)
 
 
@@ -130,10 +133,13 @@ def fmt_ns(ns):
     return f"{ns:.1f} ns" if ns < 1e3 else f"{ns / 1e3:.2f} us" if ns < 1e6 else f"{ns / 1e6:.2f} ms"
 
 
-def accuracy(quick):
+def accuracy(quick, dev):
+    """Its figures do not depend on the build profile, only its run time:
+    `dev` runs it from the tests' debug build instead of a release build."""
+    profile = ["--profile", "dev"] if dev else []
     with tempfile.TemporaryDirectory() as out:
-        cargo("bench", "-p", "driftline-collector", "--bench", "accuracy", "--",
-              *(["--quick"] if quick else []), "--out", out)
+        cargo("bench", *profile, "-p", "driftline-collector", "--bench", "accuracy", "--",
+              *(["--quick"] if quick else []), "--out", out, target=DEBUG if dev else RELEASE)
         utility = pathlib.Path(out, "utility.md").read_text().splitlines()
         detection = pathlib.Path(out, "detection.md").read_text().splitlines()
     mode = " --quick" if quick else ""
@@ -152,6 +158,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a smoke run of every part")
     ap.add_argument("--only", help=f"comma-separated parts ({', '.join(PARTS)})")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--accuracy-from-debug", action="store_true",
+                    help="run the accuracy part from the debug build (same figures, slower)")
     args = ap.parse_args()
     parts = args.only.split(",") if args.only else PARTS
     unknown = set(parts) - set(PARTS)
@@ -172,7 +180,7 @@ def main():
         elif part == "queries":
             sh([sys.executable, str(BENCH / "run.py"), *quick])
         elif part == "accuracy":
-            accuracy(args.quick)
+            accuracy(args.quick, args.accuracy_from_debug)
         spent[part] = time.time() - t
     total = time.time() - build_done
     write_block("<!-- bench:machine:begin -->", "<!-- bench:machine:end -->", [

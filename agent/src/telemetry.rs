@@ -80,11 +80,15 @@ pub fn init(
     #[cfg(feature = "otel")]
     {
         let providers = otel::Providers::from_env(service)?;
-        // Spans go to OpenTelemetry whatever RUST_LOG says about logs: the
-        // filter applies to the log formatter only.
+        // Driftline's own spans (info and up) go to OpenTelemetry whatever
+        // RUST_LOG says about logs; the libraries' internal spans (HTTP,
+        // MQTT, query engine) stay out of the traces.
+        let ours = tracing_subscriber::filter::Targets::new()
+            .with_target("driftline_agent", tracing::Level::INFO)
+            .with_target("driftline_collector", tracing::Level::INFO);
         tracing_subscriber::registry()
             .with(fmt.with_filter(filter))
-            .with(providers.tracing_layer())
+            .with(providers.tracing_layer().with_filter(ours))
             .try_init()?;
         install_recorder(Bridge::new(local, providers.meter()))?;
         Ok(Telemetry { otel: providers })
