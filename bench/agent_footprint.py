@@ -137,6 +137,7 @@ labels = ["a", "b", "c"]
     print(f"stripped agent       {agent_size / 1e6:.1f} MB "
           f"(mosquitto binary {broker_size / 1e6:.2f} MB, dynamically linked)")
     write_block(BEGIN, END, [
+        f"Run {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
         f"`python3 bench/agent_footprint.py`: {args.rate:,} inference events/s posted to the local HTTP "
         f"ingest in batches of 100 for {args.seconds} s; Mosquitto carries the agent's traffic in the same run.",
         "",

@@ -110,7 +110,8 @@ def agent(quick):
         times[name.strip()] = float(value) * scale
     ref = times.get("record/reference: one relaxed atomic add")
     enc = times.get("window/reference: encode one message (JSON)")
-    lines = ["`cargo bench -p driftline-agent --bench record` (criterion, release), "
+    lines = [f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+             "`cargo bench -p driftline-agent --bench record` (criterion, release), "
              f"{'quick mode, ' if quick else ''}each case against the reference of its group measured in the same run.",
              "", "| case | time per call | reference | ratio |", "|---|---:|---|---:|"]
     for name, ns in times.items():
@@ -185,8 +186,8 @@ def main():
     total = time.time() - build_done
     write_block("<!-- bench:machine:begin -->", "<!-- bench:machine:end -->", [
         f"Last suite run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"`python3 bench/suite.py{' --quick' if args.quick else ''}`"
-        f"{' --only ' + args.only if args.only else ''}, {total / 60:.1f} min after the build "
+        f"`python3 bench/suite.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`, "
+        f"{total / 60:.1f} min after the build "
         f"({', '.join(f'{p} {s / 60:.1f} min' for p, s in spent.items())}).",
         f"Machine: {machine()}.",
     ], "Machine")
