@@ -150,7 +150,7 @@ def main():
     try:
         if args.lake and (pathlib.Path(args.lake) / "metrics").is_dir():
             lake = pathlib.Path(args.lake)
-            total = duckdb.sql(f"SELECT count(*) FROM read_parquet('{lake}/metrics/*/*.parquet')").fetchone()[0]
+            total = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{lake}/metrics/*/*.parquet')").fetchone()[0]
         else:
             lake, total = build_lake(rows, work)
             if args.lake:

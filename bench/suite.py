@@ -17,6 +17,8 @@ Parts:
   ingest     end to end through Mosquitto into queryable Parquet against the
              broker's ceiling; collector CPU and RSS; backlog drain; bytes per
              stored window against the JSON payload (bench/ingest.py)
+  storage    bytes on disk per stored window of a simulated fleet (real noise),
+             against the JSON payload of the same kind of message
   queries    detector and analyst SQL through the SQL endpoint and `query`,
              against DuckDB on the same Parquet files (bench/run.py)
   accuracy   privacy utility against the local-DP lower bound; detection
@@ -45,7 +47,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
                                       pathlib.Path.home() / ".cache/driftline/release-target"))
-PARTS = ["agent", "ingest", "queries", "accuracy"]
+PARTS = ["agent", "ingest", "storage", "queries", "accuracy"]
 
 
 def sh(cmd, **kw):
@@ -130,6 +132,35 @@ def agent(quick):
         "--seconds", "10" if quick else "30"])
 
 
+def storage(quick):
+    """The release demo's fleet (real OpenDP noise, labels) for a while,
+    then the lake's metrics files per stored window against the wire size."""
+    import duckdb
+    seconds = 20 if quick else 40
+    with tempfile.TemporaryDirectory() as work:
+        lake = pathlib.Path(work, "lake")
+        sh([str(RELEASE / "release" / "driftline-collector"), "demo", "--duration", f"{seconds}s",
+            "--devices", "200", "--pg-listen", "127.0.0.1:0", "--data-dir", str(lake)],
+           stdout=subprocess.DEVNULL, timeout=600)
+        files = list((lake / "_driftline" / "gens" / "metrics").rglob("*.parquet"))
+        size = sum(f.stat().st_size for f in files)
+        rows = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet({[str(f) for f in files]})").fetchone()[0]
+    fixture = json.loads((ROOT / "core/tests/fixtures/v1/valid/laplace.json").read_text())
+    wire = len(json.dumps(fixture, separators=(",", ":")))
+    per_window = size / max(rows, 1)
+    write_block("<!-- bench:storage:begin -->", "<!-- bench:storage:end -->", [
+        f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: the release `demo` for {seconds} s "
+        "(200 simulated devices x 2 models with labels, real OpenDP noise, backfill then live), "
+        "then the lake's `metrics` files as written (before compaction).",
+        "",
+        "| measure | value | reference | ratio |",
+        "|---|---:|---:|---:|",
+        f"| bytes on disk per stored window (zstd Parquet, {rows:,} windows in {len(files)} files) | "
+        f"{per_window:.0f} B | JSON payload of the same kind of message (fixture `valid/laplace.json`, "
+        f"compact) {wire} B | {per_window / wire:.3f} |",
+    ], "Storage: bytes per stored window")
+
+
 def fmt_ns(ns):
     return f"{ns:.1f} ns" if ns < 1e3 else f"{ns / 1e3:.2f} us" if ns < 1e6 else f"{ns / 1e6:.2f} ms"
 
@@ -154,6 +185,21 @@ def accuracy(quick, dev):
                 "Detection delay and false alarms")
 
 
+def preflight(parts):
+    """What the parts need beyond the repository: Mosquitto (apt) and the
+    Python packages the references use (pip), installed when missing."""
+    if {"agent", "ingest"} & set(parts):
+        for tool in ["mosquitto", "mosquitto_pub", "mosquitto_sub"]:
+            if not (shutil.which(tool) or os.path.exists(f"/usr/sbin/{tool}")):
+                sys.exit(f"error: {tool} is missing (apt-get install mosquitto mosquitto-clients)")
+    if "queries" in parts:
+        try:
+            import duckdb  # noqa: F401
+            import psycopg  # noqa: F401
+        except ImportError:
+            sh([sys.executable, "-m", "pip", "install", "-q", "duckdb", "psycopg[binary]"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run of every part")
@@ -166,6 +212,7 @@ def main():
     unknown = set(parts) - set(PARTS)
     if unknown:
         ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    preflight(parts)
     started = time.time()
     if not args.skip_build:
         cargo("build", "--release", "--locked", "-p", "driftline-agent", "-p", "driftline-collector", "--bins")
@@ -176,6 +223,8 @@ def main():
         quick = ["--quick"] if args.quick else []
         if part == "agent":
             agent(args.quick)
+        elif part == "storage":
+            storage(args.quick)
         elif part == "ingest":
             sh([sys.executable, str(BENCH / "ingest.py"), *quick])
         elif part == "queries":
