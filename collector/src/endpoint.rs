@@ -468,6 +468,14 @@ fn statement_span(protocol: &'static str) -> tracing::Span {
     tracing::info_span!("sql_statement", protocol)
 }
 
+fn internal_error() -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        "XX000".into(),
+        "internal error: the statement failed while producing rows".into(),
+    )))
+}
+
 fn timed_out() -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".into(),
@@ -512,9 +520,17 @@ impl Limited {
         );
         let state = (rx, Some(AbortOnDrop(producer)));
         let limited = futures::stream::unfold(state, move |(mut rx, guard)| async move {
-            let guard = guard?;
+            let mut guard = guard?;
             tokio::select! {
-                row = rx.recv() => row.map(|r| (r, (rx, Some(guard)))),
+                row = rx.recv() => match row {
+                    Some(r) => Some((r, (rx, Some(guard)))),
+                    // The producer is done: after its last row, or by a
+                    // panic, which must not pass for a complete result.
+                    None => match (&mut guard.0).await {
+                        Err(e) if e.is_panic() => Some((Err(counted(internal_error())), (rx, None))),
+                        _ => None,
+                    },
+                },
                 _ = tokio::time::sleep_until(deadline) => Some((Err(counted(timed_out())), (rx, None))),
             }
         });
@@ -605,7 +621,7 @@ impl SimpleQueryHandler for Limited {
         )
         .await
         .map_err(|_| counted(timed_out()))?
-        .map_err(counted)?;
+        .map_err(|e| counted(map_error(e)))?;
         Ok(responses
             .into_iter()
             .map(|r| self.limit(r, deadline, span.clone()))

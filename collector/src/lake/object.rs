@@ -72,9 +72,24 @@ pub struct Manifest {
 
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Partition {
+    /// Unique per creation of the partition: a date dropped by retention
+    /// and written again is a new partition to every writer's key index.
+    #[serde(default)]
+    pub id: String,
     /// Bumped by each compaction; part of new file names.
     pub generation: u64,
     pub files: Vec<String>,
+}
+
+impl Partition {
+    /// A new, empty partition.
+    pub fn new(id: String) -> Self {
+        Partition {
+            id,
+            generation: 0,
+            files: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -98,6 +113,9 @@ pub type Versioned = (Manifest, Option<UpdateVersion>);
 #[derive(Debug)]
 pub struct ObjectLake {
     store: Arc<dyn ObjectStore>,
+    /// The URL it was opened from with the `AWS_*` settings, to open it
+    /// again with its own client ([`ObjectLake::reopen`]).
+    source: Option<String>,
     /// `s3://bucket/`: what the store is registered under in DataFusion.
     store_url: Url,
     /// `s3://bucket/prefix/`: the lake's root.
@@ -134,7 +152,21 @@ impl ObjectLake {
             .with_bucket_name(&bucket)
             .build()
             .map_err(|e| invalid(e.to_string()))?;
-        Self::with_store(Arc::new(store), &parsed).map_err(|e| invalid(e.to_string()))
+        let mut lake =
+            Self::with_store(Arc::new(store), &parsed).map_err(|e| invalid(e.to_string()))?;
+        lake.source = Some(url.to_owned());
+        Ok(lake)
+    }
+
+    /// The same lake with its own store client (HTTP connections are
+    /// driven by the runtime that opened them: the writer's live on the
+    /// lake's I/O runtime, the query engine's on its own). A lake made
+    /// with [`ObjectLake::with_store`] is shared as is.
+    pub fn reopen(self: &Arc<Self>) -> Result<Arc<Self>, LakeError> {
+        match &self.source {
+            Some(url) => Ok(Arc::new(Self::from_url(url)?)),
+            None => Ok(self.clone()),
+        }
     }
 
     /// The lake at `url` in `store` (registered in DataFusion under the
@@ -150,6 +182,7 @@ impl ObjectLake {
         };
         Ok(ObjectLake {
             store,
+            source: None,
             store_url,
             url: root,
             prefix: ObjectPath::from(prefix),
@@ -410,6 +443,131 @@ mod tests {
             })
             .collect();
         job_events_batch(&rows).expect("batch")
+    }
+
+    /// A store whose next manifest update lands but is reported as
+    /// "precondition failed", as when a retried request meets its own first
+    /// attempt.
+    #[derive(Debug)]
+    struct LostReply {
+        inner: object_store::memory::InMemory,
+        armed: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for LostReply {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "LostReply")
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for LostReply {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let update = matches!(opts.mode, PutMode::Update(_));
+            let result = self.inner.put_opts(location, payload, opts).await?;
+            if update
+                && location.as_ref().ends_with(".json")
+                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(object_store::Error::Precondition {
+                    path: location.to_string(),
+                    source: "the retry of a put that landed".into(),
+                });
+            }
+            Ok(result)
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A manifest update that landed but was reported as failed must count
+    /// as committed: deleting the file would lose rows the manifest lists.
+    #[test]
+    fn a_commit_reported_as_failed_is_recognised() {
+        let url = Url::parse("s3://bucket/lake").expect("url");
+        let store = Arc::new(LostReply {
+            inner: object_store::memory::InMemory::new(),
+            armed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let lake = Arc::new(ObjectLake::with_store(store.clone(), &url).expect("lake"));
+        let state = tempfile::tempdir().expect("tempdir");
+        let writer =
+            LakeWriter::open_at(&Location::Object(lake.clone()), state.path()).expect("writer");
+        // The first append creates the manifest; the second updates it.
+        assert_eq!(
+            writer
+                .append(JOB_EVENTS, "2026-11-20", &events(0..5))
+                .expect("first")
+                .rows,
+            5
+        );
+        store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let second = writer
+            .append(JOB_EVENTS, "2026-11-20", &events(3..10))
+            .expect("second");
+        assert_eq!((second.rows, second.duplicates), (5, 2));
+        assert!(
+            !store.armed.load(std::sync::atomic::Ordering::SeqCst),
+            "the lost reply happened"
+        );
+        let (manifest, _) = block_on({
+            let lake = lake.clone();
+            async move { lake.read_manifest(JOB_EVENTS).await }
+        })
+        .expect("manifest");
+        // Both files are listed and both still exist.
+        assert_eq!(manifest.files().count(), 2);
+        for file in manifest.files() {
+            block_on({
+                let (lake, file) = (lake.clone(), file.clone());
+                async move { lake.get(&file).await }
+            })
+            .expect("a listed file exists");
+        }
     }
 
     /// Two writers (two collectors) append overlapping rows to one table at

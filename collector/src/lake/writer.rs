@@ -105,6 +105,8 @@ pub struct LakeWriter {
     /// directory (write-ahead log).
     root: PathBuf,
     object: Option<Arc<ObjectLake>>,
+    /// One lock per table (in `TABLES` order) for object-store writes.
+    object_locks: [Mutex<()>; TABLES.len()],
     instance: String,
     counter: AtomicU64,
     index: Mutex<HashMap<(&'static str, String), PartitionIndex>>,
@@ -137,6 +139,7 @@ impl LakeWriter {
         Ok(LakeWriter {
             root: root.to_path_buf(),
             object: None,
+            object_locks: Default::default(),
             instance: instance_id(),
             counter: AtomicU64::new(0),
             index: Mutex::new(HashMap::new()),
@@ -151,7 +154,10 @@ impl LakeWriter {
             Location::Dir(root) => Self::open(root),
             Location::Object(lake) => Ok(LakeWriter {
                 root: state_dir.to_path_buf(),
-                object: Some(lake.clone()),
+                // Its own HTTP client: requests and their connections live
+                // on the lake's I/O runtime, apart from the query engine's.
+                object: Some(lake.reopen()?),
+                object_locks: Default::default(),
                 instance: instance_id(),
                 counter: AtomicU64::new(0),
                 index: Mutex::new(HashMap::new()),
@@ -571,9 +577,16 @@ impl LakeWriter {
         batch: &RecordBatch,
     ) -> Result<Appended, LakeError> {
         let keys = self.keys(table, batch)?;
-        for _ in 0..MANIFEST_RETRIES {
+        // One writer of a table at a time in this process (detection, job
+        // reports and maintenance share the writer); other processes are
+        // kept apart by the manifest's conditional put.
+        let _table = self.table_lock(table);
+        for attempt in 0..MANIFEST_RETRIES {
             let (mut manifest, version) = read_manifest(lake, table)?;
-            let partition = manifest.partitions.entry(date.to_owned()).or_default();
+            let partition = manifest
+                .partitions
+                .entry(date.to_owned())
+                .or_insert_with(|| object::Partition::new(self.unique("p")));
             self.index_object(lake, table, date, partition)?;
             // New keys: not in the partition, and each once in the batch.
             let keep: BooleanArray = {
@@ -594,16 +607,16 @@ impl LakeWriter {
             }
             let new = filter_record_batch(batch, &keep)
                 .map_err(|source| LakeError::Arrow { table, source })?;
-            let n = self.counter.fetch_add(1, Ordering::Relaxed);
             let name = format!(
-                "{table}/date={date}/g{:06}-part-{}-{n:08}.parquet",
-                partition.generation, self.instance
+                "{table}/date={date}/g{:06}-{}.parquet",
+                partition.generation,
+                self.unique("part")
             );
             let bytes = encode(&object::with_date(&new, date)?, &name)?;
             partition.files.push(name.clone());
             let (l, file) = (lake.clone(), name.clone());
             object::block_on(async move { l.put_new(&file, bytes).await })?;
-            if write_manifest(lake, table, manifest, version)? {
+            if commit(lake, table, date, &name, manifest, version)? {
                 let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(entry) = index.get_mut(&(table, date.to_owned())) {
                     entry.files.insert(name.clone());
@@ -613,6 +626,7 @@ impl LakeWriter {
                             .filter_map(|(k, kept)| (kept == Some(true)).then_some(*k)),
                     );
                 }
+                index.retain(|_, p| p.used.elapsed() < INDEX_IDLE);
                 return Ok(Appended {
                     path: Some(PathBuf::from(name)),
                     rows,
@@ -625,8 +639,26 @@ impl LakeWriter {
             tracing::debug!(table, date, "manifest changed meanwhile; appending again");
             let l = lake.clone();
             object::block_on(async move { l.delete(&name).await })?;
+            // Back off a little, more with each conflict, with jitter.
+            let wait = 5 * (attempt as u64 + 1) + rand::random::<u64>() % 10;
+            std::thread::sleep(Duration::from_millis(wait.min(200)));
         }
         Err(LakeError::Contention { table })
+    }
+
+    /// A name no other writer uses: `{what}-{instance}-{counter}`.
+    fn unique(&self, what: &str) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{what}-{}-{n:08}", self.instance)
+    }
+
+    /// Serializes this process's writes to one table of an object-store
+    /// lake.
+    fn table_lock(&self, table: &str) -> std::sync::MutexGuard<'_, ()> {
+        let i = TABLES.iter().position(|t| *t == table).unwrap_or(0);
+        self.object_locks[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Brings the index of one partition up to date with `partition`'s
@@ -638,7 +670,7 @@ impl LakeWriter {
         date: &str,
         partition: &object::Partition,
     ) -> Result<(), LakeError> {
-        let generation = PathBuf::from(format!("g{:06}", partition.generation));
+        let generation = PathBuf::from(format!("{}/g{:06}", partition.id, partition.generation));
         let unread: Vec<String> = {
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
             let entry = index
@@ -688,6 +720,7 @@ impl LakeWriter {
         date: &str,
         min_files: usize,
     ) -> Result<Option<Compacted>, LakeError> {
+        let _table = self.table_lock(table);
         let (mut manifest, version) = read_manifest(lake, table)?;
         let Some(partition) = manifest.partitions.get(date).cloned() else {
             return Ok(None);
@@ -695,35 +728,43 @@ impl LakeWriter {
         if partition.files.len() < min_files {
             return Ok(None);
         }
+        let generation = partition.generation + 1;
+        let name = format!(
+            "{table}/date={date}/g{generation:06}-{}.parquet",
+            self.unique("compact")
+        );
+        let parquet = |source| LakeError::Parquet {
+            path: PathBuf::from(&name),
+            source,
+        };
+        // Streamed: one input batch and the compressed output in memory.
         let mut keys = HashSet::new();
-        let mut merged = Vec::new();
+        let mut out: Option<ArrowWriter<Vec<u8>>> = None;
         let mut duplicates = 0;
         for file in &partition.files {
-            let (l, name) = (lake.clone(), file.clone());
-            let bytes = object::block_on(async move { l.get(&name).await })?;
+            let (l, input) = (lake.clone(), file.clone());
+            let bytes = object::block_on(async move { l.get(&input).await })?;
             for batch in read_bytes(bytes, file, None)? {
                 let batch = batch?;
                 let batch_keys = self.keys(table, &batch)?;
                 let keep: BooleanArray = batch_keys.iter().map(|k| Some(keys.insert(*k))).collect();
                 duplicates += batch.num_rows() - keep.true_count();
-                merged.push(
-                    filter_record_batch(&batch, &keep)
-                        .map_err(|source| LakeError::Arrow { table, source })?,
-                );
+                let batch = filter_record_batch(&batch, &keep)
+                    .map_err(|source| LakeError::Arrow { table, source })?;
+                let writer = match &mut out {
+                    Some(w) => w,
+                    None => out.insert(
+                        ArrowWriter::try_new(Vec::new(), batch.schema(), Some(properties()))
+                            .map_err(parquet)?,
+                    ),
+                };
+                writer.write(&batch).map_err(parquet)?;
             }
         }
-        let Some(schema) = merged.first().map(|b| b.schema()) else {
+        let Some(writer) = out else {
             return Ok(None);
         };
-        let batch = datafusion::arrow::compute::concat_batches(&schema, &merged)
-            .map_err(|source| LakeError::Arrow { table, source })?;
-        let generation = partition.generation + 1;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let name = format!(
-            "{table}/date={date}/g{generation:06}-compact-{}-{n:08}.parquet",
-            self.instance
-        );
-        let bytes = encode(&batch, &name)?;
+        let bytes = writer.into_inner().map_err(parquet)?;
         let (l, file) = (lake.clone(), name.clone());
         object::block_on(async move { l.put_new(&file, bytes).await })?;
         let now = chrono::Utc::now();
@@ -736,12 +777,14 @@ impl LakeWriter {
         manifest.partitions.insert(
             date.to_owned(),
             object::Partition {
+                id: partition.id.clone(),
                 generation,
                 files: vec![name.clone()],
             },
         );
-        if !write_manifest(lake, table, manifest, version)? {
-            // Changed meanwhile (an append): compact on the next pass.
+        if !commit(lake, table, date, &name, manifest, version)? {
+            // Changed meanwhile (another collector's append): compact on
+            // the next pass.
             let l = lake.clone();
             object::block_on(async move { l.delete(&name).await })?;
             return Ok(None);
@@ -750,7 +793,7 @@ impl LakeWriter {
         self.index.lock().unwrap_or_else(|e| e.into_inner()).insert(
             (table, date.to_owned()),
             PartitionIndex {
-                generation: PathBuf::from(format!("g{generation:06}")),
+                generation: PathBuf::from(format!("{}/g{generation:06}", partition.id)),
                 files: HashSet::from([name]),
                 keys,
                 used: Instant::now(),
@@ -772,6 +815,7 @@ impl LakeWriter {
         table: &'static str,
         grace: Duration,
     ) -> Result<(), LakeError> {
+        let _table = self.table_lock(table);
         let (mut manifest, version) = read_manifest(lake, table)?;
         let (due, keep): (Vec<_>, Vec<_>) = manifest
             .retired
@@ -797,6 +841,7 @@ impl LakeWriter {
         table: &'static str,
         cutoff: NaiveDate,
     ) -> Result<Vec<String>, LakeError> {
+        let _table = self.table_lock(table);
         for _ in 0..MANIFEST_RETRIES {
             let (mut manifest, version) = read_manifest(lake, table)?;
             let old: Vec<String> = manifest
@@ -849,6 +894,37 @@ fn write_manifest(
 ) -> Result<bool, LakeError> {
     let l = lake.clone();
     object::block_on(async move { l.write_manifest(table, &manifest, version).await })
+}
+
+/// Replaces `table`'s manifest (which lists the new file `name` under
+/// `date`) if it is still at `version`. Whether it was replaced: a
+/// "precondition failed" or an error can both hide a put that landed (the
+/// client retries requests), so then the manifest itself is asked whether
+/// it lists `name` (names are unique). An error that leaves the answer
+/// unknown is returned: the file stays (an orphan at worst, never read) and
+/// the caller retries the whole batch.
+fn commit(
+    lake: &Arc<ObjectLake>,
+    table: &'static str,
+    date: &str,
+    name: &str,
+    manifest: object::Manifest,
+    version: Option<object::UpdateVersion>,
+) -> Result<bool, LakeError> {
+    let outcome = write_manifest(lake, table, manifest, version);
+    if let Ok(true) = outcome {
+        return Ok(true);
+    }
+    let listed = read_manifest(lake, table).map(|(m, _)| {
+        m.partitions
+            .get(date)
+            .is_some_and(|p| p.files.iter().any(|f| f == name))
+    });
+    match (outcome, listed) {
+        (_, Ok(true)) => Ok(true),
+        (Ok(_), Ok(false)) => Ok(false),
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+    }
 }
 
 /// How every Parquet file of the lake is written.
