@@ -4,11 +4,8 @@ against a collector filled by the demo's simulated fleet (with its drift),
 and returns rows. The dashboard JSON is checked too."""
 
 import json
-import os
-import pathlib
 import re
 import signal
-import socket
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
@@ -16,16 +13,9 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from harness import COLLECTOR, ROOT, free_port
+
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
-TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-COLLECTOR = TARGET / "debug" / "driftline-collector"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

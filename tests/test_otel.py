@@ -4,10 +4,7 @@ metrics that decode with the OpenTelemetry protobuf definitions. The
 receiver is a real HTTP server; the broker is a real Mosquitto."""
 
 import os
-import pathlib
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,17 +15,7 @@ import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-COLLECTOR = TARGET / "debug" / "driftline-collector"
-AGENT = TARGET / "debug" / "driftline-agent"
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness import AGENT, COLLECTOR, ROOT, free_port
 
 
 class Received:
@@ -110,25 +97,6 @@ def receiver():
     server.shutdown()
 
 
-@pytest.fixture
-def broker(tmp_path):
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"mqtt://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 def otel_env(endpoint):
     env = dict(os.environ)
     env.update({
@@ -149,6 +117,7 @@ def stop(proc):
 def test_agent_and_collector_export_traces_and_metrics(tmp_path, receiver, broker):
     assert COLLECTOR.exists() and AGENT.exists(), "build first (cargo build)"
     endpoint, received = receiver
+    broker = f"mqtt://127.0.0.1:{broker}"
     metrics_port = free_port()
     collector = subprocess.Popen(
         [str(COLLECTOR), "serve", "--broker", broker, "--data-dir", str(tmp_path / "lake"),

@@ -8,10 +8,8 @@ files after the grace period."""
 
 import json
 import os
-import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,30 +17,10 @@ import urllib.request
 import boto3
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-COLLECTOR = TARGET / "debug" / "driftline-collector"
-AGENT = TARGET / "debug" / "driftline-agent"
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+from harness import AGENT, COLLECTOR, free_port, wait_port
+
 BUCKET = "driftline-lake"
 LAKE = f"s3://{BUCKET}/prod"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
 
 
 @pytest.fixture
@@ -59,19 +37,6 @@ def s3():
                           aws_secret_access_key="test", region_name="us-east-1")
     client.create_bucket(Bucket=BUCKET)
     yield env, client
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-@pytest.fixture
-def broker(tmp_path):
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
-    yield port
     proc.terminate()
     proc.wait(timeout=10)
 

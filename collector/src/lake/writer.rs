@@ -340,12 +340,7 @@ impl LakeWriter {
         let mut duplicates = 0;
         for file in &files {
             for batch in read_batches(file, None)? {
-                let batch = batch?;
-                let batch_keys = self.keys(table, &batch)?;
-                let keep: BooleanArray = batch_keys.iter().map(|k| Some(keys.insert(*k))).collect();
-                duplicates += batch.num_rows() - keep.true_count();
-                let batch = filter_record_batch(&batch, &keep)
-                    .map_err(|source| LakeError::Arrow { table, source })?;
+                let batch = self.first_seen(table, &batch?, &mut keys, &mut duplicates)?;
                 let out = match &mut out {
                     Some(out) => out,
                     None => out.insert(self.new_file(&next, "compact", &batch)?),
@@ -491,6 +486,24 @@ impl LakeWriter {
             entry.files.insert(name);
         }
         Ok(entry)
+    }
+
+    /// The rows of `batch` whose key is not in `seen` yet (adding them);
+    /// counts the others in `duplicates`. Compaction's merge step.
+    fn first_seen(
+        &self,
+        table: &'static str,
+        batch: &RecordBatch,
+        seen: &mut HashSet<u128>,
+        duplicates: &mut usize,
+    ) -> Result<RecordBatch, LakeError> {
+        let keep: BooleanArray = self
+            .keys(table, batch)?
+            .iter()
+            .map(|k| Some(seen.insert(*k)))
+            .collect();
+        *duplicates += batch.num_rows() - keep.true_count();
+        filter_record_batch(batch, &keep).map_err(|source| LakeError::Arrow { table, source })
     }
 
     /// The key of every row of `batch`: a 128-bit hash of its key columns.
@@ -745,12 +758,7 @@ impl LakeWriter {
             let (l, input) = (lake.clone(), file.clone());
             let bytes = object::block_on(async move { l.get(&input).await })?;
             for batch in read_bytes(bytes, file, None)? {
-                let batch = batch?;
-                let batch_keys = self.keys(table, &batch)?;
-                let keep: BooleanArray = batch_keys.iter().map(|k| Some(keys.insert(*k))).collect();
-                duplicates += batch.num_rows() - keep.true_count();
-                let batch = filter_record_batch(&batch, &keep)
-                    .map_err(|source| LakeError::Arrow { table, source })?;
+                let batch = self.first_seen(table, &batch?, &mut keys, &mut duplicates)?;
                 let writer = match &mut out {
                     Some(w) => w,
                     None => out.insert(
