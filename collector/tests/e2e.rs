@@ -807,8 +807,16 @@ const UNBOUNDED_QUEUE: &str = "max_queued_messages 0\n";
 fn collector_killed_mid_stream_stores_every_window_exactly_once() {
     let broker = Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), UNBOUNDED_QUEUE);
     let data = tempfile::tempdir().expect("tempdir");
-    let mut collector = Collector::serve(&broker.url(), data.path(), "e2e-kill");
-    let (devices, windows) = (200u32, 40u64);
+    // Small flushes, so the first file lands while the stream is young;
+    // and a stream long enough (24,000 windows) that a fast machine is
+    // still publishing when the kill comes.
+    let mut collector = Collector::serve_with(
+        &broker.url(),
+        data.path(),
+        "e2e-kill",
+        &["--flush-rows", "200"],
+    );
+    let (devices, windows) = (200u32, 120u64);
     let sim = simulate_in_background(sim_config(broker.url(), devices, 1, windows, 11));
 
     // Kill -9 as soon as the first file is in the lake.
@@ -831,7 +839,7 @@ fn collector_killed_mid_stream_stores_every_window_exactly_once() {
     let summary = sim.join().expect("simulator thread");
     let expected = u64::from(devices) * windows;
     assert_eq!(summary.acknowledged, expected);
-    let (rows, keys) = wait_for_rows(data.path(), expected, Duration::from_secs(60));
+    let (rows, keys) = wait_for_rows(data.path(), expected, Duration::from_secs(120));
     collector.terminate();
     assert!(
         stored_at_kill < expected,
