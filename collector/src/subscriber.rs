@@ -176,7 +176,7 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => flush(&mut ingest, &lake, &mut wal, &client, &mut unacked)?,
+            _ = ticker.tick() => blocking(|| flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?,
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(200);
@@ -196,7 +196,7 @@ pub async fn run(
                     ingest.handle(&p.topic, &p.payload, now);
                     unacked.push(p);
                     if ingest.pending() >= options.flush_rows {
-                        flush(&mut ingest, &lake, &mut wal, &client, &mut unacked)?;
+                        blocking(|| flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?;
                     }
                 }
                 Ok(_) => {}
@@ -240,6 +240,16 @@ pub async fn run(
     wal.remove_sealed()?;
     tracing::info!("collector stopped; everything acknowledged is in the lake");
     Ok(())
+}
+
+/// Runs blocking work (fsync, Parquet encoding, object-store round trips)
+/// so that, on a multi-threaded runtime, the worker's other tasks move to
+/// another thread meanwhile instead of waiting.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
 }
 
 /// Makes the received messages durable with one fsync, then acknowledges
