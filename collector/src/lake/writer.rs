@@ -98,6 +98,29 @@ struct PartitionIndex {
 /// another writer changed the manifest first.
 const MANIFEST_RETRIES: usize = 50;
 
+/// The index entry of one partition, marked as used. An entry of another
+/// generation (another collector compacted the partition, or re-created
+/// it) starts over empty.
+fn partition_entry<'a>(
+    index: &'a mut HashMap<(&'static str, String), PartitionIndex>,
+    table: &'static str,
+    date: &str,
+    generation: &Path,
+) -> &'a mut PartitionIndex {
+    let empty = || PartitionIndex {
+        generation: generation.to_path_buf(),
+        files: HashSet::new(),
+        keys: HashSet::new(),
+        used: Instant::now(),
+    };
+    let entry = index.entry((table, date.to_owned())).or_insert_with(empty);
+    if entry.generation != generation {
+        *entry = empty();
+    }
+    entry.used = Instant::now();
+    entry
+}
+
 /// Writes Parquet files into one lake directory, or into a lake on an
 /// object store.
 pub struct LakeWriter {
@@ -461,18 +484,7 @@ impl LakeWriter {
         date: &str,
         generation: &Path,
     ) -> Result<&'a mut PartitionIndex, LakeError> {
-        let empty = || PartitionIndex {
-            generation: generation.to_path_buf(),
-            files: HashSet::new(),
-            keys: HashSet::new(),
-            used: Instant::now(),
-        };
-        let entry = index.entry((table, date.to_owned())).or_insert_with(empty);
-        // Another collector compacted the partition: index the new generation.
-        if entry.generation != generation {
-            *entry = empty();
-        }
-        entry.used = Instant::now();
+        let entry = partition_entry(index, table, date, generation);
         for file in parquet_files(generation)? {
             let Some(name) = file.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
                 continue;
@@ -686,23 +698,7 @@ impl LakeWriter {
         let generation = PathBuf::from(format!("{}/g{:06}", partition.id, partition.generation));
         let unread: Vec<String> = {
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = index
-                .entry((table, date.to_owned()))
-                .or_insert_with(|| PartitionIndex {
-                    generation: generation.clone(),
-                    files: HashSet::new(),
-                    keys: HashSet::new(),
-                    used: Instant::now(),
-                });
-            if entry.generation != generation {
-                *entry = PartitionIndex {
-                    generation: generation.clone(),
-                    files: HashSet::new(),
-                    keys: HashSet::new(),
-                    used: Instant::now(),
-                };
-            }
-            entry.used = Instant::now();
+            let entry = partition_entry(&mut index, table, date, &generation);
             partition
                 .files
                 .iter()
@@ -714,7 +710,7 @@ impl LakeWriter {
             let (l, name) = (lake.clone(), file.clone());
             let bytes = object::block_on(async move { l.get(&name).await })?;
             let mut keys = Vec::new();
-            for batch in read_bytes(bytes, &file, Some(key_columns(table)))? {
+            for batch in read_parquet(bytes, Path::new(&file), Some(key_columns(table)))? {
                 keys.extend(self.keys(table, &batch?)?);
             }
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
@@ -757,7 +753,7 @@ impl LakeWriter {
         for file in &partition.files {
             let (l, input) = (lake.clone(), file.clone());
             let bytes = object::block_on(async move { l.get(&input).await })?;
-            for batch in read_bytes(bytes, file, None)? {
+            for batch in read_parquet(bytes, Path::new(file), None)? {
                 let batch = self.first_seen(table, &batch?, &mut keys, &mut duplicates)?;
                 let writer = match &mut out {
                     Some(w) => w,
@@ -955,31 +951,6 @@ fn encode(batch: &RecordBatch, name: &str) -> Result<Vec<u8>, LakeError> {
     writer.into_inner().map_err(parquet)
 }
 
-/// Reads Parquet bytes batch by batch, all columns or only `columns`.
-fn read_bytes(
-    bytes: bytes::Bytes,
-    name: &str,
-    columns: Option<&[&str]>,
-) -> Result<impl Iterator<Item = Result<RecordBatch, LakeError>>, LakeError> {
-    let path = PathBuf::from(name);
-    let read = |source| LakeError::Read {
-        path: path.clone(),
-        source,
-    };
-    let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(read)?;
-    if let Some(columns) = columns {
-        let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
-        builder = builder.with_projection(mask);
-    }
-    let reader = builder.build().map_err(read)?;
-    Ok(reader.map(move |batch| {
-        batch.map_err(|e| LakeError::Read {
-            path: path.clone(),
-            source: e.into(),
-        })
-    }))
-}
-
 /// A Parquet file being written under a hidden temporary name.
 struct NewFile {
     path: PathBuf,
@@ -1066,12 +1037,21 @@ fn read_batches(
     path: &Path,
     columns: Option<&[&str]>,
 ) -> Result<impl Iterator<Item = Result<RecordBatch, LakeError>>, LakeError> {
+    read_parquet(File::open(path).map_err(io(path))?, path, columns)
+}
+
+/// Parquet from a file or from bytes, batch by batch; `path` names it in
+/// errors.
+fn read_parquet<R: datafusion::parquet::file::reader::ChunkReader + 'static>(
+    reader: R,
+    path: &Path,
+    columns: Option<&[&str]>,
+) -> Result<impl Iterator<Item = Result<RecordBatch, LakeError>>, LakeError> {
     let read = |source| LakeError::Read {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(io(path))?;
-    let mut builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(read)?;
+    let mut builder = ParquetRecordBatchReaderBuilder::try_new(reader).map_err(read)?;
     if let Some(columns) = columns {
         let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
         builder = builder.with_projection(mask);
