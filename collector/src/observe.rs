@@ -102,39 +102,18 @@ async fn render(State(o): State<Observed>) -> impl IntoResponse {
 
 /// Copies the ingest counters into the `metrics` facade.
 pub fn publish_counters(c: &Counters) {
-    let total = |name: &'static str, v: u64| metrics::counter!(name).absolute(v);
-    total(
-        "driftline_messages_received_total",
-        c.received.load(Ordering::Relaxed),
-    );
-    total(
-        "driftline_messages_accepted_total",
-        c.accepted.load(Ordering::Relaxed),
-    );
-    total(
-        "driftline_status_messages_total",
-        c.status.load(Ordering::Relaxed),
-    );
-    total(
-        "driftline_windows_stored_total",
-        c.stored_windows.load(Ordering::Relaxed),
-    );
-    total(
-        "driftline_duplicates_dropped_total",
-        c.duplicates.load(Ordering::Relaxed),
-    );
-    total(
-        "driftline_files_written_total",
-        c.files_written.load(Ordering::Relaxed),
-    );
-    total(
-        "driftline_flush_errors_total",
-        c.flush_errors.load(Ordering::Relaxed),
-    );
-    total(
-        "driftline_wal_replayed_total",
-        c.replayed.load(Ordering::Relaxed),
-    );
+    for (name, count) in [
+        ("driftline_messages_received_total", &c.received),
+        ("driftline_messages_accepted_total", &c.accepted),
+        ("driftline_status_messages_total", &c.status),
+        ("driftline_windows_stored_total", &c.stored_windows),
+        ("driftline_duplicates_dropped_total", &c.duplicates),
+        ("driftline_files_written_total", &c.files_written),
+        ("driftline_flush_errors_total", &c.flush_errors),
+        ("driftline_wal_replayed_total", &c.replayed),
+    ] {
+        metrics::counter!(name).absolute(count.load(Ordering::Relaxed));
+    }
     for (reason, n) in c.quarantined_by_reason() {
         metrics::counter!("driftline_messages_quarantined_total", "reason" => reason).absolute(n);
     }
