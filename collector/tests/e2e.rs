@@ -206,19 +206,25 @@ impl Drop for Collector {
 
 /// Runs `driftline-collector query --format csv` and returns the rows
 /// (without the header).
-fn query(data_dir: &Path, sql: &str) -> Vec<Vec<String>> {
+/// Runs `driftline-collector {args} --data-dir {data_dir}`, asserts that
+/// it exits 0 (showing its stderr if not) and returns its stdout.
+fn collector_cli(args: &[&str], data_dir: &Path) -> String {
     let out = Command::new(COLLECTOR)
-        .args(["query", "--format", "csv", "--data-dir"])
+        .args(args)
+        .arg("--data-dir")
         .arg(data_dir)
-        .arg(sql)
         .output()
-        .expect("run query");
+        .expect("run driftline-collector");
     assert!(
         out.status.success(),
-        "query failed: {}",
+        "driftline-collector {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn query(data_dir: &Path, sql: &str) -> Vec<Vec<String>> {
+    collector_cli(&["query", "--format", "csv", sql], data_dir)
         .lines()
         .skip(1)
         .map(|l| l.split(',').map(str::to_owned).collect())
@@ -852,17 +858,8 @@ fn collector_killed_mid_stream_stores_every_window_exactly_once() {
     );
 
     // Compaction merges each partition into one file and keeps every row.
-    let out = Command::new(COLLECTOR)
-        .args(["compact", "--grace", "0s", "--data-dir"])
-        .arg(data.path())
-        .output()
-        .expect("compact");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("compacted metrics/date="));
+    let compacted = collector_cli(&["compact", "--grace", "0s"], data.path());
+    assert!(compacted.contains("compacted metrics/date="), "{compacted}");
     let files = parquet_files(&data.path().join("metrics"));
     let partitions: std::collections::BTreeSet<_> =
         files.iter().filter_map(|f| f.parent()).collect();
@@ -1395,9 +1392,10 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
     std::thread::sleep(Duration::from_millis(300));
     let broker_url = broker.url().to_string();
     let at = (end + TimeDelta::minutes(1)).to_rfc3339();
+    let webhook = format!("http://127.0.0.1:{port}/retrain");
     let detect = || {
-        let out = Command::new(COLLECTOR)
-            .args([
+        collector_cli(
+            &[
                 "detect",
                 "--at",
                 &at,
@@ -1405,27 +1403,15 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
                 "1",
                 "--retrain-secret",
                 "s3cret",
-            ])
-            .args([
                 "--retrain-webhook",
-                &format!("http://127.0.0.1:{port}/retrain"),
-            ])
-            .args([
+                &webhook,
                 "--retrain-mqtt-topic",
                 "training/jobs",
                 "--retrain-broker",
                 &broker_url,
-            ])
-            .arg("--data-dir")
-            .arg(data.path())
-            .output()
-            .expect("detect");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            ],
+            data.path(),
+        )
     };
     let first = detect();
     assert!(first.contains("new drift events"), "{first}");
@@ -1568,22 +1554,9 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
         &format!("SELECT detail FROM retrain_job_events WHERE job_id = '{job}' AND status = 'acknowledged'"),
     );
     assert_eq!(acknowledged, vec![vec!["queued".to_string()]]);
-    let out = Command::new(COLLECTOR)
-        .args([
-            "job-status",
-            &job,
-            "succeeded",
-            "--detail",
-            "run 42",
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .output()
-        .expect("job-status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    collector_cli(
+        &["job-status", &job, "succeeded", "--detail", "run 42"],
+        data.path(),
     );
     let status = query(
         data.path(),
