@@ -15,11 +15,11 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 
+from procs import cpu_seconds, free_port, peak_rss_kib, wait_port
 from report import write_block
 import urllib.request
 
@@ -29,22 +29,6 @@ RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
 COLLECTOR = pathlib.Path(os.environ.get("DRIFTLINE_COLLECTOR", RELEASE / "release" / "driftline-collector"))
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 BEGIN, END = "<!-- bench:ingest:begin -->", "<!-- bench:ingest:end -->"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port):
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def payloads(n, path):
@@ -97,13 +81,6 @@ def stored(metrics_port):
         if line.startswith("driftline_windows_stored_total "):
             return int(float(line.split()[1]))
     return 0
-
-
-def peak_rss_mib(pid):
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def serve(port, lake, metrics_port):
@@ -160,7 +137,7 @@ def main():
         elapsed = time.perf_counter() - t
         live = n / elapsed
         cpu = cpu_seconds(collector.pid) - cpu0
-        live_rss = peak_rss_mib(collector.pid)
+        live_rss = peak_rss_kib(collector.pid) / 1024
         collector.send_signal(signal.SIGTERM)
         collector.wait()
 
@@ -177,10 +154,10 @@ def main():
         t = time.perf_counter()
         peak = 0.0
         while stored(metrics_port) < n:
-            peak = max(peak, peak_rss_mib(collector.pid))
+            peak = max(peak, peak_rss_kib(collector.pid) / 1024)
             time.sleep(0.05)
         drain = n / (time.perf_counter() - t)
-        peak = max(peak, peak_rss_mib(collector.pid))
+        peak = max(peak, peak_rss_kib(collector.pid) / 1024)
         collector.send_signal(signal.SIGTERM)
         collector.wait()
         broker.terminate()
@@ -194,12 +171,6 @@ def main():
         write(n, ceiling, live, drain, peak, per_window, size, cpu, elapsed, live_rss)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of a process so far."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def write(n, ceiling, live, drain, peak, per_window, size, cpu, elapsed, live_rss):

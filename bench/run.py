@@ -22,13 +22,13 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from procs import free_port
 from report import write_block
 
 import duckdb
@@ -67,12 +67,6 @@ DUCK_MACROS = [
     "WHEN m = 'laplace' THEN 2 * exp(-1 / s) / ((1 - exp(-1 / s)) * (1 - exp(-1 / s))) "
     "WHEN m = 'gaussian' THEN s * s ELSE 0.0 END",
 ]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_lake(rows, workdir):
