@@ -544,11 +544,14 @@ impl Schedule {
         }
     }
 
-    /// Evaluates the periods that ended since the last tick.
+    /// Runs every detector on its periods completed since the last tick;
+    /// stops between two runs once `shutdown` is cancelled (the next tick,
+    /// or the next start, picks up from there).
     pub async fn tick(
         &mut self,
         ctx: &SessionContext,
         lake: &LakeWriter,
+        shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<Tick, DetectError> {
         let detectors = load(&self.queries)?;
         let Some(latest) = latest_event_time(ctx)
@@ -573,6 +576,9 @@ impl Schedule {
             let mut done = 0;
             tracing::debug!(detector = detector.name, %latest, %newest, %next, "detection tick");
             while next <= newest && done < self.max_periods_per_tick {
+                if shutdown.is_cancelled() {
+                    return Ok(tick);
+                }
                 let summary = run_all(ctx, lake, std::slice::from_ref(detector), next).await?;
                 let fired: Vec<Evaluation> = summary
                     .evaluations
@@ -668,7 +674,7 @@ pub async fn run_schedule(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match schedule.tick(&ctx, &lake).await {
+        match schedule.tick(&ctx, &lake, &shutdown).await {
             Ok(tick) => {
                 for e in &tick.events {
                     let line = format!(

@@ -127,12 +127,28 @@ pub use writer::{Appended, Compacted, LakeWriter};
 /// Registers the lake's tables in `ctx`, creating empty directories if the
 /// lake is new. Files written later are seen by later queries.
 pub async fn register(ctx: &SessionContext, location: &Location) -> Result<(), LakeError> {
+    // Text columns are read as `Utf8View` unless the session turns
+    // DataFusion's `schema_force_view_types` off (see `schema::for_reading`).
+    let views = ctx
+        .state()
+        .config()
+        .options()
+        .execution
+        .parquet
+        .schema_force_view_types;
+    let read = |schema: SchemaRef| {
+        if views {
+            schema::for_reading(&schema)
+        } else {
+            schema
+        }
+    };
     let root = match location {
         Location::Dir(root) => root,
-        Location::Object(lake) => return register_object(ctx, lake),
+        Location::Object(lake) => return register_object(ctx, lake, read),
     };
     for (table, schema) in TABLE_SCHEMAS {
-        register_table(ctx, root, table, schema()).await?;
+        register_table(ctx, root, table, read(schema())).await?;
     }
     Ok(())
 }
@@ -152,11 +168,16 @@ const TABLE_SCHEMAS: [(&str, MakeSchema); 6] = [
 
 /// The tables of an object-store lake: each scan reads the table's
 /// manifest (see [`object::ManifestTable`]).
-fn register_object(ctx: &SessionContext, lake: &Arc<object::ObjectLake>) -> Result<(), LakeError> {
+fn register_object(
+    ctx: &SessionContext,
+    lake: &Arc<object::ObjectLake>,
+    read: impl Fn(SchemaRef) -> SchemaRef,
+) -> Result<(), LakeError> {
     let (url, store) = lake.store();
     ctx.register_object_store(url, store);
     for (table, schema) in TABLE_SCHEMAS {
-        let provider = object::ManifestTable::new(lake.clone(), table, schema());
+        let schema = read(object::schema_with_date(&schema()));
+        let provider = object::ManifestTable::new(lake.clone(), table, schema);
         ctx.register_table(table, Arc::new(provider))
             .map_err(|source| LakeError::Register { table, source })?;
     }
@@ -167,7 +188,7 @@ async fn register_table(
     ctx: &SessionContext,
     root: &Path,
     table: &'static str,
-    file_schema: SchemaRef,
+    table_schema: SchemaRef,
 ) -> Result<(), LakeError> {
     let dir = root.join(table);
     std::fs::create_dir_all(&dir).map_err(|source| LakeError::Io {
@@ -181,7 +202,7 @@ async fn register_table(
         .with_table_partition_cols(vec![("date".to_owned(), DataType::Utf8)]);
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
-        .with_schema(file_schema);
+        .with_schema(table_schema);
     let listing = ListingTable::try_new(config).map_err(register)?;
     ctx.register_table(table, Arc::new(listing))
         .map_err(register)?;

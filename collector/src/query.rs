@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::lake::{self, LakeError, Location};
 
+mod date_trunc;
 mod information_schema;
 mod pg;
 pub mod stats;
@@ -92,6 +93,7 @@ pub async fn session_at(
     )
     .map_err(|e| QueryError::Sql(*e))?;
     ctx.register_udf(pg::current_setting());
+    ctx.register_udf(date_trunc::udf());
     for udf in stats::udfs()
         .into_iter()
         .chain(stats::count_udfs())

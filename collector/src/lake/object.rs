@@ -346,7 +346,7 @@ pub fn schema_with_date(schema: &SchemaRef) -> SchemaRef {
 pub struct ManifestTable {
     lake: Arc<ObjectLake>,
     table: &'static str,
-    /// The files' schema, `date` included.
+    /// The table's schema, `date` included.
     schema: SchemaRef,
 }
 
@@ -355,7 +355,7 @@ impl ManifestTable {
         ManifestTable {
             lake,
             table,
-            schema: schema_with_date(&schema),
+            schema,
         }
     }
 }

@@ -80,6 +80,26 @@ pub fn metrics() -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// The schema SQL reads a table's files with: text columns as `Utf8View`.
+///
+/// Files store text as plain Parquet strings (dictionary-encoded by the
+/// writer). Read as views, a dictionary page decodes to 16-byte views that
+/// hold short values (model ids, versions, fleets) inline, and grouping and
+/// comparing them does not copy bytes; read as `Utf8`, every row's bytes are
+/// copied out of the dictionary first. BENCHMARKS.md, "Queries", shows the
+/// difference.
+pub fn for_reading(schema: &SchemaRef) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Utf8 => f.as_ref().clone().with_data_type(DataType::Utf8View),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
 /// Schema of the `quarantine` files (the `date` partition column comes on top).
 pub fn quarantine() -> SchemaRef {
     Arc::new(Schema::new(vec![
