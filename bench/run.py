@@ -141,6 +141,7 @@ def main():
         sys.exit(f"build the release collector first:\n  CARGO_TARGET_DIR={RELEASE} "
                  "cargo build --release -p driftline-collector")
     work = pathlib.Path(tempfile.mkdtemp(prefix="driftline-bench-"))
+    servers = []
     try:
         if args.lake and (pathlib.Path(args.lake) / "metrics").is_dir():
             lake = pathlib.Path(args.lake)
@@ -163,33 +164,28 @@ def main():
         for name, sql in detector_sql(lake, at).items():
             queries[name] = (sql, duck_inner(sql))
 
-        port = free_port()
         (work / "no-detectors").mkdir()
-        serve = subprocess.Popen(
-            [str(COLLECTOR), "serve", "--broker", "mqtt://127.0.0.1:1", "--data-dir", str(lake),
-             "--pg-listen", f"127.0.0.1:{port}", "--pg-password", "bench", "--pg-statement-timeout", "10m",
-             "--pg-memory-mb", "8192", "--queries", str(work / "no-detectors"),
-             "--detect-interval", "24h"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        dsn = f"host=127.0.0.1 port={port} user=driftline password=bench dbname=driftline"
-        for _ in range(100):
-            try:
-                psycopg.connect(dsn).close()
-                break
-            except psycopg.OperationalError:
-                time.sleep(0.2)
+        serve, dsn = start_endpoint(lake, work / "no-detectors")
+        servers.append(serve)
+        # The reference: the same endpoint reading text columns as Utf8
+        # (DataFusion's view types off), to show what Utf8View buys.
+        plain, plain_dsn = start_endpoint(lake, work / "no-detectors",
+                                          {"DATAFUSION_EXECUTION_PARQUET_SCHEMA_FORCE_VIEW_TYPES": "false"},
+                                          client_id="bench-utf8")
+        servers.append(plain)
         results = []
-        with psycopg.connect(dsn, autocommit=True) as pg:
+        with psycopg.connect(dsn, autocommit=True) as pg, psycopg.connect(plain_dsn, autocommit=True) as pg_plain:
             for name, (df_sql, duck_sql) in queries.items():
                 endpoint, _ = timed(lambda: pg.execute(df_sql).fetchall(), reps)
                 # The detectors' statistics run per group on a few rows; the
                 # comparison is on the part that reads the lake.
                 scan_sql = duck_sql if name.startswith("detector") else df_sql
+                df_scan_sql = scan_sql.replace("list_value(", "make_array(").replace("first(", "first_value(")
                 if name.startswith("detector"):
-                    scan_df, _ = timed(lambda: pg.execute(scan_sql.replace("list_value(", "make_array(")
-                                                          .replace("first(", "first_value(")).fetchall(), reps)
+                    scan_df, _ = timed(lambda: pg.execute(df_scan_sql).fetchall(), reps)
                 else:
                     scan_df = endpoint
+                scan_plain, _ = timed(lambda: pg_plain.execute(df_scan_sql).fetchall(), reps)
                 cli, _ = timed(lambda: subprocess.run(
                     [str(COLLECTOR), "query", "--format", "csv", "--data-dir", str(lake), "--", df_sql],
                     check=True, capture_output=True), reps)
@@ -199,16 +195,36 @@ def main():
                     duck = None
                 else:
                     duck, _ = timed(lambda: con.execute(scan_sql).fetchall(), reps)
-                results.append((name, endpoint, scan_df, cli, duck))
+                results.append((name, endpoint, scan_df, scan_plain, cli, duck))
                 ratio = f"{scan_df / duck:5.2f}" if duck else "  n/a"
-                print(f"{name:<50} endpoint {endpoint:7.3f}s  scan {scan_df:7.3f}s  query {cli:7.3f}s  "
-                      f"duckdb {duck or 0:7.3f}s  ratio {ratio}", flush=True)
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(timeout=30)
+                print(f"{name:<50} endpoint {endpoint:7.3f}s  scan {scan_df:7.3f}s  (Utf8 {scan_plain:7.3f}s)  "
+                      f"query {cli:7.3f}s  duckdb {duck or 0:7.3f}s  ratio {ratio}", flush=True)
         write(results, total, reps)
     finally:
+        for proc in servers:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
         if not os.environ.get("DRIFTLINE_BENCH_KEEP"):
             shutil.rmtree(work, ignore_errors=True)
+
+
+def start_endpoint(lake, queries, env=None, client_id="bench"):
+    """A `serve` with only the SQL endpoint doing work; its psycopg DSN."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(COLLECTOR), "serve", "--broker", "mqtt://127.0.0.1:1", "--data-dir", str(lake),
+         "--client-id", client_id,
+         "--pg-listen", f"127.0.0.1:{port}", "--pg-password", "bench", "--pg-statement-timeout", "10m",
+         "--pg-memory-mb", "8192", "--queries", str(queries), "--detect-interval", "24h"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    dsn = f"host=127.0.0.1 port={port} user=driftline password=bench dbname=driftline"
+    for _ in range(100):
+        try:
+            psycopg.connect(dsn).close()
+            break
+        except psycopg.OperationalError:
+            time.sleep(0.2)
+    return proc, dsn
 
 
 def write(results, total, reps):
@@ -217,17 +233,19 @@ def write(results, total, reps):
         f"{total:,} rows, median of {reps}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; DataFusion 55.2 (release build), DuckDB {duckdb.__version__}.",
         "",
-        "| query | endpoint (psycopg) | scan part, endpoint | `query` CLI (incl. start) | DuckDB, same scan | ratio DataFusion/DuckDB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| query | endpoint (psycopg) | scan part, endpoint | same, text read as Utf8 | `query` CLI (incl. start) | DuckDB, same scan | ratio DataFusion/DuckDB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, endpoint, scan, cli, duck in results:
+    for name, endpoint, scan, plain, cli, duck in results:
         if duck:
-            lines.append(f"| {name} | {endpoint:.3f} s | {scan:.3f} s | {cli:.3f} s | {duck:.3f} s | {scan / duck:.2f} |")
+            lines.append(f"| {name} | {endpoint:.3f} s | {scan:.3f} s | {plain:.3f} s | {cli:.3f} s | {duck:.3f} s | {scan / duck:.2f} |")
         else:
-            lines.append(f"| {name} | {endpoint:.3f} s | {scan:.3f} s | {cli:.3f} s | n/a (JSON aggregates) | n/a |")
+            lines.append(f"| {name} | {endpoint:.3f} s | {scan:.3f} s | {plain:.3f} s | {cli:.3f} s | n/a (JSON aggregates) | n/a |")
     lines += ["", "For detectors, \"scan part\" is the detector's aggregation over the lake (both periods in one "
               "pass), the same SQL in both engines; the full detector adds the statistics functions on a few "
-              "rows (the endpoint column)."]
+              "rows (the endpoint column). \"Text read as Utf8\": the same endpoint with "
+              "`DATAFUSION_EXECUTION_PARQUET_SCHEMA_FORCE_VIEW_TYPES=false`, the reference for reading text as "
+              "`Utf8View` (the default)."]
     write_block(BEGIN, END, lines, "Queries: DataFusion against DuckDB")
 
 
