@@ -16,7 +16,7 @@ use datafusion::arrow::datatypes::{
     ArrowTimestampType, DataType, FieldRef, TimeUnit, TimestampMicrosecondType,
     TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType,
 };
-use datafusion::common::{Result, ScalarValue};
+use datafusion::common::Result;
 use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
 use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
 use datafusion::logical_expr::{
@@ -80,11 +80,7 @@ fn utc_fast_path(args: &ScalarFunctionArgs) -> Option<ColumnarValue> {
     else {
         return None;
     };
-    let granularity = match granularity {
-        ScalarValue::Utf8(Some(g)) | ScalarValue::Utf8View(Some(g)) => g,
-        ScalarValue::LargeUtf8(Some(g)) => g,
-        _ => return None,
-    };
+    let granularity = granularity.try_as_str().flatten()?;
     let DataType::Timestamp(unit, Some(tz)) = array.data_type() else {
         return None;
     };
@@ -154,6 +150,7 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::{RecordBatch, TimestampMicrosecondArray};
     use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::common::ScalarValue;
     use datafusion::datasource::MemTable;
     use datafusion::execution::FunctionRegistry;
     use datafusion::prelude::SessionContext;
