@@ -212,20 +212,30 @@ fn windows_survive_a_broker_outage_and_a_kill_and_arrive_once() {
     // The agent starts with no broker; windows go to disk.
     let mut agent = start_agent(&config, http_port);
     let event = r#"{"type":"inference","model_id":"classifier","model_version":"1.0.0","latency_ms":12.5,"confidence":0.9,"label":"cat"}"#;
-    for _ in 0..20 {
+    let buffer = dir.path().join("state/buffer");
+    let buffered_bytes = || -> u64 {
+        std::fs::read_dir(&buffer)
+            .expect("buffer dir")
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    // At least 2 s of events (two 1-s windows), longer on a loaded machine
+    // until windows are on disk.
+    let until = Instant::now() + Duration::from_secs(30);
+    for i in 0.. {
         assert_eq!(post(http_port, event), 202);
         std::thread::sleep(Duration::from_millis(100));
+        if i >= 20 && (buffered_bytes() > 1000 || Instant::now() > until) {
+            break;
+        }
     }
     // kill -9 mid-outage, then restart on the same state directory.
     agent.0.kill().expect("kill -9");
     agent.0.wait().expect("wait");
-    let buffered: u64 = std::fs::read_dir(dir.path().join("state/buffer"))
-        .expect("buffer dir")
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let buffered = buffered_bytes();
     assert!(
         buffered > 1000,
         "windows were buffered on disk ({buffered} bytes)"
