@@ -1,26 +1,13 @@
-"""What the benchmark scripts share about processes: free ports, waiting
-for a listener, and a process's CPU time and peak memory from /proc."""
+"""What the benchmark scripts share about processes: free ports and waiting
+for a listener (the tests' own helpers, from tests/harness.py), and a
+process's CPU time and peak memory from /proc."""
 
 import os
-import socket
-import time
+import pathlib
+import sys
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=10):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+from harness import free_port, wait_port  # noqa: E402,F401  (re-exported for the bench scripts)
 
 
 def cpu_seconds(pid):
