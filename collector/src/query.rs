@@ -17,6 +17,7 @@ use crate::lake::{self, LakeError, Location};
 
 mod date_trunc;
 mod information_schema;
+mod json;
 mod pg;
 pub mod stats;
 pub use pg::setting;

@@ -630,9 +630,32 @@ mod calibration {
 // one field's counts over rows into a JSON object; the `*_counts`
 // functions compare two such objects over the union of their keys.
 
-use datafusion::logical_expr::{create_udaf, Accumulator, AggregateUDF};
+use super::json::{self, texts_signature, Histograms, Texts};
+use datafusion::logical_expr::{Accumulator, AggregateUDF, SimpleAggregateUDF};
 use datafusion::scalar::ScalarValue;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+
+/// Adds `n` to `key`'s sum, copying the key only the first time.
+fn add_to(sums: &mut BTreeMap<String, f64>, key: Cow<str>, n: f64) {
+    match sums.get_mut(key.as_ref()) {
+        Some(sum) => *sum += n,
+        None => {
+            sums.insert(key.into_owned(), n);
+        }
+    }
+}
+
+/// An aggregate over text arguments as stored; its state is one JSON text.
+fn text_udaf(name: &str, arity: usize, accumulator: fn() -> Box<dyn Accumulator>) -> AggregateUDF {
+    AggregateUDF::from(SimpleAggregateUDF::new_with_signature(
+        name,
+        texts_signature(arity),
+        DataType::Utf8,
+        Arc::new(move |_| Ok(accumulator())),
+        vec![Arc::new(Field::new("0", DataType::Utf8, true))],
+    ))
+}
 
 /// Sums the counts of one categorical field over rows.
 #[derive(Debug, Default)]
@@ -641,46 +664,39 @@ struct CategorySum {
 }
 
 impl CategorySum {
-    fn add_json(&mut self, text: &str, field: Option<&str>) {
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else {
-            return;
-        };
-        let counts = match field {
-            Some(f) => value.get(f).cloned(),
-            None => Some(value),
-        };
-        if let Some(serde_json::Value::Object(map)) = counts {
-            for (k, v) in map {
-                if let Some(n) = v.as_f64() {
-                    *self.counts.entry(k).or_default() += n;
+    /// Adds the counts of each row of `texts` (of its `field`, or the
+    /// whole object when `fields` is None). Rows that are not JSON objects
+    /// add nothing.
+    fn add(&mut self, texts: &ArrayRef, fields: Option<&ArrayRef>) -> Result<()> {
+        let texts = Texts::new(texts.as_ref())?;
+        let fields = fields.map(|f| Texts::new(f.as_ref())).transpose()?;
+        let mut counts = Vec::new();
+        for i in 0..texts.len() {
+            let field = match &fields {
+                Some(fields) => match fields.get(i) {
+                    Some(field) => Some(field),
+                    None => continue,
+                },
+                None => None,
+            };
+            if let Some(text) = texts.get(i) {
+                json::numbers(text, field, &mut counts);
+                for (key, n) in counts.drain(..) {
+                    add_to(&mut self.counts, key, n);
                 }
             }
         }
+        Ok(())
     }
 }
 
 impl Accumulator for CategorySum {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        let texts = cast(&values[0], &DataType::Utf8)?;
-        let names = cast(&values[1], &DataType::Utf8)?;
-        let (texts, names) = (as_string_array(&texts)?, as_string_array(&names)?);
-        for i in 0..texts.len() {
-            if !texts.is_null(i) && !names.is_null(i) {
-                self.add_json(texts.value(i), Some(names.value(i)));
-            }
-        }
-        Ok(())
+        self.add(&values[0], Some(&values[1]))
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        let texts = cast(&states[0], &DataType::Utf8)?;
-        let texts = as_string_array(&texts)?;
-        for i in 0..texts.len() {
-            if !texts.is_null(i) {
-                self.add_json(texts.value(i), None);
-            }
-        }
-        Ok(())
+        self.add(&states[0], None)
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
@@ -698,14 +714,7 @@ impl Accumulator for CategorySum {
 
 /// `category_sum(categories, 'label')`: the field's counts summed, as JSON.
 pub fn category_sum_udaf() -> AggregateUDF {
-    create_udaf(
-        "category_sum",
-        vec![DataType::Utf8, DataType::Utf8],
-        Arc::new(DataType::Utf8),
-        Volatility::Immutable,
-        Arc::new(|_| Ok(Box::new(CategorySum::default()))),
-        Arc::new(vec![DataType::Utf8]),
-    )
+    text_udaf("category_sum", 2, || Box::<CategorySum>::default())
 }
 
 /// Two JSON count objects as aligned vectors over the union of their keys.
@@ -760,28 +769,22 @@ fn counts_fn(name: &'static str, arity: usize, f: CountsStatistic) -> ScalarUDF 
 /// `json_number(json, key)`: a number from a JSON object (e.g. a noise
 /// scale from `noise_scale`), NULL when absent.
 fn json_number_udf() -> ScalarUDF {
-    create_udf(
+    ScalarUDF::from(SimpleScalarUDF::new_with_signature(
         "json_number",
-        vec![DataType::Utf8, DataType::Utf8],
+        texts_signature(2),
         DataType::Float64,
-        Volatility::Immutable,
         Arc::new(|args: &[ColumnarValue]| {
             let arrays = ColumnarValue::values_to_arrays(args)?;
-            let (json, key) = (as_string_array(&arrays[0])?, as_string_array(&arrays[1])?);
-            let out: Float64Array = (0..json.len())
-                .map(|i| {
-                    if json.is_null(i) || key.is_null(i) {
-                        return None;
-                    }
-                    serde_json::from_str::<serde_json::Value>(json.value(i))
-                        .ok()?
-                        .get(key.value(i))?
-                        .as_f64()
-                })
+            let (texts, keys) = (
+                Texts::new(arrays[0].as_ref())?,
+                Texts::new(arrays[1].as_ref())?,
+            );
+            let out: Float64Array = (0..texts.len())
+                .map(|i| json::number(texts.get(i)?, keys.get(i)?))
                 .collect();
             Ok(ColumnarValue::Array(Arc::new(out)))
         }),
-    )
+    ))
 }
 
 /// The label-count functions.
@@ -813,23 +816,16 @@ struct CustomSum {
 }
 
 impl CustomSum {
-    fn add_json(&mut self, text: &str) {
-        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(text)
-        else {
-            return;
-        };
-        for (name, h) in map {
-            let numbers = |key: &str| -> Vec<f64> {
-                h.get(key)
-                    .and_then(|v| v.as_array())
-                    .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
-                    .unwrap_or_default()
+    /// Adds every feature's counts of one row's histograms.
+    fn add(&mut self, histograms: &Histograms) {
+        for (name, edges, counts) in histograms.iter() {
+            let entry = match self.features.get_mut(name) {
+                Some(entry) => entry,
+                None => self
+                    .features
+                    .entry(name.to_owned())
+                    .or_insert_with(|| (edges.to_vec(), vec![])),
             };
-            let (edges, counts) = (numbers("edges"), numbers("counts"));
-            let entry = self
-                .features
-                .entry(name)
-                .or_insert_with(|| (edges.clone(), vec![]));
             if entry.1.len() < counts.len() {
                 entry.1.resize(counts.len(), 0.0);
             }
@@ -851,11 +847,13 @@ impl CustomSum {
 
 impl Accumulator for CustomSum {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        let texts = cast(&values[0], &DataType::Utf8)?;
-        let texts = as_string_array(&texts)?;
+        let texts = Texts::new(values[0].as_ref())?;
+        let mut histograms = Histograms::default();
         for i in 0..texts.len() {
-            if !texts.is_null(i) {
-                self.add_json(texts.value(i));
+            if let Some(text) = texts.get(i) {
+                if histograms.read(text) {
+                    self.add(&histograms);
+                }
             }
         }
         Ok(())
@@ -891,24 +889,23 @@ struct CustomNoise {
 
 impl Accumulator for CustomNoise {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
-        let (m, s) = (
-            cast(&values[0], &DataType::Utf8)?,
-            cast(&values[1], &DataType::Utf8)?,
+        let (mechanisms, scales) = (
+            Texts::new(values[0].as_ref())?,
+            Texts::new(values[1].as_ref())?,
         );
-        let (mechanisms, scales) = (as_string_array(&m)?, as_string_array(&s)?);
+        let mut members = Vec::new();
         for i in 0..mechanisms.len() {
-            if mechanisms.is_null(i) || scales.is_null(i) {
-                continue;
-            }
-            let Ok(serde_json::Value::Object(map)) =
-                serde_json::from_str::<serde_json::Value>(scales.value(i))
-            else {
+            let (Some(mechanism), Some(scales)) = (mechanisms.get(i), scales.get(i)) else {
                 continue;
             };
-            for (key, scale) in map {
-                if let (Some(name), Some(b)) = (key.strip_prefix("custom."), scale.as_f64()) {
-                    *self.noise.entry(name.to_owned()).or_default() +=
-                        noise_var(mechanisms.value(i), b);
+            json::numbers(scales, None, &mut members);
+            for (key, b) in members.drain(..) {
+                if let Some(name) = key.strip_prefix("custom.") {
+                    add_to(
+                        &mut self.noise,
+                        Cow::Borrowed(name),
+                        noise_var(mechanism, b),
+                    );
                 }
             }
         }
@@ -916,12 +913,13 @@ impl Accumulator for CustomNoise {
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        let texts = cast(&states[0], &DataType::Utf8)?;
-        let texts = as_string_array(&texts)?;
+        let texts = Texts::new(states[0].as_ref())?;
+        let mut members = Vec::new();
         for i in 0..texts.len() {
-            if let Ok(map) = serde_json::from_str::<BTreeMap<String, f64>>(texts.value(i)) {
-                for (k, v) in map {
-                    *self.noise.entry(k).or_default() += v;
+            if let Some(text) = texts.get(i) {
+                json::numbers(text, None, &mut members);
+                for (key, v) in members.drain(..) {
+                    add_to(&mut self.noise, key, v);
                 }
             }
         }
@@ -944,22 +942,8 @@ impl Accumulator for CustomNoise {
 /// The custom-feature aggregates.
 pub fn custom_udafs() -> Vec<AggregateUDF> {
     vec![
-        create_udaf(
-            "custom_sum",
-            vec![DataType::Utf8],
-            Arc::new(DataType::Utf8),
-            Volatility::Immutable,
-            Arc::new(|_| Ok(Box::new(CustomSum::default()))),
-            Arc::new(vec![DataType::Utf8]),
-        ),
-        create_udaf(
-            "custom_noise",
-            vec![DataType::Utf8, DataType::Utf8],
-            Arc::new(DataType::Utf8),
-            Volatility::Immutable,
-            Arc::new(|_| Ok(Box::new(CustomNoise::default()))),
-            Arc::new(vec![DataType::Utf8]),
-        ),
+        text_udaf("custom_sum", 1, || Box::<CustomSum>::default()),
+        text_udaf("custom_noise", 2, || Box::<CustomNoise>::default()),
     ]
 }
 
@@ -1060,4 +1044,89 @@ pub fn custom_udfs() -> Vec<ScalarUDF> {
         feature_fn("custom_js_distance", false, |r, c, _, _| js_distance(r, c)),
         feature_fn("custom_shift_pvalue", true, hist_shift_pvalue),
     ]
+}
+
+#[cfg(test)]
+mod json_aggregate_tests {
+    use super::*;
+    use datafusion::arrow::array::{RecordBatch, StringViewArray};
+    use datafusion::arrow::datatypes::Schema;
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::SessionContext;
+
+    /// The JSON aggregates over `Utf8View` columns as the lake reads them,
+    /// in two partitions (so partial states are merged), with a row that
+    /// is not JSON and a NULL row adding nothing.
+    #[tokio::test]
+    async fn json_aggregates_over_text_views() -> Result<()> {
+        let columns = ["categories", "custom", "mechanism", "noise_scale"];
+        let schema = Arc::new(Schema::new(
+            columns
+                .iter()
+                .map(|c| Field::new(*c, DataType::Utf8View, true))
+                .collect::<Vec<_>>(),
+        ));
+        let batch = |rows: &[[Option<&str>; 4]]| -> Result<RecordBatch> {
+            let arrays = (0..4)
+                .map(|c| {
+                    let values: Vec<Option<&str>> = rows.iter().map(|r| r[c]).collect();
+                    Arc::new(StringViewArray::from(values)) as ArrayRef
+                })
+                .collect();
+            Ok(RecordBatch::try_new(schema.clone(), arrays)?)
+        };
+        let first = batch(&[[
+            Some(r#"{"label": {"a": 1, "b": 2}}"#),
+            Some(r#"{"f": {"edges": [0, 1, 2], "counts": [1, 2]}}"#),
+            Some("gaussian"),
+            Some(r#"{"categories.label": 2, "custom.f": 3}"#),
+        ]])?;
+        let second = batch(&[
+            [
+                Some(r#"{"other": {"a": 100}, "label": {"b": 5, "c": 1}}"#),
+                Some(
+                    r#"{"f": {"edges": [0, 1, 2], "counts": [10, 20]}, "g": {"edges": [0, 1], "counts": [4]}}"#,
+                ),
+                Some("gaussian"),
+                Some(r#"{"custom.f": 1, "custom.g": 2}"#),
+            ],
+            [Some("not json"), Some("nope"), Some("gaussian"), Some("x")],
+            [None, None, None, None],
+        ])?;
+        let ctx = SessionContext::new();
+        let table = MemTable::try_new(schema.clone(), vec![vec![first], vec![second]])?;
+        ctx.register_table("t", Arc::new(table))?;
+        ctx.register_udaf(category_sum_udaf());
+        for udaf in custom_udafs() {
+            ctx.register_udaf(udaf);
+        }
+        for udf in count_udfs() {
+            ctx.register_udf(udf);
+        }
+        let batches = ctx
+            .sql(
+                "SELECT category_sum(categories, 'label'), custom_sum(custom), \
+                 custom_noise(mechanism, noise_scale), sum(json_number(noise_scale, 'categories.label')) FROM t",
+            )
+            .await?
+            .collect()
+            .await?;
+        let row = &batches[0];
+        let text = |c: usize| -> serde_json::Value {
+            let texts = json::Texts::new(row.column(c).as_ref()).expect("text");
+            serde_json::from_str(texts.get(0).expect("not null")).expect("json")
+        };
+        assert_eq!(text(0), serde_json::json!({"a": 1.0, "b": 7.0, "c": 1.0}));
+        assert_eq!(
+            text(1),
+            serde_json::json!({
+                "f": {"edges": [0.0, 1.0, 2.0], "counts": [11.0, 22.0]},
+                "g": {"edges": [0.0, 1.0], "counts": [4.0]},
+            })
+        );
+        // Gaussian noise variance is the scale squared: 3^2 + 1^2 and 2^2.
+        assert_eq!(text(2), serde_json::json!({"f": 10.0, "g": 4.0}));
+        assert_eq!(as_float64_array(row.column(3))?.value(0), 2.0);
+        Ok(())
+    }
 }
