@@ -10,8 +10,12 @@
 //!   planned (SQLSTATE 25006), and `SET` cannot change server settings;
 //! - a per-statement time limit (SQLSTATE 57014) that also covers the rows
 //!   still being streamed, and a memory limit (the session's memory pool);
+//! - the client's cancel request (psql's Ctrl-C, psycopg's `cancel()`,
+//!   tokio-postgres' `CancelToken`) stops the running statement the same
+//!   way (SQLSTATE 57014, "canceling statement due to user request");
 //! - a connection limit, answered with SQLSTATE 53300 like PostgreSQL.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -20,6 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use datafusion::common::ParamValues;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
@@ -38,7 +43,9 @@ use pgwire::api::results::{QueryResponse, Response};
 use pgwire::api::store::PortalStore;
 use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::data::DataRow;
+use pgwire::messages::startup::SecretKey;
 use pgwire::messages::PgWireBackendMessage;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -127,13 +134,18 @@ impl Endpoint {
             Arc::new(transactions::TransactionStatementHook),
         ];
         let connections = Arc::new(ConnectionManager::new());
+        let running = Arc::new(Running::default());
         let handlers = Arc::new(Handlers {
             session: Arc::new(Limited {
                 inner: DfSessionService::new_with_hooks(ctx, hooks),
                 timeout: options.statement_timeout,
+                running: running.clone(),
             }),
             users: Arc::new(Users(users)),
-            cancel: Arc::new(DefaultCancelHandler::new(connections.clone())),
+            cancel: Arc::new(Cancel {
+                running,
+                pgwire: DefaultCancelHandler::new(connections.clone()),
+            }),
             connections,
         });
         Ok(Endpoint {
@@ -202,7 +214,7 @@ struct Handlers {
     session: Arc<Limited>,
     users: Arc<Users>,
     connections: Arc<ConnectionManager>,
-    cancel: Arc<DefaultCancelHandler>,
+    cancel: Arc<Cancel>,
 }
 
 impl PgWireServerHandlers for Handlers {
@@ -418,6 +430,7 @@ impl QueryHook for ShowSetting {
 struct Limited {
     inner: DfSessionService,
     timeout: Duration,
+    running: Arc<Running>,
 }
 
 /// DataFusion's "Resources exhausted" (the memory pool is full) as
@@ -484,16 +497,104 @@ fn timed_out() -> PgWireError {
     )))
 }
 
+fn canceled() -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".into(),
+        "57014".into(),
+        "canceling statement due to user request".into(),
+    )))
+}
+
+/// The statement each connection is running, by the process id and secret
+/// key the client got at start-up, for cancel requests.
+///
+/// A PostgreSQL client cancels (psql's Ctrl-C) by opening a second
+/// connection that sends those two. pgwire's own handler covers only
+/// planning (`do_query`); most of a statement's work happens while its rows
+/// stream, after `do_query` has returned, so [`Cancel`] also fires the
+/// token registered here, which [`Limited::limit`] watches.
+#[derive(Default)]
+struct Running {
+    statements: std::sync::Mutex<HashMap<(i32, Bytes), (u64, CancellationToken)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// Unregisters a statement from [`Running`] when its rows are done.
+struct RunningGuard {
+    running: Arc<Running>,
+    key: (i32, Bytes),
+    id: u64,
+}
+
+impl Running {
+    /// Registers the statement `client` starts now (replacing its previous
+    /// one): its token fires on the client's cancel request.
+    fn start(self: &Arc<Self>, client: &impl ClientInfo) -> (CancellationToken, Arc<RunningGuard>) {
+        let (pid, secret) = client.pid_and_secret_key();
+        let key = (pid, secret.to_bytes());
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = CancellationToken::new();
+        if let Ok(mut statements) = self.statements.lock() {
+            statements.insert(key.clone(), (id, token.clone()));
+        }
+        let guard = RunningGuard {
+            running: self.clone(),
+            key,
+            id,
+        };
+        (token, Arc::new(guard))
+    }
+
+    fn cancel(&self, pid: i32, secret: &SecretKey) {
+        if let Ok(statements) = self.statements.lock() {
+            if let Some((_, token)) = statements.get(&(pid, secret.to_bytes())) {
+                token.cancel();
+            }
+        }
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        if let Ok(mut statements) = self.running.statements.lock() {
+            if statements
+                .get(&self.key)
+                .is_some_and(|(id, _)| *id == self.id)
+            {
+                statements.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Cancel requests: the running statement's token, and pgwire's handler
+/// (which interrupts planning).
+struct Cancel {
+    running: Arc<Running>,
+    pgwire: DefaultCancelHandler,
+}
+
+#[async_trait]
+impl CancelHandler for Cancel {
+    async fn on_cancel_request(&self, request: CancelRequest) {
+        self.running.cancel(request.pid, &request.secret_key);
+        self.pgwire.on_cancel_request(request).await;
+    }
+}
+
 impl Limited {
     /// Forwards the rows of a response from a task on the SQL runtime, so
     /// that a statement that computes for long without yielding cannot hold
-    /// up the connection: at `deadline` the client gets SQLSTATE 57014, the
-    /// task is aborted and its plan dropped (which cancels it) at its next
-    /// yield.
+    /// up the connection: at `deadline`, or when the client cancels, the
+    /// client gets SQLSTATE 57014, the task is aborted and its plan dropped
+    /// (which cancels it) at its next yield.
     fn limit(
         &self,
         response: Response,
         deadline: tokio::time::Instant,
+        (cancel, running): (CancellationToken, Arc<RunningGuard>),
         span: tracing::Span,
     ) -> Response {
         let Response::Query(q) = response else {
@@ -518,20 +619,25 @@ impl Limited {
             }
             .instrument(span),
         );
-        let state = (rx, Some(AbortOnDrop(producer)));
-        let limited = futures::stream::unfold(state, move |(mut rx, guard)| async move {
-            let mut guard = guard?;
-            tokio::select! {
-                row = rx.recv() => match row {
-                    Some(r) => Some((r, (rx, Some(guard)))),
-                    // The producer is done: after its last row, or by a
-                    // panic, which must not pass for a complete result.
-                    None => match (&mut guard.0).await {
-                        Err(e) if e.is_panic() => Some((Err(counted(internal_error())), (rx, None))),
-                        _ => None,
+        // The state holds the statement's registration until its last row.
+        let state = (rx, Some((AbortOnDrop(producer), running)));
+        let limited = futures::stream::unfold(state, move |(mut rx, guard)| {
+            let cancel = cancel.clone();
+            async move {
+                let mut guard = guard?;
+                tokio::select! {
+                    row = rx.recv() => match row {
+                        Some(r) => Some((r, (rx, Some(guard)))),
+                        // The producer is done: after its last row, or by a
+                        // panic, which must not pass for a complete result.
+                        None => match (&mut guard.0 .0).await {
+                            Err(e) if e.is_panic() => Some((Err(counted(internal_error())), (rx, None))),
+                            _ => None,
+                        },
                     },
-                },
-                _ = tokio::time::sleep_until(deadline) => Some((Err(counted(timed_out())), (rx, None))),
+                    _ = tokio::time::sleep_until(deadline) => Some((Err(counted(timed_out())), (rx, None))),
+                    _ = cancel.cancelled() => Some((Err(counted(canceled())), (rx, None))),
+                }
             }
         });
         let mut limited = QueryResponse::new(schema, limited);
@@ -613,18 +719,21 @@ impl SimpleQueryHandler for Limited {
         PgWireError: From<<C as futures::Sink<PgWireBackendMessage>>::Error>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let (cancel, running) = self.running.start(client);
         let span = statement_span("simple");
-        let responses = tokio::time::timeout_at(
+        let planned = tokio::time::timeout_at(
             deadline,
             OnSqlRuntime::new(SimpleQueryHandler::do_query(&self.inner, client, query))
                 .instrument(span.clone()),
-        )
-        .await
-        .map_err(|_| counted(timed_out()))?
+        );
+        let responses = tokio::select! {
+            planned = planned => planned.map_err(|_| counted(timed_out()))?,
+            _ = cancel.cancelled() => return Err(counted(canceled())),
+        }
         .map_err(|e| counted(map_error(e)))?;
         Ok(responses
             .into_iter()
-            .map(|r| self.limit(r, deadline, span.clone()))
+            .map(|r| self.limit(r, deadline, (cancel.clone(), running.clone()), span.clone()))
             .collect())
     }
 }
@@ -656,8 +765,9 @@ impl ExtendedQueryHandler for Limited {
         PgWireError: From<<C as futures::Sink<PgWireBackendMessage>>::Error>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
+        let (cancel, running) = self.running.start(client);
         let span = statement_span("extended");
-        let response = tokio::time::timeout_at(
+        let planned = tokio::time::timeout_at(
             deadline,
             OnSqlRuntime::new(ExtendedQueryHandler::do_query(
                 &self.inner,
@@ -666,10 +776,12 @@ impl ExtendedQueryHandler for Limited {
                 max_rows,
             ))
             .instrument(span.clone()),
-        )
-        .await
-        .map_err(|_| counted(timed_out()))?
+        );
+        let response = tokio::select! {
+            planned = planned => planned.map_err(|_| counted(timed_out()))?,
+            _ = cancel.cancelled() => return Err(counted(canceled())),
+        }
         .map_err(|e| counted(map_error(e)))?;
-        Ok(self.limit(response, deadline, span))
+        Ok(self.limit(response, deadline, (cancel, running), span))
     }
 }

@@ -1142,6 +1142,27 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
         // ... and the server is healthy: the same and a new connection work.
         let one: i64 = client.query_one("SELECT 1::bigint AS one", &[]).await.expect("after timeout").get(0);
         assert_eq!(one, 1);
+        // The client's cancel request (what psql sends on Ctrl-C) stops a
+        // running statement before its time limit, in both protocols.
+        for extended in [false, true] {
+            let token = client.cancel_token();
+            let canceller = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                token.cancel_query(tokio_postgres::NoTls).await
+            });
+            let runaway = "SELECT sum(a.seq * b.x) AS n FROM metrics a CROSS JOIN generate_series(1, 100000000000) AS b(x)";
+            let e = if extended {
+                client.query(runaway, &[]).await.map(drop).expect_err("cancelled")
+            } else {
+                client.simple_query(runaway).await.map(drop).expect_err("cancelled")
+            };
+            let message = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+            assert_eq!(sqlstate(&e), "57014", "{e}");
+            assert_eq!(message, "canceling statement due to user request");
+            canceller.await.expect("canceller").expect("cancel request sent");
+        }
+        let one: i64 = client.query_one("SELECT 1::bigint AS one", &[]).await.expect("after cancel").get(0);
+        assert_eq!(one, 1);
         let other = pg_connect(port, "pw").await.expect("new connection");
         other.simple_query("SELECT 1").await.expect("new connection query");
 
@@ -1173,11 +1194,11 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
         drop((c3, c4));
     });
     // Each refusal (psql's DROP, psycopg's CREATE TABLE, 6 statements in
-    // both protocols), time-out and memory error above is counted once.
+    // both protocols), time-out, cancel and memory error above is counted once.
     let metrics = http_get(metrics_port, "/metrics");
     for line in [
         "driftline_sql_refused_total 14",
-        "driftline_sql_errors_total{sqlstate=\"57014\"} 1",
+        "driftline_sql_errors_total{sqlstate=\"57014\"} 3",
         "driftline_sql_errors_total{sqlstate=\"53200\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
