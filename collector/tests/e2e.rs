@@ -343,6 +343,27 @@ fn agent_windows_reach_the_lake_exactly_once() {
          GROUP BY device_id ORDER BY device_id",
     );
     assert_eq!(per_device_seq.len(), devices as usize);
+    // The devices view: per device, its windows of every model and each of
+    // its model versions once, sorted; the same as computed straight from
+    // every row (the view groups by device, model and version first).
+    // (Spaces for the view's commas: this helper splits CSV on commas.)
+    let devices_view = query(
+        data.path(),
+        "SELECT device_id, windows, replace(model_versions, ',', ' ') AS model_versions \
+         FROM devices ORDER BY device_id",
+    );
+    let direct = query(
+        data.path(),
+        "SELECT device_id, count(*) AS windows, array_to_string(array_sort(array_distinct(\
+         array_agg(model_id || '@' || model_version))), ' ') AS model_versions \
+         FROM metrics GROUP BY device_id ORDER BY device_id",
+    );
+    assert_eq!(devices_view, direct);
+    assert_eq!(devices_view.len(), devices as usize);
+    for row in &devices_view {
+        assert_eq!(row[1], (u64::from(models) * windows).to_string());
+        assert_eq!(row[2].split(' ').count(), models as usize, "{row:?}");
+    }
     for row in per_device_seq {
         let per_device = u64::from(models) * windows;
         assert_eq!(
