@@ -1219,7 +1219,7 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
     let metrics = http_get(metrics_port, "/metrics");
     for line in [
         "driftline_sql_refused_total 14",
-        "driftline_sql_errors_total{sqlstate=\"57014\"} 3",
+        "driftline_sql_errors_total{sqlstate=\"57014\"} 4",
         "driftline_sql_errors_total{sqlstate=\"53200\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");

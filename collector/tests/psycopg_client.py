@@ -6,6 +6,7 @@ exits non-zero with a message on the first failed check.
 
 import datetime
 import sys
+import threading
 
 import psycopg
 
@@ -53,6 +54,22 @@ def main(dsn: str) -> None:
             raise SystemExit("CREATE TABLE was accepted")
         except psycopg.errors.ReadOnlySqlTransaction:
             conn.rollback()
+        assert conn.execute("SELECT 1 AS one").fetchone()[0] == 1
+
+        # A cancel request (what interrupting a notebook cell sends) stops a
+        # runaway statement long before the time limit, with SQLSTATE 57014.
+        cancel = getattr(conn, "cancel_safe", conn.cancel)
+        timer = threading.Timer(0.5, cancel)
+        timer.start()
+        try:
+            conn.execute("SELECT sum(a.seq * b.x) AS n FROM metrics a "
+                         "CROSS JOIN generate_series(1, 100000000000) AS b(x)").fetchone()
+            raise SystemExit("the runaway statement was not cancelled")
+        except psycopg.errors.QueryCanceled as e:
+            assert "user request" in str(e), e
+            conn.rollback()
+        finally:
+            timer.cancel()
         assert conn.execute("SELECT 1 AS one").fetchone()[0] == 1
 
 
