@@ -768,6 +768,10 @@ fn counts_fn(name: &'static str, arity: usize, f: CountsStatistic) -> ScalarUDF 
 
 /// `json_number(json, key)`: a number from a JSON object (e.g. a noise
 /// scale from `noise_scale`), NULL when absent.
+///
+/// The label detector calls it on every row; a row whose text and key are
+/// those of the row before reuses its answer (rows of devices sharing a
+/// privacy configuration carry the same `noise_scale` text).
 fn json_number_udf() -> ScalarUDF {
     ScalarUDF::from(SimpleScalarUDF::new_with_signature(
         "json_number",
@@ -779,8 +783,19 @@ fn json_number_udf() -> ScalarUDF {
                 Texts::new(arrays[0].as_ref())?,
                 Texts::new(arrays[1].as_ref())?,
             );
+            let mut last: Option<(&str, &str, Option<f64>)> = None;
             let out: Float64Array = (0..texts.len())
-                .map(|i| json::number(texts.get(i)?, keys.get(i)?))
+                .map(|i| {
+                    let (text, key) = (texts.get(i)?, keys.get(i)?);
+                    match last {
+                        Some((t, k, n)) if t == text && k == key => n,
+                        _ => {
+                            let n = json::number(text, key);
+                            last = Some((text, key, n));
+                            n
+                        }
+                    }
+                })
                 .collect();
             Ok(ColumnarValue::Array(Arc::new(out)))
         }),
@@ -1127,6 +1142,56 @@ mod json_aggregate_tests {
         // Gaussian noise variance is the scale squared: 3^2 + 1^2 and 2^2.
         assert_eq!(text(2), serde_json::json!({"f": 10.0, "g": 4.0}));
         assert_eq!(as_float64_array(row.column(3))?.value(0), 2.0);
+        Ok(())
+    }
+
+    /// `json_number` reuses the previous row's answer only when text and
+    /// key are both the same.
+    #[test]
+    fn json_number_follows_every_row() -> Result<()> {
+        let texts = StringViewArray::from(vec![
+            Some(r#"{"a": 1, "b": 2}"#),
+            Some(r#"{"a": 1, "b": 2}"#),
+            Some(r#"{"a": 1, "b": 2}"#),
+            None,
+            Some(r#"{"a": 3}"#),
+            Some(r#"{"a": 3}"#),
+            Some("not json"),
+        ]);
+        let keys = StringViewArray::from(vec![
+            Some("a"),
+            Some("a"),
+            Some("b"),
+            Some("a"),
+            Some("a"),
+            None,
+            Some("a"),
+        ]);
+        let udf = count_udfs()
+            .into_iter()
+            .find(|f| f.name() == "json_number")
+            .expect("json_number");
+        let out = udf.invoke_with_args(ScalarFunctionArgs {
+            args: vec![
+                ColumnarValue::Array(Arc::new(texts)),
+                ColumnarValue::Array(Arc::new(keys)),
+            ],
+            arg_fields: vec![
+                Arc::new(Field::new("t", DataType::Utf8View, true)),
+                Arc::new(Field::new("k", DataType::Utf8View, true)),
+            ],
+            number_rows: 7,
+            return_field: Arc::new(Field::new("n", DataType::Float64, true)),
+            config_options: Arc::new(Default::default()),
+        })?;
+        let ColumnarValue::Array(out) = out else {
+            panic!("json_number returns an array");
+        };
+        let got: Vec<Option<f64>> = as_float64_array(&out)?.iter().collect();
+        assert_eq!(
+            got,
+            vec![Some(1.0), Some(1.0), Some(2.0), None, Some(3.0), None, None]
+        );
         Ok(())
     }
 }
