@@ -10,8 +10,9 @@ The lake: the release collector's demo simulates a fleet (real agent
 pipelines, real OpenDP noise) for a few hours of event time; DuckDB then
 replicates those windows under new device ids until the lake has the
 requested number of rows (OpenDP's exact sampler makes simulating every
-row take hours). The replicas keep each window's noise, histogram shapes
-and drift.
+row take hours). The replicas keep each window's histogram shapes and
+drift, with fresh noise (-4..4, triangular) added to every count, so the files
+are not runs of identical rows.
 """
 
 import argparse
@@ -85,9 +86,19 @@ def build_lake(rows, workdir):
     lake = workdir / "lake"
     print(f"replicating {n} simulated windows x {copies} ...", flush=True)
     (lake / "metrics").mkdir(parents=True)
+    # Each replica gets fresh noise on every count (as another device's
+    # noised counts would differ), so the files compress and decode like a
+    # real lake's instead of as runs of identical rows.
+    counts = [name for name, kind, *_ in con.execute(
+        f"DESCRIBE SELECT * FROM read_parquet('{base}/metrics/*/*.parquet', hive_partitioning = false)").fetchall()
+        if kind == "BIGINT" and name != "seq"]
+    noised = ", ".join(
+        f"CASE WHEN k = 0 THEN {c} ELSE {c} + CAST(round((random() - random()) * 4) AS BIGINT) END AS {c}"
+        for c in counts)
     con.execute(f"""
         COPY (
-            SELECT * REPLACE (CASE WHEN k = 0 THEN device_id ELSE device_id || '-r' || k END AS device_id),
+            SELECT * EXCLUDE (k) REPLACE (CASE WHEN k = 0 THEN device_id ELSE device_id || '-r' || k END AS device_id,
+                                          {noised}),
                    strftime(window_start, '%Y-%m-%d') AS date
             FROM read_parquet('{base}/metrics/*/*.parquet', hive_partitioning = false) m, range({copies}) r(k)
             ORDER BY model_id, window_start, device_id
