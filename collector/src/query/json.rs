@@ -23,7 +23,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde::Deserialize;
 
 /// Arrow's text types, in the order a signature offers them.
-const TEXT_TYPES: [DataType; 3] = [DataType::Utf8View, DataType::Utf8, DataType::LargeUtf8];
+pub const TEXT_TYPES: [DataType; 3] = [DataType::Utf8View, DataType::Utf8, DataType::LargeUtf8];
 
 /// A signature of `n` text arguments, each in any of Arrow's text types,
 /// so that columns reach the function as stored instead of being cast to

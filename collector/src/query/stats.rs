@@ -40,7 +40,7 @@ pub fn noise_var(mechanism: &str, scale: f64) -> f64 {
 /// device's rows (one `exp` per change instead of one per row).
 pub fn noise_var_udf() -> ScalarUDF {
     let signature = Signature::one_of(
-        [DataType::Utf8View, DataType::Utf8, DataType::LargeUtf8]
+        json::TEXT_TYPES
             .into_iter()
             .map(|text| TypeSignature::Exact(vec![text, DataType::Float64]))
             .collect(),
