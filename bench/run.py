@@ -105,6 +105,12 @@ def build_lake(rows, workdir):
             LIMIT {rows}
         ) TO '{lake}/metrics' (FORMAT parquet, COMPRESSION zstd, PARTITION_BY (date), ROW_GROUP_SIZE 131072)
     """)
+    # The histogram edge sets the collector wrote for the base lake (the
+    # replicas' dates are the base's).
+    con.execute(f"""
+        COPY (SELECT * FROM read_parquet('{base}/histogram_edge_sets/*/*.parquet', hive_partitioning = true))
+        TO '{lake}/histogram_edge_sets' (FORMAT parquet, PARTITION_BY (date))
+    """)
     total = con.execute(f"SELECT count(*) FROM read_parquet('{lake}/metrics/*/*.parquet')").fetchone()[0]
     return lake, total
 

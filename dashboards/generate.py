@@ -57,11 +57,13 @@ DASHBOARDS = {
          "FROM model_windows WHERE $__timeFilter(window_start) AND model_id IN ($model) AND model_version IN ($version) "
          "GROUP BY 1, 2 ORDER BY 1"),
         ("timeseries", "Median latency (ms)", "Fleet median latency from the noisy histograms, per model version.",
-         "SELECT $__timeGroupAlias(window_start, '5m'), model_id || ' ' || model_version AS metric, "
-         "hist_quantile(first_value(latency_ms_edges), make_array("
+         "SELECT h.\"time\", h.model_id || ' ' || h.model_version AS metric, "
+         "hist_quantile(e.latency_ms_edges, h.counts, 0.5) AS p50_ms FROM ("
+         "SELECT $__timeGroupAlias(window_start, '5m'), model_id, model_version, make_array("
          + ", ".join(f"sum(latency_ms_b{i:02})" for i in range(16)) +
-         "), 0.5) AS p50_ms "
-         f"FROM metrics WHERE {FILTER} GROUP BY 1, 2 ORDER BY 1"),
+         ") AS counts "
+         f"FROM metrics WHERE {FILTER} GROUP BY 1, 2, 3) h "
+         "JOIN histogram_edges e ON e.model_id = h.model_id AND e.model_version = h.model_version ORDER BY 1"),
         ("timeseries", "Error rate", "Failed inferences / inferences (ratio of unbiased sums).",
          "SELECT $__timeGroupAlias(window_start, '5m'), model_id || ' ' || model_version AS metric, "
          "CAST(sum(error_count) AS DOUBLE) / nullif(sum(inference_count), 0) AS error_rate "
@@ -71,11 +73,13 @@ DASHBOARDS = {
          "CAST(sum(feedback_negative) AS DOUBLE) / nullif(sum(inference_count), 0) AS negative_rate "
          f"FROM metrics WHERE {FILTER} GROUP BY 1, 2 ORDER BY 1"),
         ("timeseries", "Mean confidence", "Mean of the confidence histogram (bucket midpoints).",
-         "SELECT $__timeGroupAlias(window_start, '5m'), model_id || ' ' || model_version AS metric, "
-         "hist_mean(first_value(confidence_edges), make_array("
+         "SELECT h.\"time\", h.model_id || ' ' || h.model_version AS metric, "
+         "hist_mean(e.confidence_edges, h.counts) AS confidence FROM ("
+         "SELECT $__timeGroupAlias(window_start, '5m'), model_id, model_version, make_array("
          + ", ".join(f"sum(confidence_b{i:02})" for i in range(10)) +
-         ")) AS confidence "
-         f"FROM metrics WHERE {FILTER} GROUP BY 1, 2 ORDER BY 1"),
+         ") AS counts "
+         f"FROM metrics WHERE {FILTER} GROUP BY 1, 2, 3) h "
+         "JOIN histogram_edges e ON e.model_id = h.model_id AND e.model_version = h.model_version ORDER BY 1"),
     ]),
     "drift": ("Driftline: drift and retraining", [
         ("timeseries", "Detector statistics", "Each detector's statistic per period (the threshold is in the table below).",

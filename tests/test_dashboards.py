@@ -120,3 +120,40 @@ def test_every_panel_returns_rows(endpoint):
                     if not rows:
                         failures.append(f"{path.stem}/{panel['title']}: no rows")
         assert not failures, "\n".join(failures)
+
+
+def test_histogram_panels_agree_with_each_rows_edges(endpoint):
+    """The latency and confidence panels take edges from `histogram_edges`;
+    reading them from every metrics row gives the same series."""
+    end = datetime.now(timezone.utc)
+    start = end - timedelta(hours=3)
+    panels = {p["title"]: p["targets"][0]["rawSql"]
+              for p in json.loads((ROOT / "dashboards/model-quality.json").read_text())["panels"]}
+    every_row = {
+        "Median latency (ms)":
+            "hist_quantile(first_value(latency_ms_edges), make_array("
+            + ", ".join(f"sum(latency_ms_b{i:02})" for i in range(16)) + "), 0.5)",
+        "Mean confidence":
+            "hist_mean(first_value(confidence_edges), make_array("
+            + ", ".join(f"sum(confidence_b{i:02})" for i in range(10)) + "))",
+    }
+    with psycopg.connect(endpoint, autocommit=True) as conn:
+        models = [r[0] for r in conn.execute("SELECT DISTINCT model_id FROM metrics").fetchall()]
+        versions = [r[0] for r in conn.execute("SELECT DISTINCT model_version FROM metrics").fetchall()]
+        fleets = [r[0] for r in conn.execute("SELECT DISTINCT fleet FROM metrics").fetchall()]
+        variables = {"fleet": fleets, "model": models, "version": versions}
+        for title, value in every_row.items():
+            reference = expand(
+                "SELECT $__timeGroupAlias(window_start, '5m'), model_id || ' ' || model_version AS metric, "
+                f"{value} AS v FROM metrics WHERE $__timeFilter(window_start) GROUP BY 1, 2 ORDER BY 1, 2",
+                variables, start, end)
+            panel = f"SELECT * FROM ({expand(panels[title], variables, start, end)}) p ORDER BY 1, 2"
+            want = conn.execute(reference).fetchall()
+            got = conn.execute(panel).fetchall()
+            assert len(want) > 10, title
+            assert [r[:2] for r in got] == [r[:2] for r in want], title
+            for g, w in zip(got, want):
+                if w[2] is None:
+                    assert g[2] is None, (title, g, w)
+                else:
+                    assert g[2] == pytest.approx(w[2], rel=1e-9), (title, g, w)

@@ -92,6 +92,7 @@ pub async fn run(
         tls: false,
     };
     let lake = Arc::new(LakeWriter::open(&options.data_dir)?);
+    crate::maintenance::backfill_edges(&lake);
     let lake_for_detection = lake.clone();
 
     let counters = Arc::new(Counters::default());

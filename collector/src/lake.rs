@@ -8,6 +8,9 @@
 //! {data_dir}/quarantine/date=2026-11-27/part-{instance}-{counter}.parquet
 //! ```
 //!
+//! (and likewise `status`, `detector_runs`, `drift_events`,
+//! `retrain_job_events`, `histogram_edge_sets`).
+//!
 //! `metrics` is partitioned by the date of `window_start` (event time),
 //! `quarantine` by the date of `received_at`. Files are zstd-compressed and
 //! sorted by `model_id`, `window_start`, `device_id`. A file is written under
@@ -39,14 +42,18 @@ pub const STATUS: &str = "status";
 pub const DETECTOR_RUNS: &str = "detector_runs";
 pub const DRIFT_EVENTS: &str = "drift_events";
 pub const JOB_EVENTS: &str = "retrain_job_events";
+/// The distinct histogram edges of `metrics` rows (see
+/// [`schema::edge_sets`]), written with them.
+pub const EDGE_SETS: &str = "histogram_edge_sets";
 /// Every table stored in the lake.
-pub const TABLES: [&str; 6] = [
+pub const TABLES: [&str; 7] = [
     METRICS,
     QUARANTINE,
     STATUS,
     DETECTOR_RUNS,
     DRIFT_EVENTS,
     JOB_EVENTS,
+    EDGE_SETS,
 ];
 
 /// Errors of the lake.
@@ -157,13 +164,14 @@ pub async fn register(ctx: &SessionContext, location: &Location) -> Result<(), L
 type MakeSchema = fn() -> SchemaRef;
 
 /// Every stored table and its file schema.
-const TABLE_SCHEMAS: [(&str, MakeSchema); 6] = [
+const TABLE_SCHEMAS: [(&str, MakeSchema); 7] = [
     (METRICS, schema::metrics),
     (QUARANTINE, schema::quarantine),
     (STATUS, schema::status),
     (DETECTOR_RUNS, schema::evaluations),
     (DRIFT_EVENTS, schema::evaluations),
     (JOB_EVENTS, schema::job_events),
+    (EDGE_SETS, schema::edge_sets),
 ];
 
 /// The tables of an object-store lake: each scan reads the table's

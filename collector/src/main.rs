@@ -462,6 +462,8 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     let location = Location::resolve(config.lake.as_deref(), &config.data_dir)?;
     let lake = Arc::new(LakeWriter::open_at(&location, &config.data_dir)?);
     tracing::info!(data_dir = %config.data_dir.display(), lake = ?config.lake, "lake opened");
+    let opened = lake.clone();
+    tokio::task::spawn_blocking(move || maintenance::backfill_edges(&opened)).await?;
     let shutdown = shutdown_on_signal()?;
     let counters = Arc::new(Counters::default());
     // The ingest counters reach the metrics facade (and so OTLP) every few
@@ -554,6 +556,7 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
     let queries = queries_dir(args.queries, &args.data_dir)?;
     let detectors = detect::load(&queries)?;
     let lake = LakeWriter::open_at(&location, &args.data_dir)?;
+    maintenance::backfill_edges(&lake);
     let ctx = query::session_at(&location, None).await?;
     let at = match args.at {
         Some(at) => at,
@@ -650,7 +653,13 @@ fn compact_command(args: CompactArgs) -> anyhow::Result<()> {
     for p in &report.dropped {
         println!("dropped {p} (retention)");
     }
-    if report.compacted.is_empty() && report.dropped.is_empty() {
+    for date in &report.edges_backfilled {
+        println!("derived histogram_edge_sets/date={date} from metrics");
+    }
+    if report.compacted.is_empty()
+        && report.dropped.is_empty()
+        && report.edges_backfilled.is_empty()
+    {
         println!("nothing to do");
     }
     Ok(())

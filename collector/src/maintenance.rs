@@ -21,6 +21,28 @@ pub struct Report {
     pub compacted: Vec<Compacted>,
     /// Partitions deleted by retention, as `table/date=...`.
     pub dropped: Vec<String>,
+    /// Dates of `metrics` whose histogram edge sets were derived (written
+    /// before the collector stored them).
+    pub edges_backfilled: Vec<String>,
+}
+
+/// Derives the histogram edge sets of `metrics` partitions that have none
+/// (see [`LakeWriter::backfill_edge_sets`]), logging what it did. Run when
+/// a collector starts on a lake, so that detectors find every version's
+/// edges; an error is logged and left to the next maintenance pass.
+pub fn backfill_edges(lake: &LakeWriter) -> Vec<String> {
+    match lake.backfill_edge_sets() {
+        Ok(dates) => {
+            if !dates.is_empty() {
+                tracing::info!(?dates, "histogram edge sets derived for older partitions");
+            }
+            dates
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot derive histogram edge sets; retrying at the next maintenance pass");
+            Vec::new()
+        }
+    }
 }
 
 /// One pass: retention first (no point compacting what goes), then
@@ -41,6 +63,7 @@ pub fn once(
             .unwrap_or(chrono::NaiveDate::MIN);
         report.dropped = lake.drop_before(cutoff)?;
     }
+    report.edges_backfilled = lake.backfill_edge_sets()?;
     report.compacted = lake.compact_all(min_files, grace)?;
     Ok(report)
 }

@@ -96,6 +96,7 @@ pub async fn session_at(
     lake::register(&ctx, location).await?;
     ctx.sql(DEVICES_VIEW).await?;
     ctx.sql(RETRAIN_JOBS_VIEW).await?;
+    ctx.sql(HISTOGRAM_EDGES_VIEW).await?;
     datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
         &ctx,
         CATALOG,
@@ -191,18 +192,18 @@ SELECT model_id, model_version, window_start, window_secs, devices, epsilon,
             + (latency_n / latency_d) * (latency_n / latency_d) * latency_k), 0))
             / abs(nullif(latency_d, 0)) AS latency_mean_se
 FROM (
-  SELECT *, {weighted} AS latency_n, {totals} AS latency_d,
+  SELECT w.*, e.latency_ms_edges, {weighted} AS latency_n, {totals} AS latency_d,
          {m1} AS latency_m1, {m2} AS latency_m2, {k} AS latency_k
   FROM (
     SELECT model_id, model_version, window_start, max(window_secs) AS window_secs,
            count(DISTINCT device_id) AS devices, max(epsilon) AS epsilon,
            {inferences}, {errors}, {negative}, {positive},
-           first_value(latency_ms_edges) AS latency_ms_edges,
            sum(noise_var(mechanism, scale_latency_ms)) AS latency_var,
            {buckets}
     FROM metrics
     GROUP BY model_id, model_version, window_start
-  )
+  ) w
+  LEFT JOIN histogram_edges e ON e.model_id = w.model_id AND e.model_version = w.model_version
 )",
         weighted = sum_of(&weighted),
         totals = sum_of(&totals),
@@ -216,6 +217,21 @@ FROM (
         buckets = buckets.join(", "),
     )
 }
+
+/// `histogram_edges`: one row per model version with the edges of its four
+/// histograms, from the edge sets stored beside `metrics` (the latest
+/// date's set when a version's edges changed). A query joins it on
+/// `model_id` and `model_version` after aggregating `metrics`, instead of
+/// decoding the `*_edges` list of every row.
+pub const HISTOGRAM_EDGES_VIEW: &str = "
+CREATE VIEW histogram_edges AS
+SELECT model_id, model_version,
+       first_value(latency_ms_edges ORDER BY date DESC) AS latency_ms_edges,
+       first_value(confidence_edges ORDER BY date DESC) AS confidence_edges,
+       first_value(input_tokens_edges ORDER BY date DESC) AS input_tokens_edges,
+       first_value(output_tokens_edges ORDER BY date DESC) AS output_tokens_edges
+FROM histogram_edge_sets
+GROUP BY model_id, model_version";
 
 /// The catalog (PostgreSQL: database) the tables live in.
 pub const CATALOG: &str = "driftline";

@@ -204,8 +204,6 @@ impl Drop for Collector {
     }
 }
 
-/// Runs `driftline-collector query --format csv` and returns the rows
-/// (without the header).
 /// Runs `driftline-collector {args} --data-dir {data_dir}`, asserts that
 /// it exits 0 (showing its stderr if not) and returns its stdout.
 fn collector_cli(args: &[&str], data_dir: &Path) -> String {
@@ -223,6 +221,8 @@ fn collector_cli(args: &[&str], data_dir: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `driftline-collector query --format csv` and returns the rows
+/// (without the header).
 fn query(data_dir: &Path, sql: &str) -> Vec<Vec<String>> {
     collector_cli(&["query", "--format", "csv", sql], data_dir)
         .lines()
@@ -1276,6 +1276,116 @@ fn fixture_window(
         } }
     })
     .to_string()
+}
+
+#[test]
+fn histogram_edges_are_stored_once_per_version_and_derived_for_older_lakes() {
+    use driftline_collector::ingest::{Ingest, IngestLimits};
+    use driftline_collector::lake::LakeWriter;
+    let data = tempfile::tempdir().expect("tempdir");
+    let lake = LakeWriter::open(data.path()).expect("lake");
+    let today = DateTime::from_timestamp(Utc::now().timestamp() / 86_400 * 86_400, 0).expect("ts");
+    let yesterday = today - TimeDelta::days(1);
+    let received = Utc::now();
+    let latency = [0, 0, 0, 0, 0, 40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let input = [0, 0, 0, 0, 10, 20, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let confidence = [0, 0, 0, 0, 0, 0, 5, 10, 15, 10];
+    // Version 1 on both days, its latency edges changed today (a new
+    // agent configuration); version 2 only today. Each device sends two
+    // windows a day, in two flushes.
+    let window = |device: &str, version: &str, start: DateTime<Utc>, seq: u64, coarse: bool| {
+        let text = fixture_window(
+            device, "m", version, start, seq, latency, confidence, input, 0, 0,
+        );
+        let mut v: serde_json::Value = serde_json::from_str(&text).expect("fixture");
+        if coarse {
+            v["latency_ms"] =
+                serde_json::json!({"edges": [0, 10, 100, 1000], "counts": [10, 20, 10]});
+            v["inference_count"] = serde_json::json!(40);
+        }
+        v.to_string()
+    };
+    for flush in 0..2u64 {
+        let mut ingest = Ingest::new(IngestLimits::default(), Arc::new(Default::default()));
+        for d in 0..3 {
+            let device = format!("dev-{d}");
+            let topic = format!("driftline/v1/golden/{device}/metrics");
+            let offset = TimeDelta::minutes(15 * flush as i64);
+            for (version, start, coarse) in [
+                ("1", yesterday + offset, false),
+                ("1", today + offset, true),
+                ("2", today + offset, false),
+            ] {
+                let msg = window(
+                    &device,
+                    version,
+                    start,
+                    flush * 3 + u64::from(coarse),
+                    coarse,
+                );
+                assert!(
+                    matches!(
+                        ingest.handle(&topic, msg.as_bytes(), received),
+                        driftline_collector::ingest::Outcome::Accepted
+                    ),
+                    "{msg}"
+                );
+            }
+        }
+        ingest.flush(&lake).expect("flush");
+    }
+    let sets = "SELECT date, model_version, array_to_string(latency_ms_edges, ' ') \
+                FROM histogram_edge_sets ORDER BY 1, 2";
+    let default_edges = "0 1 2 5 10 20 50 100 200 500 1000 2000 5000 10000 20000 50000 100000";
+    let day = |t: DateTime<Utc>| t.format("%Y-%m-%d").to_string();
+    let row = |cells: &[&str]| cells.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let expected_sets = vec![
+        row(&[&day(yesterday), "1", default_edges]),
+        row(&[&day(today), "1", "0 10 100 1000"]),
+        row(&[&day(today), "2", default_edges]),
+    ];
+    // 18 windows in two flushes: one row per distinct set and date.
+    assert_eq!(query(data.path(), sets), expected_sets);
+    let view = "SELECT model_version, array_to_string(latency_ms_edges, ' '), \
+                array_to_string(confidence_edges, ' ') FROM histogram_edges ORDER BY 1";
+    let confidence_edges = "0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 1";
+    let expected_view = vec![
+        row(&["1", "0 10 100 1000", confidence_edges]),
+        row(&["2", default_edges, confidence_edges]),
+    ];
+    assert_eq!(query(data.path(), view), expected_view);
+    // model_windows takes each window's latency mean from those edges:
+    // today's version 1 windows are 10/20/10 in [0,10), [10,100),
+    // [100,1000) ms: (10*5 + 20*55 + 10*550) / 40.
+    let mean = query(
+        data.path(),
+        &format!(
+            "SELECT round(latency_mean_ms, 3) FROM model_windows \
+             WHERE model_version = '1' AND window_start = '{}'",
+            today.to_rfc3339()
+        ),
+    );
+    assert_eq!(mean, vec![row(&["166.25"])]);
+
+    // A lake written before the edge sets existed: the partitions are
+    // gone, and the next maintenance pass derives them from `metrics`.
+    for entry in std::fs::read_dir(data.path().join("histogram_edge_sets")).expect("dir") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("unlink partition");
+    }
+    let generations = data.path().join("_driftline/gens/histogram_edge_sets");
+    std::fs::remove_dir_all(generations).expect("remove generations");
+    assert_eq!(query(data.path(), sets), Vec::<Vec<String>>::new());
+    let out = collector_cli(&["compact"], data.path());
+    for t in [yesterday, today] {
+        assert!(
+            out.contains(&format!("derived histogram_edge_sets/date={}", day(t))),
+            "{out}"
+        );
+    }
+    assert_eq!(query(data.path(), sets), expected_sets);
+    assert_eq!(query(data.path(), view), expected_view);
+    // Nothing left to derive.
+    assert!(!collector_cli(&["compact"], data.path()).contains("derived"));
 }
 
 /// Headers (lower-cased names) and body of an HTTP request.

@@ -7,7 +7,6 @@
 -- min_devices: 5
 WITH versions AS (
     SELECT model_id, model_version,
-           first_value(latency_ms_edges) AS edges,
            {cur_hist:latency_ms} AS h,
            {cur_noise:latency_ms} AS noise,
            count(DISTINCT device_id) AS devices,
@@ -17,6 +16,11 @@ WITH versions AS (
     FROM metrics
     WHERE {in_current}
     GROUP BY model_id, model_version
+),
+with_edges AS (
+    SELECT v.*, e.latency_ms_edges AS edges
+    FROM versions v
+    JOIN histogram_edges e ON e.model_id = v.model_id AND e.model_version = v.model_version
 )
 SELECT c.model_id, c.model_version,
        'latency_p50_relative_to_' || b.model_version AS statistic,
@@ -25,4 +29,4 @@ SELECT c.model_id, c.model_version,
                  / sqrt(power(hist_quantile_se(c.edges, c.h, 0.5, c.noise), 2)
                         + power(hist_quantile_se(b.edges, b.h, 0.5, b.noise), 2))) AS p_value,
        c.devices, c.events, c.epsilon
-FROM versions c JOIN versions b ON c.model_id = b.model_id AND b.rank = 1 AND c.rank > 1
+FROM with_edges c JOIN with_edges b ON c.model_id = b.model_id AND b.rank = 1 AND c.rank > 1

@@ -22,17 +22,20 @@ FROM (
            hist_quantile_se(edges, ref, 0.5, ref_noise) AS ref_se,
            hist_quantile_se(edges, cur, 0.5, cur_noise) AS cur_se
     FROM (
-        SELECT model_id, model_version,
-               first_value(latency_ms_edges) AS edges,
-               {ref_hist:latency_ms} AS ref,
-               {cur_hist:latency_ms} AS cur,
-               {ref_noise:latency_ms} AS ref_noise,
-               {cur_noise:latency_ms} AS cur_noise,
-               count(DISTINCT CASE WHEN {in_current} THEN device_id END) AS devices,
-               {cur_sum:inference_count} AS events,
-               max(epsilon) AS epsilon
-        FROM metrics
-        WHERE window_start >= {reference_start} AND window_start < {current_end}
-        GROUP BY model_id, model_version
+        SELECT s.*, e.latency_ms_edges AS edges
+        FROM (
+            SELECT model_id, model_version,
+                   {ref_hist:latency_ms} AS ref,
+                   {cur_hist:latency_ms} AS cur,
+                   {ref_noise:latency_ms} AS ref_noise,
+                   {cur_noise:latency_ms} AS cur_noise,
+                   count(DISTINCT CASE WHEN {in_current} THEN device_id END) AS devices,
+                   {cur_sum:inference_count} AS events,
+                   max(epsilon) AS epsilon
+            FROM metrics
+            WHERE window_start >= {reference_start} AND window_start < {current_end}
+            GROUP BY model_id, model_version
+        ) s
+        JOIN histogram_edges e ON e.model_id = s.model_id AND e.model_version = s.model_version
     )
 )

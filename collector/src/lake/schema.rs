@@ -9,14 +9,16 @@
 //! Each noised field's noise scale has a `scale_*` column (NULL when the
 //! mechanism is `none`).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder,
-    ListBuilder, StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder,
+    ListBuilder, StringBuilder, TimestampMicrosecondBuilder, UInt64Array,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use driftline_core::histogram::MAX_BUCKETS;
@@ -266,6 +268,101 @@ pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
     columns.push(Arc::new(categories.finish()));
     columns.push(Arc::new(noise_scale.finish()));
     RecordBatch::try_new(metrics(), columns)
+}
+
+/// Schema of the `histogram_edge_sets` files: each distinct set of
+/// histogram edges a model version's rows carried, stored once per
+/// partition (date of `window_start`). The `histogram_edges` view picks one
+/// set per model version, so queries read a few rows instead of decoding
+/// the edges of every `metrics` row.
+pub fn edge_sets() -> SchemaRef {
+    let fields = EDGE_SET_COLUMNS.map(|name| {
+        let edges = DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)));
+        match name {
+            "model_id" | "model_version" => Field::new(name, DataType::Utf8, false),
+            _ => Field::new(name, edges, false),
+        }
+    });
+    Arc::new(Schema::new(fields.to_vec()))
+}
+
+/// The columns of [`edge_sets`], every one part of a row's key.
+pub const EDGE_SET_COLUMNS: [&str; 6] = [
+    "model_id",
+    "model_version",
+    "latency_ms_edges",
+    "confidence_edges",
+    "input_tokens_edges",
+    "output_tokens_edges",
+];
+
+/// The distinct edge sets of `batch`, which holds at least the columns of
+/// [`edge_sets`] (a `metrics` batch, or those columns read back from a
+/// file; other list field names are cast). Rows are compared by their
+/// text and the bytes of their edges, borrowed from the arrays: a flush
+/// of thousands of windows of a few versions copies nothing but the few
+/// rows it keeps.
+pub fn edge_sets_batch(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let schema = edge_sets();
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => cast(c, f.data_type()),
+            None => Err(ArrowError::SchemaError(format!(
+                "column {} missing",
+                f.name()
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let wrong = |what: &str| ArrowError::SchemaError(format!("edge sets: {what}"));
+    let (model_id, model_version) = match (
+        columns[0].as_string_opt::<i32>(),
+        columns[1].as_string_opt::<i32>(),
+    ) {
+        (Some(id), Some(version)) => (id, version),
+        _ => return Err(wrong("model columns are not text")),
+    };
+    // Each histogram's edges: list offsets and the bytes of all values.
+    let edges: Vec<(&[i32], &[u8])> = columns[2..]
+        .iter()
+        .map(|c| {
+            let list = c
+                .as_list_opt::<i32>()
+                .ok_or_else(|| wrong("edges are not lists"))?;
+            let values = list
+                .values()
+                .as_primitive_opt::<Float64Type>()
+                .ok_or_else(|| wrong("edges are not floats"))?;
+            Ok((list.value_offsets(), values.values().inner().as_slice()))
+        })
+        .collect::<Result<_, ArrowError>>()?;
+    let mut seen = HashSet::new();
+    let first: UInt64Array = (0..batch.num_rows())
+        .filter(|&i| {
+            let key: Vec<Option<&[u8]>> = edges
+                .iter()
+                .map(|(offsets, values)| list_bytes(offsets, values, i))
+                .collect();
+            seen.insert((model_id.value(i), model_version.value(i), key))
+        })
+        .map(|i| i as u64)
+        .collect();
+    let columns = columns
+        .iter()
+        .map(|c| take(c, &first, None))
+        .collect::<Result<_, _>>()?;
+    RecordBatch::try_new(schema, columns)
+}
+
+/// The bytes of list `i`'s values, given the list offsets and the bytes
+/// of all values (f64).
+fn list_bytes<'a>(offsets: &[i32], values: &'a [u8], i: usize) -> Option<&'a [u8]> {
+    let size = std::mem::size_of::<f64>();
+    let from = usize::try_from(*offsets.get(i)?).ok()? * size;
+    let to = usize::try_from(*offsets.get(i + 1)?).ok()? * size;
+    values.get(from..to)
 }
 
 /// One batch of `quarantine` rows, in the order given.
@@ -574,4 +671,95 @@ pub fn job_events_batch(rows: &[JobEvent]) -> Result<RecordBatch, ArrowError> {
     columns.push(Arc::new(detail.finish()));
     columns.push(Arc::new(evidence.finish()));
     RecordBatch::try_new(job_events(), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch of edge-set columns, one row per `(model, version, first
+    /// latency edge)`; the other histograms share one set.
+    fn rows(rows: &[(&str, &str, f64)], item: &str) -> RecordBatch {
+        let text = |k: usize| -> ArrayRef {
+            let values: Vec<&str> = rows
+                .iter()
+                .map(|r| if k == 0 { r.0 } else { r.1 })
+                .collect();
+            Arc::new(datafusion::arrow::array::StringArray::from(values))
+        };
+        let list = |first: &dyn Fn(usize) -> f64| -> ArrayRef {
+            let field = Arc::new(Field::new(item, DataType::Float64, true));
+            let mut b = ListBuilder::new(Float64Builder::new()).with_field(field);
+            for i in 0..rows.len() {
+                b.append_value([Some(first(i)), Some(10.0), Some(100.0)]);
+            }
+            Arc::new(b.finish())
+        };
+        let mut columns = vec![text(0), text(1), list(&|i| rows[i].2)];
+        columns.extend((0..3).map(|_| list(&|_| 0.0)));
+        let fields: Vec<Field> = EDGE_SET_COLUMNS
+            .iter()
+            .zip(&columns)
+            .map(|(name, c)| Field::new(*name, c.data_type().clone(), false))
+            .collect();
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("batch")
+    }
+
+    fn firsts(batch: &RecordBatch) -> Vec<(String, String, f64)> {
+        let ids = batch.column(0).as_string::<i32>();
+        let versions = batch.column(1).as_string::<i32>();
+        let latency = batch.column(2).as_list::<i32>();
+        (0..batch.num_rows())
+            .map(|i| {
+                let edges = latency.value(i);
+                let edges = edges.as_primitive::<Float64Type>();
+                (
+                    ids.value(i).to_owned(),
+                    versions.value(i).to_owned(),
+                    edges.value(0),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn edge_sets_keep_each_distinct_set_once_in_first_seen_order() {
+        let batch = rows(
+            &[
+                ("m", "1", 0.0),
+                ("m", "1", 0.0),
+                ("m", "1", 1.0),
+                ("m", "2", 0.0),
+                ("n", "1", 0.0),
+                ("m", "1", 1.0),
+            ],
+            "item",
+        );
+        let sets = edge_sets_batch(&batch).expect("sets");
+        assert_eq!(sets.schema(), edge_sets());
+        let s = |m: &str, v: &str, e: f64| (m.to_owned(), v.to_owned(), e);
+        assert_eq!(
+            firsts(&sets),
+            [
+                s("m", "1", 0.0),
+                s("m", "1", 1.0),
+                s("m", "2", 0.0),
+                s("n", "1", 0.0)
+            ]
+        );
+        // A slice reads its own rows (list offsets do not start at 0).
+        assert_eq!(
+            firsts(&edge_sets_batch(&batch.slice(2, 3)).expect("sets")),
+            [s("m", "1", 1.0), s("m", "2", 0.0), s("n", "1", 0.0)]
+        );
+        // Lists written by other tools name their item field differently.
+        let other = rows(&[("m", "1", 0.0), ("m", "1", 0.0)], "element");
+        assert_eq!(
+            firsts(&edge_sets_batch(&other).expect("sets")),
+            [s("m", "1", 0.0)]
+        );
+        // Without the edges columns: an error, not a panic.
+        let ids = batch.project(&[0, 1]).expect("project");
+        assert!(edge_sets_batch(&ids).is_err());
+    }
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use chrono::NaiveDate;
 use datafusion::arrow::array::{ArrayRef, BooleanArray};
-use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::compute::{concat_batches, filter_record_batch};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -37,8 +37,8 @@ use datafusion::parquet::file::properties::WriterProperties;
 
 use super::object::{self, ObjectLake};
 use super::{
-    LakeError, Location, DETECTOR_RUNS, DRIFT_EVENTS, JOB_EVENTS, METRICS, QUARANTINE, STATUS,
-    TABLES,
+    schema, LakeError, Location, DETECTOR_RUNS, DRIFT_EVENTS, EDGE_SETS, JOB_EVENTS, METRICS,
+    QUARANTINE, STATUS, TABLES,
 };
 
 /// The columns that identify a row: two rows with equal keys are the same
@@ -56,6 +56,7 @@ pub fn key_columns(table: &str) -> &'static [&'static str] {
             "current_start",
         ],
         JOB_EVENTS => &["job_id", "status"],
+        EDGE_SETS => &schema::EDGE_SET_COLUMNS,
         _ => &[],
     }
 }
@@ -335,6 +336,72 @@ impl LakeWriter {
             .collect();
         dates.sort();
         Ok(dates)
+    }
+
+    /// Writes the edge sets of every `metrics` partition that has none (a
+    /// lake written before `histogram_edge_sets` existed), reading only the
+    /// model and edges columns. Returns the dates filled.
+    pub fn backfill_edge_sets(&self) -> Result<Vec<String>, LakeError> {
+        let have: HashSet<String> = self.dates(EDGE_SETS)?.into_iter().collect();
+        let columns = schema::EDGE_SET_COLUMNS;
+        let arrow = |source| LakeError::Arrow {
+            table: EDGE_SETS,
+            source,
+        };
+        let mut filled = Vec::new();
+        for date in self.dates(METRICS)? {
+            if have.contains(&date) {
+                continue;
+            }
+            let mut sets = Vec::new();
+            self.for_each_batch(METRICS, &date, &columns, &mut |batch| {
+                sets.push(schema::edge_sets_batch(&batch).map_err(arrow)?);
+                Ok(())
+            })?;
+            let all = concat_batches(&schema::edge_sets(), &sets).map_err(arrow)?;
+            let distinct = schema::edge_sets_batch(&all).map_err(arrow)?;
+            if distinct.num_rows() > 0 {
+                self.append(EDGE_SETS, &date, &distinct)?;
+                filled.push(date);
+            }
+        }
+        Ok(filled)
+    }
+
+    /// Calls `f` with each batch of partition `date` of `table`, reading
+    /// only `columns`. A partition that does not exist has no batches.
+    fn for_each_batch(
+        &self,
+        table: &'static str,
+        date: &str,
+        columns: &[&str],
+        f: &mut dyn FnMut(RecordBatch) -> Result<(), LakeError>,
+    ) -> Result<(), LakeError> {
+        if let Some(lake) = &self.object {
+            let (manifest, _) = read_manifest(lake, table)?;
+            let files = manifest
+                .partitions
+                .get(date)
+                .map(|p| p.files.clone())
+                .unwrap_or_default();
+            for file in files {
+                let (l, input) = (lake.clone(), file.clone());
+                let bytes = object::block_on(async move { l.get(&input).await })?;
+                for batch in read_parquet(bytes, Path::new(&file), Some(columns))? {
+                    f(batch?)?;
+                }
+            }
+            return Ok(());
+        }
+        let Ok(generation) = self.generation(table, date, false) else {
+            return Ok(());
+        };
+        for file in parquet_files(&generation)? {
+            for batch in read_batches(&file, Some(columns))? {
+                f(batch?)?;
+            }
+        }
+        Ok(())
     }
 
     fn compact(
