@@ -17,16 +17,24 @@ WITH versions AS (
     WHERE {in_current}
     GROUP BY model_id, model_version
 ),
-with_edges AS (
-    SELECT v.*, e.latency_ms_edges AS edges
+-- Each version beside its model's baseline (rank 1), by window functions
+-- over one scan (a self-join would scan the lake twice).
+compared AS (
+    SELECT v.*, e.latency_ms_edges AS edges,
+           first_value(v.model_version) OVER baseline AS base_version,
+           first_value(e.latency_ms_edges) OVER baseline AS base_edges,
+           first_value(v.h) OVER baseline AS base_h,
+           first_value(v.noise) OVER baseline AS base_noise
     FROM versions v
     JOIN histogram_edges e ON e.model_id = v.model_id AND e.model_version = v.model_version
+    WINDOW baseline AS (PARTITION BY v.model_id ORDER BY v.rank)
 )
-SELECT c.model_id, c.model_version,
-       'latency_p50_relative_to_' || b.model_version AS statistic,
-       hist_quantile(c.edges, c.h, 0.5) / hist_quantile(b.edges, b.h, 0.5) - 1 AS value,
-       normal_sf((hist_quantile(c.edges, c.h, 0.5) - hist_quantile(b.edges, b.h, 0.5))
-                 / sqrt(power(hist_quantile_se(c.edges, c.h, 0.5, c.noise), 2)
-                        + power(hist_quantile_se(b.edges, b.h, 0.5, b.noise), 2))) AS p_value,
-       c.devices, c.events, c.epsilon
-FROM with_edges c JOIN with_edges b ON c.model_id = b.model_id AND b.rank = 1 AND c.rank > 1
+SELECT model_id, model_version,
+       'latency_p50_relative_to_' || base_version AS statistic,
+       hist_quantile(edges, h, 0.5) / hist_quantile(base_edges, base_h, 0.5) - 1 AS value,
+       normal_sf((hist_quantile(edges, h, 0.5) - hist_quantile(base_edges, base_h, 0.5))
+                 / sqrt(power(hist_quantile_se(edges, h, 0.5, noise), 2)
+                        + power(hist_quantile_se(base_edges, base_h, 0.5, base_noise), 2))) AS p_value,
+       devices, events, epsilon
+FROM compared
+WHERE rank > 1
