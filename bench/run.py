@@ -116,7 +116,10 @@ def build_lake(rows, workdir):
 
 
 def detector_sql(lake, at):
-    out = subprocess.run([str(COLLECTOR), "detect", "--print-sql", "--at", at, "--data-dir", str(lake)],
+    # The repository's detectors, not the lake's copies (`detect` keeps
+    # the copies an earlier version installed).
+    out = subprocess.run([str(COLLECTOR), "detect", "--print-sql", "--at", at, "--data-dir", str(lake),
+                          "--queries", str(ROOT / "queries" / "detectors")],
                          check=True, capture_output=True, text=True).stdout
     queries = {}
     for block in out.split(";\n"):
