@@ -28,6 +28,7 @@
 //! model_version, current_start), so running twice for the same period
 //! records nothing twice.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -466,6 +467,40 @@ pub async fn latest_event_time(ctx: &SessionContext) -> Result<Option<DateTime<U
 mod tests {
     use super::*;
 
+    #[test]
+    fn upgrades_replace_unedited_detectors_and_keep_edited_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).expect("read");
+        install(dir.path(), &[("a.sql", "a v1"), ("b.sql", "b v1")]).expect("install");
+        assert_eq!(
+            (read("a.sql"), read("b.sql")),
+            ("a v1".into(), "b v1".into())
+        );
+        // The user edits b; a new version changes both.
+        std::fs::write(dir.path().join("b.sql"), "b mine").expect("edit");
+        install(dir.path(), &[("a.sql", "a v2"), ("b.sql", "b v2")]).expect("upgrade");
+        assert_eq!(
+            (read("a.sql"), read("b.sql")),
+            ("a v2".into(), "b mine".into())
+        );
+        // Still edited at the next upgrade; a deleted file comes back.
+        std::fs::remove_file(dir.path().join("a.sql")).expect("delete");
+        install(dir.path(), &[("a.sql", "a v3"), ("b.sql", "b v3")]).expect("upgrade");
+        assert_eq!(
+            (read("a.sql"), read("b.sql")),
+            ("a v3".into(), "b mine".into())
+        );
+        // A copy from before the record existed is kept: its origin is unknown.
+        std::fs::remove_file(dir.path().join(INSTALLED)).expect("forget");
+        install(dir.path(), &[("a.sql", "a v4"), ("b.sql", "b v4")]).expect("upgrade");
+        assert_eq!(
+            (read("a.sql"), read("b.sql")),
+            ("a v3".into(), "b mine".into())
+        );
+        // Neither file is as installed: nothing is recorded.
+        assert!(read(INSTALLED).is_empty());
+    }
+
     fn detector(body: &str) -> Result<Detector, String> {
         parse(Path::new("x.sql"), body)
     }
@@ -638,22 +673,71 @@ pub const BUILTIN: [(&str, &str); 8] = [
     ),
 ];
 
-/// Writes the built-in detectors into `dir` (which then can be edited),
-/// keeping files that are already there.
+/// Writes the built-in detectors into `dir` (which then can be edited).
+/// See [`install`].
 pub fn install_builtin(dir: &Path) -> Result<(), DetectError> {
-    let write = |path: PathBuf, text: &str| {
-        std::fs::write(&path, text).map_err(|source| DetectError::Read { path, source })
+    install(dir, &BUILTIN)
+}
+
+/// Where [`install`] records what it wrote: one `name sha256` line per
+/// detector file.
+const INSTALLED: &str = ".builtin-sha256";
+
+/// Writes `detectors` into `dir`: a missing file is written; a file still
+/// as this function last wrote it is replaced by the new text, so upgrades
+/// reach unedited copies; an edited file (or one whose origin is unknown:
+/// written before the record existed) is kept, with a warning when the
+/// built-in text differs from it.
+fn install(dir: &Path, detectors: &[(&str, &str)]) -> Result<(), DetectError> {
+    let error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DetectError::Read { path, source }
     };
-    std::fs::create_dir_all(dir).map_err(|source| DetectError::Read {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    for (name, text) in BUILTIN {
+    std::fs::create_dir_all(dir).map_err(error(dir))?;
+    let record = dir.join(INSTALLED);
+    let installed: HashMap<String, String> = std::fs::read_to_string(&record)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, hash)| (name.to_owned(), hash.to_owned()))
+        .collect();
+    let sha256 = |text: &[u8]| -> String {
+        ring::digest::digest(&ring::digest::SHA256, text)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let mut lines = Vec::new();
+    for (name, text) in detectors {
         let path = dir.join(name);
-        if !path.exists() {
-            write(path, text)?;
+        let current = match std::fs::read(&path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(error(&path)(e)),
+        };
+        let unedited = current
+            .as_ref()
+            .is_some_and(|c| installed.get(*name) == Some(&sha256(c)));
+        match current {
+            Some(c) if c == text.as_bytes() => {}
+            Some(_) if !unedited => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "this detector differs from the built-in one and was edited (or installed by an older version): kept; delete it to get the current one"
+                );
+                continue;
+            }
+            previous => {
+                std::fs::write(&path, text).map_err(error(&path))?;
+                if previous.is_some() {
+                    tracing::info!(path = %path.display(), "built-in detector updated");
+                }
+            }
         }
+        lines.push(format!("{name} {}\n", sha256(text.as_bytes())));
     }
+    std::fs::write(&record, lines.concat()).map_err(error(&record))?;
     Ok(())
 }
 
