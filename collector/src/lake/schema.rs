@@ -338,14 +338,23 @@ pub fn edge_sets_batch(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
             Ok((list.value_offsets(), values.values().inner().as_slice()))
         })
         .collect::<Result<_, ArrowError>>()?;
+    let edges: [(&[i32], &[u8]); HISTOGRAMS.len()] = edges
+        .try_into()
+        .map_err(|_| wrong("not one edges column per histogram"))?;
+    // Rows come sorted by model: most equal the row before, which a
+    // comparison settles without hashing.
     let mut seen = HashSet::new();
+    let mut previous = None;
     let first: UInt64Array = (0..batch.num_rows())
         .filter(|&i| {
-            let key: Vec<Option<&[u8]>> = edges
-                .iter()
-                .map(|(offsets, values)| list_bytes(offsets, values, i))
-                .collect();
-            seen.insert((model_id.value(i), model_version.value(i), key))
+            let key = (
+                model_id.value(i),
+                model_version.value(i),
+                edges.map(|(offsets, values)| list_bytes(offsets, values, i)),
+            );
+            let repeat = previous.as_ref() == Some(&key);
+            previous = Some(key);
+            !repeat && seen.insert(key)
         })
         .map(|i| i as u64)
         .collect();
