@@ -74,12 +74,11 @@ pub async fn session_at(
     // Filters are applied while decoding Parquet: the columns of rows a
     // detector's time range excludes are never decoded or copied (5 of the
     // 6 comparable detectors ran 10-25 % faster, BENCHMARKS.md "Queries").
-    // The environment variable still decides when set.
-    let config = if std::env::var_os("DATAFUSION_EXECUTION_PARQUET_PUSHDOWN_FILTERS").is_none() {
-        config.set_bool("datafusion.execution.parquet.pushdown_filters", true)
-    } else {
-        config
-    };
+    let config = default_option(
+        config,
+        "datafusion.execution.parquet.pushdown_filters",
+        "true",
+    );
     // Twice as many partitions as cores. A file scan is split into one byte
     // range per partition before statistics prune row groups, so the rows
     // of a recent time range or of one model (sorted together in a file)
@@ -87,12 +86,12 @@ pub async fn session_at(
     // With smaller ranges, DataFusion's work stealing hands the busy ones
     // to idle cores: the Grafana-shaped series went from 1.67x to 0.94x of
     // DuckDB's time, other queries within noise (BENCHMARKS.md, "Queries").
-    let config = if std::env::var_os("DATAFUSION_EXECUTION_TARGET_PARTITIONS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        config.with_target_partitions(2 * cores)
-    } else {
-        config
-    };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let config = default_option(
+        config,
+        "datafusion.execution.target_partitions",
+        &(2 * cores).to_string(),
+    );
     // No cache of directory listings: a long-lived session (the SQL
     // endpoint, detection) must see the files flushed after it started.
     let mut runtime = RuntimeEnvBuilder::new().with_object_list_cache_limit(0);
@@ -137,6 +136,18 @@ pub async fn session_at(
         )?;
     }
     Ok(ctx)
+}
+
+/// Sets DataFusion option `key` to Driftline's default `value`, unless its
+/// environment variable (`datafusion.a.b` is `DATAFUSION_A_B`, as
+/// [`SessionConfig::from_env`] reads it) already decided.
+fn default_option(config: SessionConfig, key: &str, value: &str) -> SessionConfig {
+    let var = key.replace('.', "_").to_uppercase();
+    if std::env::var_os(var).is_some() {
+        config
+    } else {
+        config.set_str(key, value)
+    }
 }
 
 /// `model_windows`: fleet aggregates per model, version and window, with
