@@ -17,7 +17,7 @@ use driftline_core::topic::TopicKind;
 use driftline_core::wire::{self, TimeBounds};
 
 use crate::lake::schema::{self, QuarantinedMessage, StoredStatus, StoredWindow};
-use crate::lake::{LakeError, LakeWriter, EDGE_SETS, METRICS, QUARANTINE, STATUS};
+use crate::lake::{LakeError, LakeWriter, METRICS, QUARANTINE, STATUS};
 
 /// Limits applied to every message.
 #[derive(Debug, Clone, Copy)]
@@ -344,21 +344,6 @@ fn flush_table<T>(
                 continue;
             }
         };
-        // A metrics batch's edge sets are stored first, so that no stored
-        // window lacks its edges; the lake drops the sets it already has.
-        if table == METRICS {
-            let stored = schema::edge_sets_batch(&batch)
-                .map_err(|source| LakeError::Arrow {
-                    table: EDGE_SETS,
-                    source,
-                })
-                .and_then(|sets| lake.append(EDGE_SETS, &date, &sets));
-            if let Err(e) = stored {
-                pending.insert(date, rows);
-                flushed.error.get_or_insert(e);
-                continue;
-            }
-        }
         match lake.append(table, &date, &batch) {
             Ok(appended) => {
                 flushed.rows += rows.len();

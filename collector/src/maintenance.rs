@@ -30,17 +30,14 @@ pub struct Report {
 /// (see [`LakeWriter::backfill_edge_sets`]), logging what it did. Run when
 /// a collector starts on a lake, so that detectors find every version's
 /// edges; an error is logged and left to the next maintenance pass.
-pub fn backfill_edges(lake: &LakeWriter) -> Vec<String> {
+pub fn backfill_edges(lake: &LakeWriter) {
     match lake.backfill_edge_sets() {
-        Ok(dates) => {
-            if !dates.is_empty() {
-                tracing::info!(?dates, "histogram edge sets derived for older partitions");
-            }
-            dates
+        Ok(dates) if !dates.is_empty() => {
+            tracing::info!(?dates, "histogram edge sets derived for older partitions")
         }
+        Ok(_) => {}
         Err(e) => {
-            tracing::error!(error = %e, "cannot derive histogram edge sets; retrying at the next maintenance pass");
-            Vec::new()
+            tracing::error!(error = %e, "cannot derive histogram edge sets; retrying at the next maintenance pass")
         }
     }
 }

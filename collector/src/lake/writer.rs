@@ -197,13 +197,22 @@ impl LakeWriter {
     }
 
     /// Appends the rows of `batch` whose key is not yet in partition
-    /// `date` of `table` as one new file.
+    /// `date` of `table` as one new file. A `metrics` batch's edge sets go
+    /// to `histogram_edge_sets` first, so that no stored window lacks its
+    /// edges (the sets the partition holds are dropped as duplicates).
     pub fn append(
         &self,
         table: &'static str,
         date: &str,
         batch: &RecordBatch,
     ) -> Result<Appended, LakeError> {
+        if table == METRICS {
+            let sets = schema::edge_sets_batch(batch).map_err(|source| LakeError::Arrow {
+                table: EDGE_SETS,
+                source,
+            })?;
+            self.append(EDGE_SETS, date, &sets)?;
+        }
         if let Some(lake) = &self.object {
             return self.append_object(lake, table, date, batch);
         }
