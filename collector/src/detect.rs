@@ -471,34 +471,61 @@ mod tests {
     fn upgrades_replace_unedited_detectors_and_keep_edited_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
         let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).expect("read");
-        install(dir.path(), &[("a.sql", "a v1"), ("b.sql", "b v1")]).expect("install");
+        install(dir.path(), &[("a.sql", "a v1"), ("b.sql", "b v1")], &[]).expect("install");
         assert_eq!(
             (read("a.sql"), read("b.sql")),
             ("a v1".into(), "b v1".into())
         );
         // The user edits b; a new version changes both.
         std::fs::write(dir.path().join("b.sql"), "b mine").expect("edit");
-        install(dir.path(), &[("a.sql", "a v2"), ("b.sql", "b v2")]).expect("upgrade");
+        install(dir.path(), &[("a.sql", "a v2"), ("b.sql", "b v2")], &[]).expect("upgrade");
         assert_eq!(
             (read("a.sql"), read("b.sql")),
             ("a v2".into(), "b mine".into())
         );
         // Still edited at the next upgrade; a deleted file comes back.
         std::fs::remove_file(dir.path().join("a.sql")).expect("delete");
-        install(dir.path(), &[("a.sql", "a v3"), ("b.sql", "b v3")]).expect("upgrade");
+        install(dir.path(), &[("a.sql", "a v3"), ("b.sql", "b v3")], &[]).expect("upgrade");
         assert_eq!(
             (read("a.sql"), read("b.sql")),
             ("a v3".into(), "b mine".into())
         );
         // A copy from before the record existed is kept: its origin is unknown.
         std::fs::remove_file(dir.path().join(INSTALLED)).expect("forget");
-        install(dir.path(), &[("a.sql", "a v4"), ("b.sql", "b v4")]).expect("upgrade");
+        install(dir.path(), &[("a.sql", "a v4"), ("b.sql", "b v4")], &[]).expect("upgrade");
         assert_eq!(
             (read("a.sql"), read("b.sql")),
             ("a v3".into(), "b mine".into())
         );
         // Neither file is as installed: nothing is recorded.
         assert!(read(INSTALLED).is_empty());
+        // ... unless it is a text shipped before the record (by name and
+        // SHA-256): that one is upgraded and recorded.
+        std::fs::write(dir.path().join("a.sql"), "a old").expect("old copy");
+        let (old_a, old_b) = (sha256(b"a old"), sha256(b"b v1"));
+        let shipped = [("a.sql", old_a.as_str()), ("b.sql", old_b.as_str())];
+        install(
+            dir.path(),
+            &[("a.sql", "a v5"), ("b.sql", "b v5")],
+            &shipped,
+        )
+        .expect("upgrade");
+        assert_eq!(
+            (read("a.sql"), read("b.sql")),
+            ("a v5".into(), "b mine".into())
+        );
+        assert!(read(INSTALLED).starts_with("a.sql "));
+    }
+
+    #[test]
+    fn texts_shipped_before_the_record_name_built_in_detectors() {
+        for (name, hash) in SHIPPED_BEFORE_RECORD {
+            assert!(BUILTIN.iter().any(|(n, _)| *n == name), "{name}");
+            assert!(
+                hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{hash}"
+            );
+        }
     }
 
     fn detector(body: &str) -> Result<Detector, String> {
@@ -676,19 +703,44 @@ pub const BUILTIN: [(&str, &str); 8] = [
 /// Writes the built-in detectors into `dir` (which then can be edited).
 /// See [`install`].
 pub fn install_builtin(dir: &Path) -> Result<(), DetectError> {
-    install(dir, &BUILTIN)
+    install(dir, &BUILTIN, &SHIPPED_BEFORE_RECORD)
 }
 
 /// Where [`install`] records what it wrote: one `name sha256` line per
 /// detector file.
 const INSTALLED: &str = ".builtin-sha256";
 
+/// SHA-256 of the built-in detector texts that versions before the
+/// [`INSTALLED`] record installed (those kept no record): a copy equal to
+/// one of them is unedited, so an upgrade replaces it as well, the way dpkg
+/// recognises an unchanged conffile. Complete and frozen: every later text
+/// is recorded when it is installed.
+const SHIPPED_BEFORE_RECORD: [(&str, &str); 3] = [
+    (
+        "canary_latency.sql",
+        "10391f0aba9f8932ff48e3fa01266931c884a3b4e51cf2e76ad9ba6947bff7c3",
+    ),
+    (
+        "canary_latency.sql",
+        "d38cd996c953ff47d060167973b5d62e24cabd312d3c3e93fa3aa18216300e73",
+    ),
+    (
+        "latency_regression.sql",
+        "2e948f90fe582471b04838903f2b8d127792ee7cdba97f74e7525098c5a73b94",
+    ),
+];
+
 /// Writes `detectors` into `dir`: a missing file is written; a file still
-/// as this function last wrote it is replaced by the new text, so upgrades
-/// reach unedited copies; an edited file (or one whose origin is unknown:
-/// written before the record existed) is kept, with a warning when the
-/// built-in text differs from it.
-fn install(dir: &Path, detectors: &[(&str, &str)]) -> Result<(), DetectError> {
+/// as this function last wrote it, or equal to a text of `shipped` (name
+/// and SHA-256 of texts installed before the record existed), is replaced
+/// by the new text, so upgrades reach unedited copies; an edited file (or
+/// one of unknown origin) is kept, with a warning when the built-in text
+/// differs from it.
+fn install(
+    dir: &Path,
+    detectors: &[(&str, &str)],
+    shipped: &[(&str, &str)],
+) -> Result<(), DetectError> {
     let error = |path: &Path| {
         let path = path.to_path_buf();
         move |source| DetectError::Read { path, source }
@@ -701,13 +753,6 @@ fn install(dir: &Path, detectors: &[(&str, &str)]) -> Result<(), DetectError> {
         .filter_map(|l| l.split_once(' '))
         .map(|(name, hash)| (name.to_owned(), hash.to_owned()))
         .collect();
-    let sha256 = |text: &[u8]| -> String {
-        ring::digest::digest(&ring::digest::SHA256, text)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
     let mut lines = Vec::new();
     for (name, text) in detectors {
         let path = dir.join(name);
@@ -716,15 +761,16 @@ fn install(dir: &Path, detectors: &[(&str, &str)]) -> Result<(), DetectError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(error(&path)(e)),
         };
-        let unedited = current
-            .as_ref()
-            .is_some_and(|c| installed.get(*name) == Some(&sha256(c)));
+        let unedited = current.as_ref().is_some_and(|c| {
+            let hash = sha256(c);
+            installed.get(*name) == Some(&hash) || shipped.contains(&(*name, hash.as_str()))
+        });
         match current {
             Some(c) if c == text.as_bytes() => {}
             Some(_) if !unedited => {
                 tracing::warn!(
                     path = %path.display(),
-                    "this detector differs from the built-in one and was edited (or installed by an older version): kept; delete it to get the current one"
+                    "this detector differs from the built-in one and from every text an earlier version installed (edited): kept; delete it to get the current one"
                 );
                 continue;
             }
@@ -739,6 +785,15 @@ fn install(dir: &Path, detectors: &[(&str, &str)]) -> Result<(), DetectError> {
     }
     std::fs::write(&record, lines.concat()).map_err(error(&record))?;
     Ok(())
+}
+
+/// The SHA-256 of `text`, in lowercase hex.
+fn sha256(text: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Runs `schedule` every `interval` until `shutdown`; with `print`, says
