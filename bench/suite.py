@@ -21,6 +21,8 @@ Parts:
              against the JSON payload of the same kind of message
   queries    detector and analyst SQL through the SQL endpoint and `query`,
              against DuckDB on the same Parquet files (bench/run.py)
+  engine     DataFusion 55 alone (its Python package) against DuckDB on one
+             file: scans and groupings, text and integer keys (bench/engine.py)
   accuracy   privacy utility against the local-DP lower bound; detection
              delay and false alarms over seeds (collector/benches/accuracy.rs)
 
@@ -47,7 +49,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
                                       pathlib.Path.home() / ".cache/driftline/release-target"))
-PARTS = ["agent", "ingest", "storage", "queries", "accuracy"]
+PARTS = ["agent", "ingest", "storage", "queries", "engine", "accuracy"]
 
 
 def sh(cmd, **kw):
@@ -198,6 +200,12 @@ def preflight(parts):
             import psycopg  # noqa: F401
         except ImportError:
             sh([sys.executable, "-m", "pip", "install", "-q", "duckdb", "psycopg[binary]"])
+    if "engine" in parts:
+        try:
+            import datafusion  # noqa: F401
+            import duckdb  # noqa: F401
+        except ImportError:
+            sh([sys.executable, "-m", "pip", "install", "-q", "duckdb", "datafusion==55.0.0"])
 
 
 def main():
@@ -229,6 +237,8 @@ def main():
             sh([sys.executable, str(BENCH / "ingest.py"), *quick])
         elif part == "queries":
             sh([sys.executable, str(BENCH / "run.py"), *quick])
+        elif part == "engine":
+            sh([sys.executable, str(BENCH / "engine.py"), *quick])
         elif part == "accuracy":
             accuracy(args.quick, args.accuracy_from_debug)
         spent[part] = time.time() - t
