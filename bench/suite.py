@@ -19,6 +19,8 @@ Parts:
              stored window against the JSON payload (bench/ingest.py)
   storage    bytes on disk per stored window of a simulated fleet (real noise),
              against the JSON payload of the same kind of message
+  s3         peak memory of compacting one partition of an S3 lake (moto) at
+             two sizes, against its size on the store (bench/s3_compact.py)
   queries    detector and analyst SQL through the SQL endpoint and `query`,
              against DuckDB on the same Parquet files (bench/run.py)
   engine     DataFusion 55 alone (its Python package) against DuckDB on one
@@ -49,7 +51,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
                                       pathlib.Path.home() / ".cache/driftline/release-target"))
-PARTS = ["agent", "ingest", "storage", "queries", "engine", "accuracy"]
+PARTS = ["agent", "ingest", "storage", "s3", "queries", "engine", "accuracy"]
 
 
 def sh(cmd, **kw):
@@ -200,6 +202,13 @@ def preflight(parts):
             import psycopg  # noqa: F401
         except ImportError:
             sh([sys.executable, "-m", "pip", "install", "-q", "duckdb", "psycopg[binary]"])
+    if "s3" in parts:
+        try:
+            import boto3  # noqa: F401
+            import moto  # noqa: F401
+            import pyarrow  # noqa: F401
+        except ImportError:
+            sh([sys.executable, "-m", "pip", "install", "-q", "moto[server]", "boto3", "pyarrow"])
     if "engine" in parts:
         try:
             import datafusion  # noqa: F401
@@ -237,6 +246,8 @@ def main():
             sh([sys.executable, str(BENCH / "ingest.py"), *quick])
         elif part == "queries":
             sh([sys.executable, str(BENCH / "run.py"), *quick])
+        elif part == "s3":
+            sh([sys.executable, str(BENCH / "s3_compact.py"), *quick])
         elif part == "engine":
             sh([sys.executable, str(BENCH / "engine.py"), *quick])
         elif part == "accuracy":

@@ -33,6 +33,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -52,10 +53,12 @@ use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::ExecutionPlan;
+use futures::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 pub use object_store::UpdateVersion;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use url::Url;
 
 use super::LakeError;
@@ -282,12 +285,92 @@ impl ObjectLake {
         got.bytes().await.map_err(store_error(what))
     }
 
+    /// Copies object `relative` into `file` as it arrives, so an object of
+    /// any size (a compacted day) is read with bounded memory.
+    pub async fn get_into(
+        &self,
+        relative: &str,
+        file: std::fs::File,
+    ) -> Result<std::fs::File, LakeError> {
+        let got = self
+            .store
+            .get(&self.path(relative))
+            .await
+            .map_err(store_error(relative.to_owned()))?;
+        let mut stream = got.into_stream();
+        let mut out = tokio::fs::File::from_std(file);
+        let local = |source| LakeError::Io {
+            path: PathBuf::from(relative),
+            source,
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(store_error(relative.to_owned()))?;
+            out.write_all(&chunk).await.map_err(local)?;
+        }
+        out.flush().await.map_err(local)?;
+        Ok(out.into_std().await)
+    }
+
+    /// Uploads local `file` as object `relative` in parts of [`PART`]
+    /// bytes (a multipart upload, two parts in flight), so an object of
+    /// any size is written with bounded memory. `relative` must be a new,
+    /// unique name: unlike [`ObjectLake::put_new`] this does not check.
+    pub async fn put_file(&self, relative: &str, file: std::fs::File) -> Result<(), LakeError> {
+        let upload = self
+            .store
+            .put_multipart(&self.path(relative))
+            .await
+            .map_err(store_error(relative.to_owned()))?;
+        let mut parts = WriteMultipart::new_with_chunk_size(upload, PART);
+        if let Err(e) = copy_parts(tokio::fs::File::from_std(file), &mut parts, relative).await {
+            // Best effort: the store discards an abandoned upload's parts.
+            let _ = parts.abort().await;
+            return Err(e);
+        }
+        parts
+            .finish()
+            .await
+            .map(|_| ())
+            .map_err(store_error(relative.to_owned()))
+    }
+
     /// Deletes an object; one already gone is fine.
     pub async fn delete(&self, relative: &str) -> Result<(), LakeError> {
         match self.store.delete(&self.path(relative)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_error(relative.to_owned())(e)),
         }
+    }
+}
+
+/// The part size of [`ObjectLake::put_file`] (S3 wants at least 5 MiB
+/// for every part but the last).
+const PART: usize = 8 << 20;
+
+/// Feeds `file`, from its start, into `parts`.
+async fn copy_parts(
+    mut file: tokio::fs::File,
+    parts: &mut WriteMultipart,
+    relative: &str,
+) -> Result<(), LakeError> {
+    let local = |source| LakeError::Io {
+        path: PathBuf::from(relative),
+        source,
+    };
+    file.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(local)?;
+    let mut buf = vec![0; PART];
+    loop {
+        let n = file.read(&mut buf).await.map_err(local)?;
+        if n == 0 {
+            return Ok(());
+        }
+        parts
+            .wait_for_capacity(2)
+            .await
+            .map_err(store_error(relative.to_owned()))?;
+        parts.write(&buf[..n]);
     }
 }
 
@@ -663,5 +746,46 @@ mod tests {
             vec!["retrain_job_events/date=2026-11-20".to_owned()]
         );
         assert!(writers[1].dates(JOB_EVENTS).expect("dates").is_empty());
+    }
+
+    /// An object larger than a part goes up in parts and comes back whole,
+    /// through local files on both ways.
+    #[test]
+    fn objects_larger_than_a_part_round_trip_through_files() {
+        use std::io::{Read, Seek, Write};
+        let url = Url::parse("s3://bucket/lake").expect("url");
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let lake = Arc::new(ObjectLake::with_store(store, &url).expect("lake"));
+        // Two and a half parts, each byte telling its offset apart.
+        let data: Vec<u8> = (0..PART * 5 / 2).map(|i| (i % 251) as u8).collect();
+        let mut file = tempfile::tempfile().expect("tempfile");
+        file.write_all(&data).expect("write");
+        let l = lake.clone();
+        block_on(async move { l.put_file("t/date=2026-11-20/big.parquet", file).await })
+            .expect("upload");
+        let l = lake.clone();
+        let stored =
+            block_on(async move { l.get("t/date=2026-11-20/big.parquet").await }).expect("get");
+        assert!(
+            stored == data,
+            "{} bytes stored of {}",
+            stored.len(),
+            data.len()
+        );
+        let l = lake.clone();
+        let mut back = block_on(async move {
+            let file = tempfile::tempfile().expect("tempfile");
+            l.get_into("t/date=2026-11-20/big.parquet", file).await
+        })
+        .expect("download");
+        let mut read = Vec::new();
+        back.rewind().expect("rewind");
+        back.read_to_end(&mut read).expect("read");
+        assert!(
+            read == data,
+            "{} bytes read back of {}",
+            read.len(),
+            data.len()
+        );
     }
 }

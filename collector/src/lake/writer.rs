@@ -394,9 +394,8 @@ impl LakeWriter {
                 .map(|p| p.files.clone())
                 .unwrap_or_default();
             for file in files {
-                let (l, input) = (lake.clone(), file.clone());
-                let bytes = object::block_on(async move { l.get(&input).await })?;
-                for batch in read_parquet(bytes, Path::new(&file), Some(columns))? {
+                let local = self.fetch(lake, &file)?;
+                for batch in read_parquet(local, Path::new(&file), Some(columns))? {
                     f(batch?)?;
                 }
             }
@@ -747,6 +746,23 @@ impl LakeWriter {
         Err(LakeError::Contention { table })
     }
 
+    /// A temporary file in the local state directory, deleted when closed,
+    /// for an object (`name`) on its way to or from the store.
+    fn scratch(&self, name: &str) -> Result<std::fs::File, LakeError> {
+        std::fs::create_dir_all(&self.root)
+            .and_then(|()| tempfile::tempfile_in(&self.root))
+            .map_err(|source| LakeError::Io {
+                path: PathBuf::from(name),
+                source,
+            })
+    }
+
+    /// Object `file` of `lake`, copied into a [`LakeWriter::scratch`] file.
+    fn fetch(&self, lake: &Arc<ObjectLake>, file: &str) -> Result<std::fs::File, LakeError> {
+        let (l, name, local) = (lake.clone(), file.to_owned(), self.scratch(file)?);
+        object::block_on(async move { l.get_into(&name, local).await })
+    }
+
     /// A name no other writer uses: `{what}-{instance}-{counter}`.
     fn unique(&self, what: &str) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -783,10 +799,9 @@ impl LakeWriter {
                 .collect()
         };
         for file in unread {
-            let (l, name) = (lake.clone(), file.clone());
-            let bytes = object::block_on(async move { l.get(&name).await })?;
+            let local = self.fetch(lake, &file)?;
             let mut keys = Vec::new();
-            for batch in read_parquet(bytes, Path::new(&file), Some(key_columns(table)))? {
+            for batch in read_parquet(local, Path::new(&file), Some(key_columns(table)))? {
                 keys.extend(self.keys(table, &batch?)?);
             }
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
@@ -822,20 +837,24 @@ impl LakeWriter {
             path: PathBuf::from(&name),
             source,
         };
-        // Streamed: one input batch and the compressed output in memory.
+        // Streamed through local temporary files, as on a directory lake:
+        // one input batch and one output row group in memory.
         let mut keys = HashSet::new();
-        let mut out: Option<ArrowWriter<Vec<u8>>> = None;
+        let mut out: Option<ArrowWriter<std::fs::File>> = None;
         let mut duplicates = 0;
         for file in &partition.files {
-            let (l, input) = (lake.clone(), file.clone());
-            let bytes = object::block_on(async move { l.get(&input).await })?;
-            for batch in read_parquet(bytes, Path::new(file), None)? {
+            let local = self.fetch(lake, file)?;
+            for batch in read_parquet(local, Path::new(file), None)? {
                 let batch = self.first_seen(table, &batch?, &mut keys, &mut duplicates)?;
                 let writer = match &mut out {
                     Some(w) => w,
                     None => out.insert(
-                        ArrowWriter::try_new(Vec::new(), batch.schema(), Some(properties()))
-                            .map_err(parquet)?,
+                        ArrowWriter::try_new(
+                            self.scratch(&name)?,
+                            batch.schema(),
+                            Some(properties()),
+                        )
+                        .map_err(parquet)?,
                     ),
                 };
                 writer.write(&batch).map_err(parquet)?;
@@ -844,9 +863,9 @@ impl LakeWriter {
         let Some(writer) = out else {
             return Ok(None);
         };
-        let bytes = writer.into_inner().map_err(parquet)?;
+        let local = writer.into_inner().map_err(parquet)?;
         let (l, file) = (lake.clone(), name.clone());
-        object::block_on(async move { l.put_new(&file, bytes).await })?;
+        object::block_on(async move { l.put_file(&file, local).await })?;
         let now = chrono::Utc::now();
         manifest
             .retired
