@@ -33,10 +33,12 @@ RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
 COLLECTOR = pathlib.Path(os.environ.get("DRIFTLINE_COLLECTOR", RELEASE / "release" / "driftline-collector"))
 BEGIN, END = "<!-- bench:s3-compact:begin -->", "<!-- bench:s3-compact:end -->"
 FILES = 8
+TIMEOUT = 1800
 
 
 def base_windows(work):
-    """The demo's stored windows and their date."""
+    """The demo's stored windows, and the date of the partition the
+    benchmark puts them in (all in one, whatever their windows' dates)."""
     subprocess.run([str(COLLECTOR), "demo", "--duration", "20s", "--devices", "100", "--backfill", "1h",
                     "--pg-listen", "127.0.0.1:0", "--data-dir", str(work / "base")],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
@@ -45,8 +47,9 @@ def base_windows(work):
     return pa.concat_tables([pq.read_table(f, partitioning=None) for f in files]), date
 
 
-def partition_files(base, copies, out):
-    """`copies` copies of `base` under new device ids, in FILES files
+def partition_files(base, copies, date, out):
+    """`copies` copies of `base` under new device ids, in FILES files with
+    a constant `date` column, as the collector writes them to a store
     (pyarrow keeps the collector's Arrow schema in each file)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -56,7 +59,10 @@ def partition_files(base, copies, out):
         parts = [base.set_column(device, "device_id",
                                  pc.binary_join_element_wise(base["device_id"], pa.scalar(f"-r{k}"), ""))
                  for k in range(i * per, (i + 1) * per)]
-        pq.write_table(pa.concat_tables(parts), out / f"part-{i}.parquet", compression="zstd")
+        table = pa.concat_tables(parts)
+        table = table.append_column(pa.field("date", pa.string(), nullable=False),
+                                    pa.array([date] * table.num_rows, pa.string()))
+        pq.write_table(table, out / f"part-{i}.parquet", compression="zstd")
     return per * FILES * base.num_rows, sum(p.stat().st_size for p in out.iterdir())
 
 
@@ -77,13 +83,25 @@ def compact_peak_rss(client, env, files, date, state):
     with open(state / "stdout", "w+") as out, open(state / "stderr", "w+") as err:
         proc = subprocess.Popen([str(COLLECTOR), "compact", "--lake", "s3://lake/prod", "--data-dir",
                                  str(state / "data"), "--grace", "0s"], env=env, stdout=out, stderr=err)
-        # wait4: this child's own peak RSS (ru_maxrss, KiB).
-        _, status, usage = os.wait4(proc.pid, 0)
+        # wait4, not wait: this child's own peak RSS (ru_maxrss, KiB).
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise SystemExit(f"compact ran longer than {TIMEOUT} s")
+            time.sleep(0.1)
         out.seek(0)
         err.seek(0)
-        if os.waitstatus_to_exitcode(status):
+        if proc.returncode:
             raise SystemExit(f"compact failed:\n{err.read()[-2000:]}")
-        line = next(l for l in out.read().splitlines() if "compacted metrics" in l)
+        line = next((l for l in out.read().splitlines() if "compacted metrics" in l), None)
+        if line is None:
+            raise SystemExit(f"compact merged nothing:\n{err.read()[-2000:]}")
     return usage.ru_maxrss, line
 
 
@@ -113,7 +131,7 @@ def main():
         started = datetime.datetime.now(datetime.timezone.utc)
         runs = []
         for copies in ((16, 40) if args.quick else (160, 320)):
-            rows, size = partition_files(base, copies, work / "files")
+            rows, size = partition_files(base, copies, date, work / "files")
             t = time.monotonic()
             rss, line = compact_peak_rss(client, env, work / "files", date, work / "state")
             runs.append((rows, size, rss, time.monotonic() - t))

@@ -313,8 +313,9 @@ impl ObjectLake {
 
     /// Uploads local `file` as object `relative` in parts of [`PART`]
     /// bytes (a multipart upload, two parts in flight), so an object of
-    /// any size is written with bounded memory. `relative` must be a new,
-    /// unique name: unlike [`ObjectLake::put_new`] this does not check.
+    /// any size is written with bounded memory; a failed upload is
+    /// aborted. `relative` must be a new, unique name: unlike
+    /// [`ObjectLake::put_new`] this does not check.
     pub async fn put_file(&self, relative: &str, file: std::fs::File) -> Result<(), LakeError> {
         let upload = self
             .store
@@ -322,9 +323,25 @@ impl ObjectLake {
             .await
             .map_err(store_error(relative.to_owned()))?;
         let mut parts = WriteMultipart::new_with_chunk_size(upload, PART);
-        if let Err(e) = copy_parts(tokio::fs::File::from_std(file), &mut parts, relative).await {
-            // Best effort: the store discards an abandoned upload's parts.
-            let _ = parts.abort().await;
+        let copied = match copy_parts(tokio::fs::File::from_std(file), &mut parts, relative).await {
+            // Every part stored before completing: `finish` does not abort
+            // the upload when a part failed.
+            Ok(()) => parts
+                .wait_for_capacity(0)
+                .await
+                .map_err(store_error(relative.to_owned())),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = copied {
+            // S3 keeps an unfinished upload's parts (stored, not listed)
+            // until it is aborted or a lifecycle rule removes them.
+            if let Err(abort) = parts.abort().await {
+                tracing::warn!(
+                    object = relative,
+                    error = %abort,
+                    "cannot abort the multipart upload: a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes its parts"
+                );
+            }
             return Err(e);
         }
         parts
