@@ -394,8 +394,7 @@ impl LakeWriter {
                 .map(|p| p.files.clone())
                 .unwrap_or_default();
             for file in files {
-                let local = self.fetch(lake, &file)?;
-                for batch in read_parquet(local, Path::new(&file), Some(columns))? {
+                for batch in object::column_batches(lake, &file, columns)? {
                     f(batch?)?;
                 }
             }
@@ -799,9 +798,8 @@ impl LakeWriter {
                 .collect()
         };
         for file in unread {
-            let local = self.fetch(lake, &file)?;
             let mut keys = Vec::new();
-            for batch in read_parquet(local, Path::new(&file), Some(key_columns(table)))? {
+            for batch in object::column_batches(lake, &file, key_columns(table))? {
                 keys.extend(self.keys(table, &batch?)?);
             }
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
