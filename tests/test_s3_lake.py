@@ -135,6 +135,23 @@ def test_two_collectors_write_one_s3_lake_exactly_once(tmp_path, s3, broker):
     rows = query(env, f"SELECT count(*) AS n, {keys} AS keys FROM metrics")
     assert rows == [{"n": expected, "keys": expected}], rows
 
+    # A lake from before edge sets were stored: with the table's partition
+    # gone from its manifest, the next maintenance pass derives it again
+    # from metrics (reading only the model and edges columns, by range).
+    edges_sql = "SELECT model_id, model_version, latency_ms_edges FROM histogram_edges ORDER BY 1, 2"
+    edges = query(env, edges_sql)
+    assert len(edges) == models and all(len(e["latency_ms_edges"]) > 1 for e in edges), edges
+    sets = manifest(client, "histogram_edge_sets")
+    del sets["partitions"]["2026-11-20"]
+    client.put_object(Bucket=BUCKET, Key="prod/_driftline/manifests/histogram_edge_sets.json",
+                      Body=json.dumps(sets).encode())
+    assert query(env, edges_sql) == []
+    out = subprocess.run([str(COLLECTOR), "compact", "--lake", LAKE, "--data-dir", str(tmp_path / "c1"),
+                          "--grace", "0s"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "derived histogram_edge_sets/date=2026-11-20 from metrics" in out.stdout, out.stdout
+    assert query(env, edges_sql) == edges
+
 
 def test_a_lake_url_that_is_not_s3_is_refused_with_a_reason(tmp_path):
     assert COLLECTOR.exists(), "build first (cargo build)"
