@@ -1,6 +1,6 @@
 """OpenTelemetry export: an agent and a collector, pointed at an OTLP/HTTP
-receiver by the standard OTEL_EXPORTER_OTLP_* variables, send traces and
-metrics that decode with the OpenTelemetry protobuf definitions. The
+receiver by the standard OTEL_EXPORTER_OTLP_* variables, send traces,
+metrics and logs that decode with the OpenTelemetry protobuf definitions. The
 receiver is a real HTTP server; the broker is a real Mosquitto."""
 
 import os
@@ -12,6 +12,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
@@ -25,6 +26,7 @@ class Received:
         self.lock = threading.Lock()
         self.spans = {}    # service -> [span name]
         self.metrics = {}  # service -> {metric name: last value}
+        self.logs = {}     # service -> [(severity text, body)]
         self.content_types = set()
 
     def add_traces(self, body):
@@ -53,10 +55,24 @@ class Received:
                             p = points[-1]
                             seen[m.name] = p.as_int if p.HasField("as_int") else p.as_double
 
+    def add_logs(self, body):
+        req = logs_service_pb2.ExportLogsServiceRequest()
+        req.ParseFromString(body)
+        with self.lock:
+            for rl in req.resource_logs:
+                service = resource_service(rl.resource)
+                for sl in rl.scope_logs:
+                    self.logs.setdefault(service, []).extend(
+                        (r.severity_text, r.body.string_value) for r in sl.log_records)
+
     def snapshot(self):
         with self.lock:
             return ({k: list(v) for k, v in self.spans.items()},
                     {k: dict(v) for k, v in self.metrics.items()})
+
+    def log_bodies(self, service):
+        with self.lock:
+            return [body for _, body in self.logs.get(service, [])]
 
 
 def resource_service(resource):
@@ -78,6 +94,8 @@ def receiver():
                 received.add_traces(body)
             elif self.path == "/v1/metrics":
                 received.add_metrics(body)
+            elif self.path == "/v1/logs":
+                received.add_logs(body)
             else:
                 self.send_response(404)
                 self.end_headers()
@@ -103,6 +121,7 @@ def otel_env(endpoint):
         "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
         "OTEL_METRIC_EXPORT_INTERVAL": "1000",
         "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "OTEL_BLRP_SCHEDULE_DELAY": "200",
         "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
     })
     return env
@@ -114,7 +133,7 @@ def stop(proc):
     assert proc.returncode == 0, out
 
 
-def test_agent_and_collector_export_traces_and_metrics(tmp_path, receiver, broker):
+def test_agent_and_collector_export_traces_metrics_and_logs(tmp_path, receiver, broker):
     assert COLLECTOR.exists() and AGENT.exists(), "build first (cargo build)"
     endpoint, received = receiver
     broker = f"mqtt://127.0.0.1:{broker}"
@@ -154,7 +173,9 @@ labels = ["a", "b"]
                     and "close_windows" in spans.get("driftline-agent", [])
                     and c.get("driftline_windows_stored_total", 0) >= 3
                     and c.get("driftline_flush_seconds", 0) >= 1
-                    and a.get("driftline_agent_windows_acknowledged_total", 0) >= 3):
+                    and a.get("driftline_agent_windows_acknowledged_total", 0) >= 3
+                    and "subscribed" in received.log_bodies("driftline-collector")
+                    and "connected to broker" in received.log_bodies("driftline-agent")):
                 break
             assert collector.poll() is None and agent.poll() is None
             time.sleep(0.25)
@@ -174,9 +195,18 @@ labels = ["a", "b"]
         stored = [line for line in text.splitlines()
                   if line.startswith("driftline_windows_stored_total ")]
         assert stored and float(stored[0].split()[1]) >= 3, text
+        # Logs: Driftline's own events, with their severity.
+        assert "subscribed" in received.log_bodies("driftline-collector")
+        assert "connected to broker" in received.log_bodies("driftline-agent")
+        with received.lock:
+            assert ("INFO", "subscribed") in received.logs["driftline-collector"]
     finally:
         stop(agent)
         stop(collector)
+    # What they log while stopping is exported before they exit.
+    assert "agent stopped" in received.log_bodies("driftline-agent")
+    assert ("collector stopped; everything acknowledged is in the lake"
+            in received.log_bodies("driftline-collector"))
 
 
 def test_unsupported_otlp_protocol_is_refused_with_a_reason(tmp_path):

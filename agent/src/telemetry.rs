@@ -7,17 +7,19 @@
 //!
 //! | variable | effect |
 //! |---|---|
-//! | `OTEL_EXPORTER_OTLP_ENDPOINT` | base URL (`http://host:4318`); `/v1/traces` and `/v1/metrics` are appended |
-//! | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `..._METRICS_ENDPOINT` | one signal only, full URL |
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT` | base URL (`http://host:4318`); `/v1/traces`, `/v1/metrics` and `/v1/logs` are appended |
+//! | `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `..._METRICS_ENDPOINT`, `..._LOGS_ENDPOINT` | one signal only, full URL |
 //! | `OTEL_EXPORTER_OTLP_HEADERS` (and per signal) | e.g. `authorization=Bearer x` |
 //! | `OTEL_EXPORTER_OTLP_PROTOCOL` | only `http/protobuf` (the default) is built in |
 //! | `OTEL_EXPORTER_OTLP_TIMEOUT` | milliseconds per export, default 10000 |
-//! | `OTEL_TRACES_EXPORTER`, `OTEL_METRICS_EXPORTER` | `none` switches a signal off |
-//! | `OTEL_SDK_DISABLED=true` | switches both off |
+//! | `OTEL_TRACES_EXPORTER`, `OTEL_METRICS_EXPORTER`, `OTEL_LOGS_EXPORTER` | `none` switches a signal off |
+//! | `OTEL_SDK_DISABLED=true` | switches all off |
 //! | `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` | resource attributes |
-//! | `OTEL_BSP_SCHEDULE_DELAY`, `OTEL_METRIC_EXPORT_INTERVAL` | export pacing |
+//! | `OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BLRP_SCHEDULE_DELAY`, `OTEL_METRIC_EXPORT_INTERVAL` | export pacing |
 //!
 //! Traces are the process's `tracing` spans (`tracing-opentelemetry`).
+//! Logs are its `tracing` events (`opentelemetry-appender-tracing`),
+//! Driftline's own at info and up, whatever `RUST_LOG` says about stderr.
 //! Metrics are whatever the code records through the `metrics` facade
 //! (`metrics::counter!` and friends): [`init`] installs one recorder that
 //! hands every value both to the process's own exporter (the collector's
@@ -83,12 +85,15 @@ pub fn init(
         // Driftline's own spans (info and up) go to OpenTelemetry whatever
         // RUST_LOG says about logs; the libraries' internal spans (HTTP,
         // MQTT, query engine) stay out of the traces.
-        let ours = tracing_subscriber::filter::Targets::new()
-            .with_target("driftline_agent", tracing::Level::INFO)
-            .with_target("driftline_collector", tracing::Level::INFO);
+        let ours = || {
+            tracing_subscriber::filter::Targets::new()
+                .with_target("driftline_agent", tracing::Level::INFO)
+                .with_target("driftline_collector", tracing::Level::INFO)
+        };
         tracing_subscriber::registry()
             .with(fmt.with_filter(filter))
-            .with(providers.tracing_layer().with_filter(ours))
+            .with(providers.tracing_layer().with_filter(ours()))
+            .with(providers.logs_layer().with_filter(ours()))
             .try_init()?;
         install_recorder(Bridge::new(local, providers.meter()))?;
         Ok(Telemetry { otel: providers })
@@ -351,6 +356,7 @@ mod otel {
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry::KeyValue;
     use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+    use opentelemetry_sdk::logs::SdkLoggerProvider;
     use opentelemetry_sdk::metrics::SdkMeterProvider;
     use opentelemetry_sdk::trace::SdkTracerProvider;
     use opentelemetry_sdk::Resource;
@@ -358,13 +364,14 @@ mod otel {
     pub(super) struct Providers {
         traces: Option<SdkTracerProvider>,
         metrics: Option<SdkMeterProvider>,
+        logs: Option<SdkLoggerProvider>,
     }
 
     fn var(name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.trim().is_empty())
     }
 
-    /// Whether `signal` ("TRACES" or "METRICS") is to be exported.
+    /// Whether `signal` ("TRACES", "METRICS" or "LOGS") is to be exported.
     fn wanted(signal: &str) -> anyhow::Result<bool> {
         if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
             return Ok(false);
@@ -404,11 +411,13 @@ mod otel {
 
     impl Providers {
         pub(super) fn from_env(service: &'static str) -> anyhow::Result<Self> {
-            let (want_traces, want_metrics) = (wanted("TRACES")?, wanted("METRICS")?);
-            if !want_traces && !want_metrics {
+            let (want_traces, want_metrics, want_logs) =
+                (wanted("TRACES")?, wanted("METRICS")?, wanted("LOGS")?);
+            if !want_traces && !want_metrics && !want_logs {
                 return Ok(Self {
                     traces: None,
                     metrics: None,
+                    logs: None,
                 });
             }
             let resource = resource(service);
@@ -436,13 +445,32 @@ mod otel {
                 Some(
                     SdkMeterProvider::builder()
                         .with_periodic_exporter(exporter)
+                        .with_resource(resource.clone())
+                        .build(),
+                )
+            } else {
+                None
+            };
+            let logs = if want_logs {
+                let exporter = opentelemetry_otlp::LogExporter::builder()
+                    .with_http()
+                    .with_http_client(UreqClient::new())
+                    .with_timeout(timeout())
+                    .build()?;
+                Some(
+                    SdkLoggerProvider::builder()
+                        .with_batch_exporter(exporter)
                         .with_resource(resource)
                         .build(),
                 )
             } else {
                 None
             };
-            Ok(Self { traces, metrics })
+            Ok(Self {
+                traces,
+                metrics,
+                logs,
+            })
         }
 
         pub(super) fn exporting(&self) -> Vec<&'static str> {
@@ -452,6 +480,9 @@ mod otel {
             }
             if self.metrics.is_some() {
                 on.push("metrics");
+            }
+            if self.logs.is_some() {
+                on.push("logs");
             }
             on
         }
@@ -463,6 +494,15 @@ mod otel {
             self.traces
                 .as_ref()
                 .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("driftline")))
+        }
+
+        pub(super) fn logs_layer<S>(&self) -> Option<impl tracing_subscriber::Layer<S>>
+        where
+            S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+        {
+            self.logs
+                .as_ref()
+                .map(opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new)
         }
 
         pub(super) fn meter(&self) -> Option<opentelemetry::metrics::Meter> {
@@ -479,6 +519,13 @@ mod otel {
             if let Some(p) = self.metrics {
                 if let Err(e) = p.shutdown() {
                     tracing::warn!(error = %e, "exporting the last metrics failed");
+                }
+            }
+            // Last: the warnings above are log records too (this one
+            // reaches stderr only).
+            if let Some(p) = self.logs {
+                if let Err(e) = p.shutdown() {
+                    tracing::warn!(error = %e, "exporting the last log records failed");
                 }
             }
         }
