@@ -1346,12 +1346,13 @@ fn histogram_edges_are_stored_once_per_version_and_derived_for_older_lakes() {
     ];
     // 18 windows in two flushes: one row per distinct set and date.
     assert_eq!(query(data.path(), sets), expected_sets);
+    // Version 1 ran with two edge sets: the view says so.
     let view = "SELECT model_version, array_to_string(latency_ms_edges, ' '), \
-                array_to_string(confidence_edges, ' ') FROM histogram_edges ORDER BY 1";
+                array_to_string(confidence_edges, ' '), edge_sets FROM histogram_edges ORDER BY 1";
     let confidence_edges = "0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9 1";
     let expected_view = vec![
-        row(&["1", "0 10 100 1000", confidence_edges]),
-        row(&["2", default_edges, confidence_edges]),
+        row(&["1", "0 10 100 1000", confidence_edges, "2"]),
+        row(&["2", default_edges, confidence_edges, "1"]),
     ];
     assert_eq!(query(data.path(), view), expected_view);
     // model_windows takes each window's latency mean from those edges:
