@@ -283,6 +283,10 @@ impl ObjectLake {
             .map_err(store_error(relative.to_owned()))
     }
 
+    /// A whole object, in memory (the lake streams its reads instead,
+    /// see [`ObjectLake::get_into`] and [`ObjectLake::read_columns`];
+    /// tests read what was stored).
+    #[cfg(test)]
     pub async fn get(&self, relative: &str) -> Result<Bytes, LakeError> {
         let what = relative.to_owned();
         let got = self
