@@ -79,6 +79,11 @@ pub struct ServeFile {
     pub pg_statement_timeout: Option<Duration>,
     /// Memory all SQL queries together may use, in MiB.
     pub pg_memory_mb: Option<usize>,
+    /// The largest value one SQL function call may build, in MiB.
+    pub pg_max_value_mb: Option<usize>,
+    /// How long a SQL client has to log in.
+    #[serde(default, with = "humantime_serde")]
+    pub pg_login_timeout: Option<Duration>,
 }
 
 /// Errors of configuration.
@@ -144,6 +149,8 @@ impl ServeFile {
             pg_max_connections: over.pg_max_connections.or(self.pg_max_connections),
             pg_statement_timeout: over.pg_statement_timeout.or(self.pg_statement_timeout),
             pg_memory_mb: over.pg_memory_mb.or(self.pg_memory_mb),
+            pg_max_value_mb: over.pg_max_value_mb.or(self.pg_max_value_mb),
+            pg_login_timeout: over.pg_login_timeout.or(self.pg_login_timeout),
         }
     }
 }
@@ -289,16 +296,28 @@ impl ServeConfig {
                 expected: "above zero",
             });
         }
+        let login_timeout = layers.pg_login_timeout.unwrap_or(Duration::from_secs(10));
+        let max_value_mb = layers.pg_max_value_mb.unwrap_or(64);
+        if login_timeout.is_zero() || max_value_mb == 0 {
+            return Err(ConfigError::Invalid {
+                key: "pg_login_timeout/pg_max_value_mb",
+                expected: "above zero",
+            });
+        }
         let endpoint = (!users.is_empty()).then(|| EndpointOptions {
-            listen: layers.pg_listen.unwrap_or_else(|| {
-                DEFAULT_PG_LISTEN
-                    .parse()
-                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5433)))
-            }),
-            users,
             tls,
             max_connections,
             statement_timeout,
+            login_timeout,
+            max_value_bytes: max_value_mb.saturating_mul(1 << 20),
+            ..EndpointOptions::new(
+                layers.pg_listen.unwrap_or_else(|| {
+                    DEFAULT_PG_LISTEN
+                        .parse()
+                        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 5433)))
+                }),
+                users,
+            )
         });
         Ok(ServeConfig {
             endpoint,

@@ -170,13 +170,10 @@ pub async fn run(
     let ctx = Arc::new(query::session_with_limit(&options.data_dir, Some(1 << 30)).await?);
     let endpoint = Endpoint::bind(
         ctx,
-        EndpointOptions {
-            listen: options.pg_listen,
-            users: vec![(DEMO_USER.into(), DEMO_PASSWORD.into())],
-            tls: None,
-            max_connections: 64,
-            statement_timeout: Duration::from_secs(60),
-        },
+        EndpointOptions::new(
+            options.pg_listen,
+            vec![(DEMO_USER.into(), DEMO_PASSWORD.into())],
+        ),
     )
     .await?;
     let pg_addr = endpoint

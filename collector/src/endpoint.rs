@@ -1,60 +1,62 @@
-//! The SQL endpoint: the PostgreSQL wire protocol over the same DataFusion
-//! session as `driftline-collector query`, for psql, psycopg, JDBC and
-//! Grafana's PostgreSQL data source.
+//! The SQL endpoint: the PostgreSQL wire protocol over the lake, for psql,
+//! psycopg/SQLAlchemy/pandas, JDBC and Grafana's PostgreSQL data source.
 //!
-//! Protocol and query handling come from `datafusion-postgres` (and its
-//! `pgwire`); this module adds what a shared, exposed service needs:
-//! - SCRAM-SHA-256 password authentication against the configured users;
-//! - optional TLS;
-//! - read-only: every statement that is not a query is refused before it is
-//!   planned (SQLSTATE 25006), and `SET` cannot change server settings;
-//! - a per-statement time limit (SQLSTATE 57014) that also covers the rows
-//!   still being streamed, and a memory limit (the session's memory pool);
-//! - the client's cancel request (psql's Ctrl-C, psycopg's `cancel()`,
-//!   tokio-postgres' `CancelToken`) stops the running statement the same
-//!   way (SQLSTATE 57014, "canceling statement due to user request");
-//! - a connection limit, answered with SQLSTATE 53300 like PostgreSQL.
+//! The protocol comes from `pgwire` (through `datafusion-postgres`); the
+//! pieces are:
+//! - this module: listening, TLS, SCRAM-SHA-256 logins and who gets a
+//!   connection (see [`Endpoint::run`]);
+//! - [`service`]: the protocol's query handling and each statement's time
+//!   limit and cancellation;
+//! - [`session`]: each connection's own settings (`SET`, `SHOW`, ...);
+//! - [`queries`]: planning over the lake, and the read-only check on
+//!   plans ([`queries::read_only`]).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use datafusion::common::ParamValues;
-use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::sqlparser::ast::{Set, Statement};
 use datafusion_postgres::pgwire;
-use datafusion_postgres::{DfSessionService, QueryHook};
+use futures::Sink;
 use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramAuth};
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
 use pgwire::api::auth::{
     AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
 };
 use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
-use pgwire::api::portal::Portal;
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{QueryResponse, Response};
-use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers};
+use pgwire::api::{ClientInfo, ConnectionManager, PgWireConnectionState, PgWireServerHandlers};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::cancel::CancelRequest;
-use pgwire::messages::data::DataRow;
-use pgwire::messages::startup::SecretKey;
-use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
+
+pub mod queries;
+pub mod service;
+pub mod session;
+
+use queries::LakeQueries;
+use service::{Running, Service};
 
 /// SCRAM iterations (PostgreSQL's default).
 const SCRAM_ITERATIONS: usize = 4096;
+
+/// How long a failed login waits before its error is sent: password
+/// guessing gets one try per second per connection.
+const FAILED_LOGIN_DELAY: Duration = Duration::from_secs(1);
+
+/// Connections from one address that may be logging in at once; more are
+/// closed at once. Logged-in connections do not count.
+pub const MAX_PENDING_PER_ADDRESS: usize = 16;
+
+/// Connections from all addresses that may be logging in at once.
+pub const MAX_PENDING: usize = 256;
 
 /// How the endpoint listens and what it allows.
 #[derive(Debug, Clone)]
@@ -64,9 +66,29 @@ pub struct EndpointOptions {
     pub users: Vec<(String, String)>,
     /// PEM certificate chain and key: TLS is offered when set.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Logged-in connections at once.
     pub max_connections: usize,
     /// Longest a statement may run, including sending its rows.
     pub statement_timeout: Duration,
+    /// How long a client has from connecting to being logged in.
+    pub login_timeout: Duration,
+    /// The largest value (text, list) one call of a SQL function may build.
+    pub max_value_bytes: usize,
+}
+
+impl EndpointOptions {
+    /// Options with the defaults `serve` uses for what is not given.
+    pub fn new(listen: SocketAddr, users: Vec<(String, String)>) -> Self {
+        EndpointOptions {
+            listen,
+            users,
+            tls: None,
+            max_connections: 64,
+            statement_timeout: Duration::from_secs(60),
+            login_timeout: Duration::from_secs(10),
+            max_value_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Errors that keep the endpoint from starting.
@@ -87,13 +109,27 @@ pub enum EndpointError {
 /// callers print the address (and fail early when it is taken).
 pub struct Endpoint {
     listener: TcpListener,
-    handlers: Arc<Handlers>,
+    shared: Arc<Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    connections: Arc<Semaphore>,
+    login_timeout: Duration,
+}
+
+/// What every connection of the endpoint shares.
+struct Shared {
+    service: Arc<Service>,
+    users: Arc<Users>,
+    connections: Arc<ConnectionManager>,
+    cancel: Arc<Cancel>,
+    /// One permit per logged-in connection.
+    slots: Arc<Semaphore>,
     max_connections: usize,
+    /// Connections logging in, per address.
+    pending: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl Endpoint {
+    /// Binds the endpoint over `ctx`, the lake's session, which it keeps
+    /// for itself: the functions that build large values are capped in it.
     pub async fn bind(
         ctx: Arc<SessionContext>,
         options: EndpointOptions,
@@ -123,37 +159,30 @@ impl Endpoint {
                 (user.clone(), (salt.to_vec(), salted))
             })
             .collect();
-        // ReadOnly first; then the library's own hooks (cursors, SET/SHOW,
-        // transactions), as its `serve` installs them.
-        use datafusion_postgres::hooks::{cursor, set_show, transactions};
-        let hooks: Vec<Arc<dyn QueryHook>> = vec![
-            Arc::new(ReadOnly),
-            Arc::new(ShowSetting),
-            Arc::new(cursor::CursorStatementHook),
-            Arc::new(set_show::SetShowHook),
-            Arc::new(transactions::TransactionStatementHook),
-        ];
+        crate::query::limits::cap_values(&ctx, options.max_value_bytes);
         let connections = Arc::new(ConnectionManager::new());
         let running = Arc::new(Running::default());
-        let handlers = Arc::new(Handlers {
-            session: Arc::new(Limited {
-                inner: DfSessionService::new_with_hooks(ctx, hooks),
-                timeout: options.statement_timeout,
-                running: running.clone(),
-            }),
+        let shared = Arc::new(Shared {
+            service: Arc::new(Service::new(
+                Arc::new(LakeQueries::new(ctx, options.max_value_bytes)),
+                options.statement_timeout,
+                running.clone(),
+            )),
             users: Arc::new(Users(users)),
             cancel: Arc::new(Cancel {
                 running,
                 pgwire: DefaultCancelHandler::new(connections.clone()),
             }),
             connections,
+            slots: Arc::new(Semaphore::new(options.max_connections)),
+            max_connections: options.max_connections,
+            pending: Mutex::new(HashMap::new()),
         });
         Ok(Endpoint {
             listener,
-            handlers,
+            shared,
             tls,
-            connections: Arc::new(Semaphore::new(options.max_connections)),
-            max_connections: options.max_connections,
+            login_timeout: options.login_timeout,
         })
     }
 
@@ -162,6 +191,12 @@ impl Endpoint {
     }
 
     /// Serves connections until `shutdown`.
+    ///
+    /// A connection takes one of the `max_connections` slots only once its
+    /// login succeeds; until then it is pending, and must log in within the
+    /// login timeout. At most [`MAX_PENDING_PER_ADDRESS`] connections of
+    /// one address, and [`MAX_PENDING`] in all, may be pending: idle
+    /// sockets that never log in cannot lock the users out.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             let accepted = tokio::select! {
@@ -175,33 +210,235 @@ impl Endpoint {
                     continue;
                 }
             };
-            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, max = self.max_connections, "SQL connection refused: too many connections");
+            let Some(pending) = Pending::admit(&self.shared, peer.ip()) else {
+                tracing::warn!(%peer, "SQL connection refused: too many connections logging in");
+                metrics::counter!("driftline_sql_refused_connections_total", "reason" => "pending")
+                    .increment(1);
                 tokio::spawn(async move {
-                    let _ = socket.write_all(&too_many_connections()).await;
+                    let _ = socket
+                        .write_all(&fatal_error_bytes(
+                            "53300",
+                            "sorry, too many clients are logging in",
+                        ))
+                        .await;
                     let _ = socket.shutdown().await;
                 });
                 continue;
             };
-            let handlers = self.handlers.clone();
+            let login = Arc::new(LoginState::default());
+            let connection = Arc::new(Connection {
+                shared: self.shared.clone(),
+                login: login.clone(),
+            });
             let tls = self.tls.clone();
+            let login_timeout = self.login_timeout;
             tokio::spawn(async move {
-                if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
-                    tracing::debug!(%peer, error = %e, "SQL connection ended with an error");
+                let served = pgwire::tokio::process_socket(socket, tls, connection);
+                tokio::pin!(served);
+                tokio::select! {
+                    result = &mut served => {
+                        drop(pending);
+                        log_end(peer, result);
+                        return;
+                    }
+                    _ = login.logged_in.notified() => drop(pending),
+                    _ = tokio::time::sleep(login_timeout) => {
+                        tracing::info!(%peer, "SQL connection closed: no login within {login_timeout:?}");
+                        metrics::counter!("driftline_sql_refused_connections_total", "reason" => "login_timeout").increment(1);
+                        return;
+                    }
                 }
-                drop(permit);
+                log_end(peer, served.await);
             });
         }
     }
 }
 
-/// An ErrorResponse, as PostgreSQL sends when `max_connections` is reached.
-fn too_many_connections() -> Vec<u8> {
+fn log_end(peer: SocketAddr, result: std::io::Result<()>) {
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "SQL connection ended with an error");
+    }
+}
+
+/// A connection that is logging in: counted per address until dropped.
+struct Pending {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Pending {
+    fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Option<Pending> {
+        let mut pending = shared.pending.lock().ok()?;
+        let total: usize = pending.values().sum();
+        let mine = pending.entry(ip).or_insert(0);
+        if *mine >= MAX_PENDING_PER_ADDRESS || total >= MAX_PENDING {
+            return None;
+        }
+        *mine += 1;
+        metrics::gauge!("driftline_sql_connections", "state" => "pending").increment(1.0);
+        Some(Pending {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        metrics::gauge!("driftline_sql_connections", "state" => "pending").decrement(1.0);
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            if let Some(n) = pending.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    pending.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// One connection's handlers.
+struct Connection {
+    shared: Arc<Shared>,
+    login: Arc<LoginState>,
+}
+
+/// Whether a connection logged in, and its slot once it has: released
+/// when the connection ends.
+#[derive(Default)]
+struct LoginState {
+    logged_in: Notify,
+    slot: Mutex<Option<Slot>>,
+}
+
+/// A logged-in connection's slot.
+struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        metrics::gauge!("driftline_sql_connections", "state" => "active").increment(1.0);
+        Slot(permit)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!("driftline_sql_connections", "state" => "active").decrement(1.0);
+    }
+}
+
+impl PgWireServerHandlers for Connection {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.shared.service.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.shared.service.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        // One per connection: the handler keeps the SASL exchange's state.
+        let mut scram = ScramAuth::new(self.shared.users.clone());
+        scram.set_iterations(SCRAM_ITERATIONS);
+        let mut parameters = DefaultServerParameterProvider::default();
+        parameters.server_version = crate::query::pg::SERVER_VERSION.to_owned();
+        parameters.is_superuser = false;
+        parameters.default_transaction_read_only = true;
+        Arc::new(Login {
+            sasl: SASLAuthStartupHandler::new(Arc::new(parameters))
+                .with_scram(scram)
+                .with_connection_manager(self.shared.connections.clone()),
+            shared: self.shared.clone(),
+            state: self.login.clone(),
+        })
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        self.shared.cancel.clone()
+    }
+}
+
+/// The login: SCRAM-SHA-256, then the connection's slot.
+struct Login<H> {
+    sasl: H,
+    shared: Arc<Shared>,
+    state: Arc<LoginState>,
+}
+
+#[async_trait]
+impl<H: StartupHandler> StartupHandler for Login<H> {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let shared = &self.shared;
+        let logging_in = matches!(
+            client.state(),
+            PgWireConnectionState::AuthenticationInProgress
+        );
+        // The slot is taken at the step that can complete the login, and
+        // kept only if it does.
+        let permit = if logging_in {
+            match shared.slots.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    tracing::warn!(
+                        max = shared.max_connections,
+                        "SQL connection refused: too many connections"
+                    );
+                    metrics::counter!("driftline_sql_refused_connections_total", "reason" => "max_connections").increment(1);
+                    return Err(fatal("53300", "sorry, too many clients already"));
+                }
+            }
+        } else {
+            None
+        };
+        let mut result = self.sasl.on_startup(client, message).await;
+        if result.is_err() && logging_in {
+            metrics::counter!("driftline_sql_failed_logins_total").increment(1);
+            tokio::time::sleep(FAILED_LOGIN_DELAY).await;
+            if let Err(PgWireError::InvalidPassword(_)) = result {
+                // PostgreSQL's words, with the user's name.
+                let user = client.metadata().get("user").cloned().unwrap_or_default();
+                result = Err(fatal(
+                    "28P01",
+                    &format!("password authentication failed for user \"{user}\""),
+                ));
+            }
+        } else if result.is_ok() && matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            if let Some(permit) = permit {
+                session::adopt_startup_parameters(client.metadata_mut());
+                if let Ok(mut slot) = self.state.slot.lock() {
+                    *slot = Some(Slot::new(permit));
+                }
+                self.state.logged_in.notify_one();
+            }
+        }
+        result
+    }
+}
+
+fn fatal(code: &str, message: &str) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "FATAL".into(),
+        code.into(),
+        message.into(),
+    )))
+}
+
+/// An ErrorResponse as bytes, for a socket the protocol never served.
+fn fatal_error_bytes(code: &str, message: &str) -> Vec<u8> {
     use pgwire::messages::Message;
     let error = pgwire::messages::response::ErrorResponse::from(ErrorInfo::new(
         "FATAL".into(),
-        "53300".into(),
-        "sorry, too many clients already".into(),
+        code.into(),
+        message.into(),
     ));
     let mut buf = bytes::BytesMut::new();
     match error.encode(&mut buf) {
@@ -210,42 +447,9 @@ fn too_many_connections() -> Vec<u8> {
     }
 }
 
-struct Handlers {
-    session: Arc<Limited>,
-    users: Arc<Users>,
-    connections: Arc<ConnectionManager>,
-    cancel: Arc<Cancel>,
-}
-
-impl PgWireServerHandlers for Handlers {
-    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
-        self.session.clone()
-    }
-
-    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
-        self.session.clone()
-    }
-
-    fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        // One per connection: the handler keeps the SASL exchange's state.
-        let mut scram = ScramAuth::new(self.users.clone());
-        scram.set_iterations(SCRAM_ITERATIONS);
-        let parameters = DefaultServerParameterProvider::default();
-        Arc::new(
-            SASLAuthStartupHandler::new(Arc::new(parameters))
-                .with_scram(scram)
-                .with_connection_manager(self.connections.clone()),
-        )
-    }
-
-    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
-        self.cancel.clone()
-    }
-}
-
 /// The configured users, each with a salted SCRAM password.
 #[derive(Debug)]
-struct Users(std::collections::HashMap<String, (Vec<u8>, Vec<u8>)>);
+struct Users(HashMap<String, (Vec<u8>, Vec<u8>)>);
 
 #[async_trait]
 impl AuthSource for Users {
@@ -253,318 +457,10 @@ impl AuthSource for Users {
         let user = login.user().unwrap_or_default();
         match self.0.get(user) {
             Some((salt, salted)) => Ok(Password::new(Some(salt.clone()), salted.clone())),
-            None => Err(PgWireError::UserError(Box::new(ErrorInfo::new(
-                "FATAL".into(),
-                "28P01".into(),
-                format!("password authentication failed for user \"{user}\""),
-            )))),
-        }
-    }
-}
-
-/// Refuses every statement that could change something.
-struct ReadOnly;
-
-impl ReadOnly {
-    fn check(statement: &Statement) -> Option<PgWireError> {
-        let refuse = |what: String| {
-            // Counted here, where each refused statement passes once
-            // (a statement refused at Parse never reaches Execute).
-            metrics::counter!("driftline_sql_refused_total").increment(1);
-            Some(PgWireError::UserError(Box::new(ErrorInfo::new(
-                "ERROR".into(),
-                "25006".into(),
-                format!("the Driftline SQL endpoint is read-only: {what} is not allowed"),
-            ))))
-        };
-        match statement {
-            Statement::Query(_)
-            | Statement::Explain { .. }
-            | Statement::ExplainTable { .. }
-            | Statement::ShowVariable { .. }
-            | Statement::ShowVariables { .. }
-            | Statement::ShowTables { .. }
-            | Statement::ShowColumns { .. }
-            | Statement::ShowFunctions { .. }
-            | Statement::ShowStatus { .. }
-            | Statement::ShowCollation { .. }
-            | Statement::ShowDatabases { .. }
-            | Statement::ShowSchemas { .. }
-            | Statement::StartTransaction { .. }
-            | Statement::Commit { .. }
-            | Statement::Rollback { .. }
-            | Statement::Declare { .. }
-            | Statement::Fetch { .. }
-            | Statement::Close { .. }
-            | Statement::Discard { .. } => None,
-            // Session variables are per connection; server settings
-            // (datafusion.*) are shared by every user and stay as configured.
-            Statement::Set(Set::SingleAssignment { variable, .. })
-                if variable
-                    .to_string()
-                    .to_lowercase()
-                    .starts_with("datafusion.") =>
-            {
-                refuse(format!("SET {variable}"))
-            }
-            Statement::Set(_) => None,
-            other => {
-                let text = other.to_string();
-                let verb: Vec<&str> = text.split_whitespace().take(2).collect();
-                refuse(verb.join(" ").to_uppercase())
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl QueryHook for ReadOnly {
-    async fn handle_simple_query(
-        &self,
-        statement: &Statement,
-        _ctx: &SessionContext,
-        _client: &mut dyn datafusion_postgres::hooks::HookClient,
-    ) -> Option<PgWireResult<Response>> {
-        // Prepared statements live per connection in the protocol layer;
-        // clients (psycopg) send DEALLOCATE ALL to reset them: nothing to do.
-        if let Statement::Deallocate { .. } = statement {
-            return Some(Ok(Response::Execution(pgwire::api::results::Tag::new(
-                "DEALLOCATE",
-            ))));
-        }
-        ReadOnly::check(statement).map(Err)
-    }
-
-    async fn handle_extended_parse_query(
-        &self,
-        statement: &Statement,
-        _ctx: &SessionContext,
-        _client: &(dyn ClientInfo + Send + Sync),
-    ) -> Option<PgWireResult<LogicalPlan>> {
-        ReadOnly::check(statement).map(Err)
-    }
-
-    async fn handle_extended_query(
-        &self,
-        statement: &Statement,
-        _plan: &LogicalPlan,
-        _params: &ParamValues,
-        _ctx: &SessionContext,
-        _client: &mut dyn datafusion_postgres::hooks::HookClient,
-    ) -> Option<PgWireResult<Response>> {
-        ReadOnly::check(statement).map(Err)
-    }
-}
-
-/// `SHOW name` for the server settings `datafusion-postgres` does not know
-/// (`SHOW timezone`, `SHOW server_encoding`, ...), from the same table as
-/// `current_setting(name)`.
-struct ShowSetting;
-
-impl ShowSetting {
-    fn respond(statement: &Statement, client: &(dyn ClientInfo + Send + Sync)) -> Option<Response> {
-        let Statement::ShowVariable { variable } = statement else {
-            return None;
-        };
-        let [name] = variable.as_slice() else {
-            return None;
-        };
-        let name = name.value.to_lowercase();
-        // A value the client SET in this session wins.
-        let value = match client.metadata().get(&name) {
-            Some(v) => v.clone(),
-            None => crate::query::setting(&name)?.to_owned(),
-        };
-        use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo};
-        let schema = Arc::new(vec![FieldInfo::new(
-            name,
-            None,
-            None,
-            pgwire::api::Type::TEXT,
-            FieldFormat::Text,
-        )]);
-        let mut encoder = DataRowEncoder::new(schema.clone());
-        encoder.encode_field(&Some(value)).ok()?;
-        let row = encoder.take_row();
-        Some(Response::Query(QueryResponse::new(
-            schema,
-            futures::stream::iter([Ok(row)]),
-        )))
-    }
-}
-
-#[async_trait]
-impl QueryHook for ShowSetting {
-    async fn handle_simple_query(
-        &self,
-        statement: &Statement,
-        _ctx: &SessionContext,
-        client: &mut dyn datafusion_postgres::hooks::HookClient,
-    ) -> Option<PgWireResult<Response>> {
-        ShowSetting::respond(statement, client).map(Ok)
-    }
-
-    async fn handle_extended_parse_query(
-        &self,
-        _statement: &Statement,
-        _ctx: &SessionContext,
-        _client: &(dyn ClientInfo + Send + Sync),
-    ) -> Option<PgWireResult<LogicalPlan>> {
-        None
-    }
-
-    async fn handle_extended_query(
-        &self,
-        statement: &Statement,
-        _plan: &LogicalPlan,
-        _params: &ParamValues,
-        _ctx: &SessionContext,
-        client: &mut dyn datafusion_postgres::hooks::HookClient,
-    ) -> Option<PgWireResult<Response>> {
-        ShowSetting::respond(statement, client).map(Ok)
-    }
-}
-
-/// `DfSessionService` with a time limit over planning, execution and the
-/// streaming of rows.
-struct Limited {
-    inner: DfSessionService,
-    timeout: Duration,
-    running: Arc<Running>,
-}
-
-/// DataFusion's "Resources exhausted" (the memory pool is full) as
-/// PostgreSQL's out_of_memory (53200); other errors unchanged.
-fn map_error(e: PgWireError) -> PgWireError {
-    match e {
-        PgWireError::ApiError(inner)
-            if inner
-                .downcast_ref::<datafusion::error::DataFusionError>()
-                .is_some_and(|e| {
-                    matches!(
-                        e.find_root(),
-                        datafusion::error::DataFusionError::ResourcesExhausted(_)
-                    )
-                }) =>
-        {
-            PgWireError::UserError(Box::new(ErrorInfo::new(
-                "ERROR".into(),
-                "53200".into(),
-                inner.to_string(),
-            )))
-        }
-        other => other,
-    }
-}
-
-/// Counts an error of a statement that was let run (time-out, memory
-/// limit, execution error) by SQLSTATE (`driftline_sql_errors_total`), and
-/// passes it on. Refused writes have their own counter
-/// (`driftline_sql_refused_total`); errors of the extended protocol's Parse
-/// step (syntax, unknown table) are answered before any statement runs and
-/// are not counted.
-fn counted(e: PgWireError) -> PgWireError {
-    let sqlstate = match &e {
-        PgWireError::UserError(info) => info.code.clone(),
-        PgWireError::ApiError(_) => "XX000".to_owned(),
-        _ => "08000".to_owned(),
-    };
-    if sqlstate != "25006" {
-        metrics::counter!("driftline_sql_errors_total", "sqlstate" => sqlstate).increment(1);
-    }
-    e
-}
-
-/// A statement's span: it lasts until its last row is sent.
-fn statement_span(protocol: &'static str) -> tracing::Span {
-    metrics::counter!("driftline_sql_statements_total", "protocol" => protocol).increment(1);
-    tracing::info_span!("sql_statement", protocol)
-}
-
-fn internal_error() -> PgWireError {
-    PgWireError::UserError(Box::new(ErrorInfo::new(
-        "ERROR".into(),
-        "XX000".into(),
-        "internal error: the statement failed while producing rows".into(),
-    )))
-}
-
-fn timed_out() -> PgWireError {
-    PgWireError::UserError(Box::new(ErrorInfo::new(
-        "ERROR".into(),
-        "57014".into(),
-        "canceling statement due to statement timeout".into(),
-    )))
-}
-
-fn canceled() -> PgWireError {
-    PgWireError::UserError(Box::new(ErrorInfo::new(
-        "ERROR".into(),
-        "57014".into(),
-        "canceling statement due to user request".into(),
-    )))
-}
-
-/// The statement each connection is running, by the process id and secret
-/// key the client got at start-up, for cancel requests.
-///
-/// A PostgreSQL client cancels (psql's Ctrl-C) by opening a second
-/// connection that sends those two. pgwire's own handler covers only
-/// planning (`do_query`); most of a statement's work happens while its rows
-/// stream, after `do_query` has returned, so [`Cancel`] also fires the
-/// token registered here, which [`Limited::limit`] watches.
-#[derive(Default)]
-struct Running {
-    statements: std::sync::Mutex<HashMap<(i32, Bytes), (u64, CancellationToken)>>,
-    next_id: std::sync::atomic::AtomicU64,
-}
-
-/// Unregisters a statement from [`Running`] when its rows are done.
-struct RunningGuard {
-    running: Arc<Running>,
-    key: (i32, Bytes),
-    id: u64,
-}
-
-impl Running {
-    /// Registers the statement `client` starts now (replacing its previous
-    /// one): its token fires on the client's cancel request.
-    fn start(self: &Arc<Self>, client: &impl ClientInfo) -> (CancellationToken, Arc<RunningGuard>) {
-        let (pid, secret) = client.pid_and_secret_key();
-        let key = (pid, secret.to_bytes());
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let token = CancellationToken::new();
-        if let Ok(mut statements) = self.statements.lock() {
-            statements.insert(key.clone(), (id, token.clone()));
-        }
-        let guard = RunningGuard {
-            running: self.clone(),
-            key,
-            id,
-        };
-        (token, Arc::new(guard))
-    }
-
-    fn cancel(&self, pid: i32, secret: &SecretKey) {
-        if let Ok(statements) = self.statements.lock() {
-            if let Some((_, token)) = statements.get(&(pid, secret.to_bytes())) {
-                token.cancel();
-            }
-        }
-    }
-}
-
-impl Drop for RunningGuard {
-    fn drop(&mut self) {
-        if let Ok(mut statements) = self.running.statements.lock() {
-            if statements
-                .get(&self.key)
-                .is_some_and(|(id, _)| *id == self.id)
-            {
-                statements.remove(&self.key);
-            }
+            None => Err(fatal(
+                "28P01",
+                &format!("password authentication failed for user \"{user}\""),
+            )),
         }
     }
 }
@@ -581,207 +477,5 @@ impl CancelHandler for Cancel {
     async fn on_cancel_request(&self, request: CancelRequest) {
         self.running.cancel(request.pid, &request.secret_key);
         self.pgwire.on_cancel_request(request).await;
-    }
-}
-
-impl Limited {
-    /// Forwards the rows of a response from a task on the SQL runtime, so
-    /// that a statement that computes for long without yielding cannot hold
-    /// up the connection: at `deadline`, or when the client cancels, the
-    /// client gets SQLSTATE 57014, the task is aborted and its plan dropped
-    /// (which cancels it) at its next yield.
-    fn limit(
-        &self,
-        response: Response,
-        deadline: tokio::time::Instant,
-        (cancel, running): (CancellationToken, Arc<RunningGuard>),
-        span: tracing::Span,
-    ) -> Response {
-        let Response::Query(q) = response else {
-            return response;
-        };
-        let tag = q.command_tag().to_owned();
-        let schema = q.row_schema();
-        let mut rows = q.data_rows;
-        let (tx, rx) = tokio::sync::mpsc::channel::<PgWireResult<DataRow>>(64);
-        let producer = sql_runtime().spawn(
-            async move {
-                use futures::StreamExt;
-                while let Some(row) = rows.next().await {
-                    if tx
-                        .send(row.map_err(|e| counted(map_error(e))))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-            .instrument(span),
-        );
-        // The state holds the statement's registration until its last row.
-        let state = (rx, Some((AbortOnDrop(producer), running)));
-        let limited = futures::stream::unfold(state, move |(mut rx, guard)| {
-            let cancel = cancel.clone();
-            async move {
-                let mut guard = guard?;
-                tokio::select! {
-                    row = rx.recv() => match row {
-                        Some(r) => Some((r, (rx, Some(guard)))),
-                        // The producer is done: after its last row, or by a
-                        // panic, which must not pass for a complete result.
-                        None => match (&mut guard.0 .0).await {
-                            Err(e) if e.is_panic() => Some((Err(counted(internal_error())), (rx, None))),
-                            _ => None,
-                        },
-                    },
-                    _ = tokio::time::sleep_until(deadline) => Some((Err(counted(timed_out())), (rx, None))),
-                    _ = cancel.cancelled() => Some((Err(counted(canceled())), (rx, None))),
-                }
-            }
-        });
-        let mut limited = QueryResponse::new(schema, limited);
-        limited.set_command_tag(&tag);
-        Response::Query(limited)
-    }
-}
-
-/// Aborts the task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// The runtime SQL statements execute on, apart from the one that serves
-/// connections, MQTT and timers: a CPU-bound query cannot starve those.
-fn sql_runtime() -> tokio::runtime::Handle {
-    static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Runtime>> =
-        std::sync::OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            // More workers than cores: a statement that computes long
-            // between two yields holds its workers until it yields, and the
-            // next statements still find one.
-            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cores * 2 + 2)
-                .thread_name("driftline-sql")
-                .enable_all()
-                .build()
-                .ok()
-        })
-        .as_ref()
-        .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone())
-}
-
-/// Polls a future with the SQL runtime as the current one, so the tasks
-/// DataFusion spawns while planning and starting a statement run there.
-struct OnSqlRuntime<F> {
-    handle: tokio::runtime::Handle,
-    inner: Pin<Box<F>>,
-}
-
-impl<F: Future> OnSqlRuntime<F> {
-    fn new(inner: F) -> Self {
-        OnSqlRuntime {
-            handle: sql_runtime(),
-            inner: Box::pin(inner),
-        }
-    }
-}
-
-impl<F: Future> Future for OnSqlRuntime<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let _runtime = self.handle.enter();
-        self.inner.as_mut().poll(cx)
-    }
-}
-
-use std::future::Future;
-
-#[async_trait]
-impl SimpleQueryHandler for Limited {
-    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
-    where
-        C: ClientInfo
-            + ClientPortalStore
-            + futures::Sink<PgWireBackendMessage>
-            + Unpin
-            + Send
-            + Sync,
-        C::PortalStore: PortalStore,
-        C::Error: std::fmt::Debug,
-        PgWireError: From<<C as futures::Sink<PgWireBackendMessage>>::Error>,
-    {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let (cancel, running) = self.running.start(client);
-        let span = statement_span("simple");
-        let planned = tokio::time::timeout_at(
-            deadline,
-            OnSqlRuntime::new(SimpleQueryHandler::do_query(&self.inner, client, query))
-                .instrument(span.clone()),
-        );
-        let responses = tokio::select! {
-            planned = planned => planned.map_err(|_| counted(timed_out()))?,
-            _ = cancel.cancelled() => return Err(counted(canceled())),
-        }
-        .map_err(|e| counted(map_error(e)))?;
-        Ok(responses
-            .into_iter()
-            .map(|r| self.limit(r, deadline, (cancel.clone(), running.clone()), span.clone()))
-            .collect())
-    }
-}
-
-#[async_trait]
-impl ExtendedQueryHandler for Limited {
-    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
-    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
-
-    fn query_parser(&self) -> Arc<Self::QueryParser> {
-        self.inner.query_parser()
-    }
-
-    async fn do_query<C>(
-        &self,
-        client: &mut C,
-        portal: &Portal<Self::Statement>,
-        max_rows: usize,
-    ) -> PgWireResult<Response>
-    where
-        C: ClientInfo
-            + ClientPortalStore
-            + futures::Sink<PgWireBackendMessage>
-            + Unpin
-            + Send
-            + Sync,
-        C::PortalStore: PortalStore<Statement = Self::Statement>,
-        C::Error: std::fmt::Debug,
-        PgWireError: From<<C as futures::Sink<PgWireBackendMessage>>::Error>,
-    {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let (cancel, running) = self.running.start(client);
-        let span = statement_span("extended");
-        let planned = tokio::time::timeout_at(
-            deadline,
-            OnSqlRuntime::new(ExtendedQueryHandler::do_query(
-                &self.inner,
-                client,
-                portal,
-                max_rows,
-            ))
-            .instrument(span.clone()),
-        );
-        let response = tokio::select! {
-            planned = planned => planned.map_err(|_| counted(timed_out()))?,
-            _ = cancel.cancelled() => return Err(counted(canceled())),
-        }
-        .map_err(|e| counted(map_error(e)))?;
-        Ok(self.limit(response, deadline, (cancel, running), span))
     }
 }

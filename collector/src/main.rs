@@ -273,6 +273,14 @@ struct ServeArgs {
     /// Memory all SQL queries together may use, in MiB. Default: 2048
     #[arg(long, env = "DRIFTLINE_PG_MEMORY_MB")]
     pg_memory_mb: Option<usize>,
+    /// The largest value (text, list) one SQL function call may build, in
+    /// MiB (repeat, lpad, array_repeat, ...). Default: 64
+    #[arg(long, env = "DRIFTLINE_PG_MAX_VALUE_MB")]
+    pg_max_value_mb: Option<usize>,
+    /// How long a SQL client has from connecting to being logged in.
+    /// Default: 10s
+    #[arg(long, env = "DRIFTLINE_PG_LOGIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    pg_login_timeout: Option<Duration>,
     /// Folder of detector SQL files, re-read at every run. Default: the
     /// built-in detectors.
     #[arg(long, env = "DRIFTLINE_QUERIES")]
@@ -457,6 +465,8 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         pg_max_connections: args.pg_max_connections,
         pg_statement_timeout: args.pg_statement_timeout,
         pg_memory_mb: args.pg_memory_mb,
+        pg_max_value_mb: args.pg_max_value_mb,
+        pg_login_timeout: args.pg_login_timeout,
     };
     let config = ServeConfig::resolve(file.overlay(flags))?;
     let location = Location::resolve(config.lake.as_deref(), &config.data_dir)?;

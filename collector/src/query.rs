@@ -18,7 +18,8 @@ use crate::lake::{self, LakeError, Location};
 mod date_trunc;
 mod information_schema;
 mod json;
-mod pg;
+pub mod limits;
+pub mod pg;
 pub mod stats;
 pub use pg::setting;
 
@@ -116,6 +117,10 @@ pub async fn session_at(
     )
     .map_err(|e| QueryError::Sql(*e))?;
     ctx.register_udf(pg::current_setting());
+    ctx.register_udf(pg::version());
+    for udf in pg::null_catalog_functions() {
+        ctx.register_udf(udf);
+    }
     ctx.register_udf(date_trunc::udf());
     for udf in stats::udfs()
         .into_iter()
