@@ -116,8 +116,14 @@ pub async fn session_at(
         datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
     )
     .map_err(|e| QueryError::Sql(*e))?;
+    pg::add_missing_columns(&ctx, CATALOG).await?;
     ctx.register_udf(pg::current_setting());
     ctx.register_udf(pg::version());
+    ctx.register_udf(pg::to_regtype());
+    ctx.register_udf(pg::json_build_object());
+    for udf in pg::visibility_functions() {
+        ctx.register_udf(udf);
+    }
     for udf in pg::null_catalog_functions() {
         ctx.register_udf(udf);
     }

@@ -197,11 +197,25 @@ impl QueryHandler for LakeQueries {
         session: &Session,
     ) -> Result<LogicalPlan, SqlError> {
         let state = self.state(session);
-        let planned = state
-            .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
-                statement.clone(),
+        let to_plan = |s: &Statement| {
+            state.statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+                s.clone(),
             )))
-            .await;
+        };
+        let mut planned = to_plan(statement).await;
+        // DataFusion refuses an unaggregated correlated subquery while
+        // planning or while analysing the plan (cheap: no constant is
+        // computed there).
+        let unaggregated = match &planned {
+            Err(e) => e.to_string().contains(UNAGGREGATED_SUBQUERY),
+            Ok(plan) => state
+                .analyzer()
+                .execute_and_check(plan.clone(), state.config_options(), |_, _| {})
+                .is_err_and(|e| e.to_string().contains(UNAGGREGATED_SUBQUERY)),
+        };
+        if unaggregated {
+            planned = to_plan(&aggregate_scalar_subqueries(statement.clone())).await;
+        }
         match planned {
             Ok(plan) => {
                 read_only(&plan)?;
@@ -228,6 +242,143 @@ impl QueryHandler for LakeQueries {
             max_literal_bytes: self.max_literal_bytes,
         })
     }
+}
+
+/// DataFusion's refusal of a correlated scalar subquery that is not an
+/// aggregate, which PostgreSQL runs (and fails only if it returns more
+/// than one row).
+const UNAGGREGATED_SUBQUERY: &str = "Correlated scalar subquery must be aggregated";
+
+/// The aggregate functions a scalar subquery's value may already be.
+const AGGREGATES: [&str; 10] = [
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "array_agg",
+    "string_agg",
+    "bool_and",
+    "bool_or",
+    "first_value",
+];
+
+/// Whether every relation `statement` reads is one of the PostgreSQL
+/// catalog's (`pg_catalog.*`, `pg_*`, `information_schema.*`).
+fn catalog_only(statement: &Statement) -> bool {
+    use datafusion::sql::sqlparser::ast::visit_relations;
+    visit_relations(statement, |name| {
+        let name = name.to_string().to_lowercase();
+        let last = name.rsplit('.').next().unwrap_or_default();
+        if name.starts_with("pg_catalog.")
+            || name.starts_with("information_schema.")
+            || last.starts_with("pg_")
+        {
+            std::ops::ControlFlow::Continue(())
+        } else {
+            std::ops::ControlFlow::Break(())
+        }
+    })
+    .is_continue()
+}
+
+/// Whether an expression holds a subquery.
+fn has_subquery(expr: &datafusion::sql::sqlparser::ast::Expr) -> bool {
+    use datafusion::sql::sqlparser::ast::{visit_expressions, Expr};
+    visit_expressions(expr, |e| match e {
+        Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
+            std::ops::ControlFlow::Break(())
+        }
+        _ => std::ops::ControlFlow::Continue(()),
+    })
+    .is_break()
+}
+
+/// Parses one SQL expression (PostgreSQL dialect).
+fn expression(sql: &str) -> Option<datafusion::sql::sqlparser::ast::Expr> {
+    datafusion::sql::sqlparser::parser::Parser::new(
+        &datafusion::sql::sqlparser::dialect::PostgreSqlDialect {},
+    )
+    .try_with_sql(sql)
+    .and_then(|mut p| p.parse_expr())
+    .ok()
+}
+
+/// Writes correlated scalar subqueries in the forms DataFusion plans, for
+/// the catalog questions drivers ask (SQLAlchemy's column reflection: a
+/// column's default, collation and identity, each at most one row):
+/// - `CASE WHEN c THEN (SELECT e FROM ... WHERE w) END` (no other branch)
+///   as `(SELECT e FROM ... WHERE (w) AND (c))`: NULL when `c` is false
+///   either way;
+/// - `(SELECT e FROM ...)` whose value is not an aggregate as `(SELECT
+///   max(e) FROM ...)`: the same answer for at most one row (PostgreSQL
+///   fails on several rows; this takes the largest);
+/// - in a statement that reads only the catalog, such a `CASE` as NULL
+///   (see below).
+///
+/// Used only when DataFusion refuses the statement as written.
+fn aggregate_scalar_subqueries(mut statement: Statement) -> Statement {
+    use datafusion::sql::sqlparser::ast::{
+        visit_expressions_mut, Expr, SelectItem, SetExpr, Value,
+    };
+    let catalog_only = catalog_only(&statement);
+    let _ = visit_expressions_mut(&mut statement, |e| {
+        if let Expr::Case {
+            operand: None,
+            conditions,
+            else_result,
+            ..
+        } = e
+        {
+            let no_else = match else_result.as_deref() {
+                None => true,
+                Some(Expr::Value(v)) => v.value == Value::Null,
+                _ => false,
+            };
+            if let ([when], true) = (conditions.as_mut_slice(), no_else) {
+                // DataFusion decorrelates one level of simple predicates;
+                // the catalog questions drivers ask this way (a column's
+                // default, identity or collation) nest deeper. Driftline's
+                // catalog has no defaults, identities, sequences or
+                // collations: in a statement that reads only the catalog,
+                // the answer is NULL.
+                if catalog_only && has_subquery(&when.result) {
+                    *e = Expr::Value(Value::Null.into());
+                    return std::ops::ControlFlow::<()>::Continue(());
+                }
+                if let Expr::Subquery(query) = &mut when.result {
+                    if let SetExpr::Select(select) = query.body.as_mut() {
+                        let condition = match &select.selection {
+                            Some(w) => expression(&format!("({w}) AND ({})", when.condition)),
+                            None => Some(when.condition.clone()),
+                        };
+                        if let Some(condition) = condition {
+                            select.selection = Some(condition);
+                            *e = when.result.clone();
+                        }
+                    }
+                }
+            }
+        }
+        if let Expr::Subquery(query) = e {
+            if let SetExpr::Select(select) = query.body.as_mut() {
+                if let [SelectItem::UnnamedExpr(value)
+                | SelectItem::ExprWithAlias { expr: value, .. }] =
+                    select.projection.as_mut_slice()
+                {
+                    let aggregated = matches!(value, Expr::Function(f)
+                        if AGGREGATES.contains(&f.name.to_string().to_lowercase().as_str()));
+                    if !aggregated {
+                        if let Some(wrapped) = expression(&format!("max({value})")) {
+                            *value = wrapped;
+                        }
+                    }
+                }
+            }
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    statement
 }
 
 /// The statement under any `EXPLAIN`.
@@ -310,6 +461,7 @@ fn node_kind(node: &LogicalPlan) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datafusion::dataframe::DataFrame;
     use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 
     /// The statement as the endpoint parses it.
@@ -394,6 +546,47 @@ mod tests {
         assert_eq!(rows[0].num_rows(), 1);
         assert!(lake.ctx.table("t").await.is_err());
         assert!(!std::path::Path::new("/tmp/driftline-never-written.csv").exists());
+    }
+
+    #[tokio::test]
+    async fn correlated_scalar_subqueries_of_one_row_are_planned() {
+        let lake = lake().await;
+        let sql = "SELECT column2, CASE WHEN column1 > 0 THEN \
+                   (SELECT m.column2 FROM metrics m WHERE m.column1 = o.column1) END AS same \
+                   FROM metrics o ORDER BY 1";
+        let planned = plan(&lake, sql).await.expect("rewritten and planned");
+        let rows = DataFrame::new(lake.ctx.state(), planned)
+            .collect()
+            .await
+            .expect("rows");
+        let text = datafusion::arrow::util::pretty::pretty_format_batches(&rows)
+            .expect("format")
+            .to_string();
+        assert!(text.contains("| a       | a    |"), "{text}");
+        assert!(text.contains("| b       | b    |"), "{text}");
+        // ... also in a CASE, as SQLAlchemy's column reflection asks.
+        let sql = "SELECT CASE WHEN o.column1 > 1 THEN \
+                   (SELECT m.column2 FROM metrics m WHERE m.column1 = o.column1) END AS same \
+                   FROM metrics o ORDER BY o.column1";
+        let planned = plan(&lake, sql).await.expect("rewritten and planned");
+        let rows = DataFrame::new(lake.ctx.state(), planned)
+            .collect()
+            .await
+            .expect("rows");
+        let text = datafusion::arrow::util::pretty::pretty_format_batches(&rows)
+            .expect("format")
+            .to_string();
+        assert!(
+            text.contains("|      |") && text.contains("| b    |"),
+            "{text}"
+        );
+        // An aggregate is left as it is.
+        plan(
+            &lake,
+            "SELECT (SELECT count(*) FROM metrics m WHERE m.column1 = o.column1) FROM metrics o",
+        )
+        .await
+        .expect("aggregated subquery");
     }
 
     #[tokio::test]

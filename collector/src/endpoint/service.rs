@@ -202,6 +202,110 @@ impl Service {
     }
 }
 
+/// Parses `sql` as PostgreSQL (with `datafusion-pg-catalog`'s rewrites of
+/// what clients send), and writes PostgreSQL's field access on a value,
+/// `(f(x)).field`, which DataFusion does not plan, as `get_field(f(x),
+/// 'field')` (PgJDBC's primary-key query uses it).
+fn parse(parser: &PostgresCompatibilityParser, sql: &str) -> PgWireResult<Vec<Statement>> {
+    use datafusion::sql::sqlparser::ast::{visit_expressions_mut, AccessExpr, Expr};
+    let mut statements = parser
+        .parse(&regproc_names(sql))
+        .map_err(|e| pg_error(SqlError::new("42601", e.to_string())))?;
+    for statement in &mut statements {
+        let _ = visit_expressions_mut(statement, |e| {
+            if let Some(rewritten) = int2vector(e) {
+                *e = rewritten;
+            }
+            if let Expr::CompoundFieldAccess { root, access_chain } = e {
+                if let ([AccessExpr::Dot(Expr::Identifier(field))], false) = (
+                    access_chain.as_slice(),
+                    matches!(**root, Expr::Identifier(_) | Expr::CompoundIdentifier(_)),
+                ) {
+                    let call = format!("get_field({root}, '{}')", field.value.replace('\'', "''"));
+                    if let Some(rewritten) = expression(&call) {
+                        *e = rewritten;
+                    }
+                }
+            }
+            std::ops::ControlFlow::<()>::Continue(())
+        });
+    }
+    Ok(statements)
+}
+
+/// Parses one SQL expression (PostgreSQL dialect).
+fn expression(sql: &str) -> Option<datafusion::sql::sqlparser::ast::Expr> {
+    datafusion::sql::sqlparser::parser::Parser::new(
+        &datafusion::sql::sqlparser::dialect::PostgreSqlDialect {},
+    )
+    .try_with_sql(sql)
+    .and_then(|mut p| p.parse_expr())
+    .ok()
+}
+
+/// `pg_index.indkey`, `indclass`, `indoption` and `indcollation` are
+/// vectors of numbers, which the catalog keeps as text ("1 3"):
+/// `unnest(indkey)` and `generate_subscripts(indkey, 1)` (SQLAlchemy's
+/// constraint and index reflection) are written over their numbers.
+fn int2vector(
+    e: &datafusion::sql::sqlparser::ast::Expr,
+) -> Option<datafusion::sql::sqlparser::ast::Expr> {
+    use datafusion::sql::sqlparser::ast::{Expr, FunctionArguments};
+    let Expr::Function(f) = e else {
+        return None;
+    };
+    let FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
+    let arg = list.args.first()?.to_string();
+    let lower = arg.to_lowercase();
+    if !["indkey", "indclass", "indoption", "indcollation"]
+        .iter()
+        .any(|c| lower.ends_with(c))
+    {
+        return None;
+    }
+    let numbers = format!("CAST(string_to_array({arg}, ' ') AS INT[])");
+    match f.name.to_string().to_lowercase().as_str() {
+        "unnest" if list.args.len() == 1 => expression(&format!("unnest({numbers})")),
+        "generate_subscripts" => expression(&format!(
+            "unnest(range(1, CAST(cardinality({numbers}) AS BIGINT) + 1))"
+        )),
+        _ => None,
+    }
+}
+
+/// `'name'::regproc` as `'name'`: the catalog keeps function references
+/// (`pg_type.typinput`, ...) as names, so comparing with the name is what
+/// PgJDBC's `typinput = 'pg_catalog.array_in'::regproc` means; the
+/// catalog's own rewrite to an OID subquery compares text with a number.
+fn regproc_names(sql: &str) -> std::borrow::Cow<'_, str> {
+    const CAST: &str = "'::regproc";
+    let lower = sql.to_ascii_lowercase();
+    let mut out = String::new();
+    let mut copied = 0;
+    for (end, _) in lower.match_indices(CAST) {
+        let after = lower[end + CAST.len()..].chars().next();
+        if after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') || end < copied {
+            continue;
+        }
+        let Some(start) = sql[copied..end].rfind('\'').map(|i| i + copied) else {
+            continue;
+        };
+        let name = &sql[start + 1..end];
+        out.push_str(&sql[copied..start]);
+        out.push('\'');
+        out.push_str(name.strip_prefix("pg_catalog.").unwrap_or(name));
+        out.push('\'');
+        copied = end + CAST.len();
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(sql);
+    }
+    out.push_str(&sql[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
 /// A transaction that failed accepts only its end (PostgreSQL's 25P02).
 fn refuse_in_failed_transaction(
     client: &impl ClientInfo,
@@ -233,11 +337,7 @@ impl SimpleQueryHandler for Service {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as futures::Sink<PgWireBackendMessage>>::Error>,
     {
-        let statements = self
-            .parser
-            .sql
-            .parse(query)
-            .map_err(|e| pg_error(SqlError::new("42601", e.to_string())))?;
+        let statements = parse(&self.parser.sql, query)?;
         if statements.is_empty() {
             return Ok(vec![Response::EmptyQuery]);
         }
@@ -320,7 +420,7 @@ impl ExtendedQueryHandler for Service {
             },
             Kind::Query => {
                 let limits = self.limits(client, &session, "extended");
-                let params = self.parser.parameters(portal, plan)?;
+                let params = self.parser.parameters(portal)?;
                 let plan = plan
                     .clone()
                     .replace_params_with_values(&params)
@@ -342,21 +442,42 @@ pub struct Parser {
 
 impl Parser {
     /// A portal's parameters as values of the types its plan expects.
-    fn parameters(&self, portal: &Portal<Parsed>, plan: &LogicalPlan) -> PgWireResult<ParamValues> {
-        let wire = self
-            .describe
-            .get_parameter_types(&portal.statement.statement)?;
-        let wire: Vec<Option<&Type>> = wire.iter().map(Some).collect();
+    fn parameters(&self, portal: &Portal<Parsed>) -> PgWireResult<ParamValues> {
+        let types = self.parameter_types(&portal.statement.statement)?;
+        let inferred: Vec<Option<&DataType>> = types.iter().map(|(t, _)| t.as_ref()).collect();
+        let wire: Vec<Option<&Type>> = types.iter().map(|(_, t)| Some(t)).collect();
+        deserialize_parameters_with_server_types(portal, &inferred, &wire)
+    }
+
+    /// The type of each parameter `$1`, `$2`, ... by its number: a
+    /// parameter the plan does not use (a rewrite dropped it) is UNKNOWN,
+    /// so the others keep their places.
+    fn parameter_types(&self, stmt: &Parsed) -> PgWireResult<Vec<(Option<DataType>, Type)>> {
+        let (_, Some((_, plan))) = stmt else {
+            return Ok(Vec::new());
+        };
         let inferred = plan
             .get_parameter_types()
-            .map_err(|e| PgWireError::from(SqlError::from(e)))?;
-        let mut inferred: Vec<(u32, Option<DataType>)> = inferred
+            .map_err(|e| pg_error(SqlError::from(e)))?;
+        let mut inferred: Vec<(usize, Option<DataType>)> = inferred
             .into_iter()
-            .map(|(id, t)| (id.trim_start_matches('$').parse().unwrap_or(u32::MAX), t))
+            .filter_map(|(id, t)| Some((id.trim_start_matches('$').parse().ok()?, t)))
             .collect();
         inferred.sort_by_key(|(n, _)| *n);
-        let inferred: Vec<Option<&DataType>> = inferred.iter().map(|(_, t)| t.as_ref()).collect();
-        deserialize_parameters_with_server_types(portal, &inferred, &wire)
+        // The library's types are those of the plan's parameters in the
+        // order of their numbers.
+        let wire = self.describe.get_parameter_types(stmt)?;
+        let count = inferred
+            .last()
+            .map_or(0, |(n, _)| *n)
+            .min(u16::MAX as usize);
+        let mut types = vec![(None, Type::UNKNOWN); count];
+        for ((n, t), w) in inferred.into_iter().zip(wire) {
+            if let Some(slot) = n.checked_sub(1).and_then(|i| types.get_mut(i)) {
+                *slot = (t, w);
+            }
+        }
+        Ok(types)
     }
 }
 
@@ -389,10 +510,7 @@ impl QueryParser for Parser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let mut statements = self
-            .sql
-            .parse(sql)
-            .map_err(|e| pg_error(SqlError::new("42601", e.to_string())))?;
+        let mut statements = parse(&self.sql, sql)?;
         if statements.len() > 1 {
             return Err(SqlError::new(
                 "42601",
@@ -418,7 +536,11 @@ impl QueryParser for Parser {
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
-        self.describe.get_parameter_types(stmt)
+        Ok(self
+            .parameter_types(stmt)?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
     }
 
     fn get_result_schema(
@@ -663,5 +785,33 @@ impl<F: Future> Future for OnSqlRuntime<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let _runtime = self.handle.enter();
         self.inner.as_mut().poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regproc_literals_become_names() {
+        assert_eq!(
+            regproc_names("SELECT typinput='pg_catalog.array_in'::regproc AS a, 'boolin'::REGPROC, 'x'::regprocedure"),
+            "SELECT typinput='array_in' AS a, 'boolin', 'x'::regprocedure"
+        );
+        assert_eq!(regproc_names("SELECT 1"), "SELECT 1");
+    }
+
+    #[test]
+    fn field_access_on_a_value_becomes_get_field() {
+        let statements = parse(
+            &PostgresCompatibilityParser::new(),
+            "SELECT (information_schema._pg_expandarray(i.indkey)).n FROM t i",
+        )
+        .expect("parse");
+        let text = statements[0].to_string();
+        assert!(
+            text.contains("get_field(information_schema._pg_expandarray(i.indkey), 'n')"),
+            "{text}"
+        );
     }
 }

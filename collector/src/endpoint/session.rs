@@ -177,7 +177,7 @@ fn parse_duration(text: &str) -> Result<Duration, ()> {
         _ => return Err(()),
     };
     let ms = number * ms;
-    if !ms.is_finite() || ms < 0.0 || ms > 1e15 {
+    if !ms.is_finite() || !(0.0..=1e15).contains(&ms) {
         return Err(());
     }
     Ok(Duration::from_micros((ms * 1e3) as u64))
@@ -539,15 +539,16 @@ where
         }
         Statement::Commit { .. } if failed => Response::TransactionEnd(Tag::new("ROLLBACK")),
         Statement::Commit { .. } => Response::TransactionEnd(Tag::new("COMMIT")),
+        // Back to a savepoint after an error: there is nothing to undo in
+        // a read-only transaction, and pgwire cannot take a failed
+        // transaction back to a running one, so the block ends (the client
+        // sees it idle and starts a new one with its next statement).
         Statement::Rollback {
             savepoint: Some(_), ..
-        } => {
-            // Back to the savepoint: the transaction goes on.
-            if failed {
-                client.set_transaction_status(TransactionStatus::Transaction);
-            }
-            tag("ROLLBACK")
-        }
+        } if failed => Response::TransactionEnd(Tag::new("ROLLBACK")),
+        Statement::Rollback {
+            savepoint: Some(_), ..
+        } => tag("ROLLBACK"),
         Statement::Rollback { .. } => Response::TransactionEnd(Tag::new("ROLLBACK")),
         Statement::Savepoint { .. } => tag("SAVEPOINT"),
         Statement::ReleaseSavepoint { .. } => tag("RELEASE"),
