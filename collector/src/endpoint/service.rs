@@ -810,7 +810,7 @@ mod tests {
         .expect("parse");
         let text = statements[0].to_string();
         assert!(
-            text.contains("get_field(information_schema._pg_expandarray(i.indkey), 'n')"),
+            text.contains("get_field((_pg_expandarray(i.indkey)), 'n')"),
             "{text}"
         );
     }
