@@ -237,11 +237,12 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
 
 
-def start_endpoint(lake, queries, env=None, client_id="bench"):
-    """A `serve` with only the SQL endpoint doing work; its psycopg DSN."""
+def start_endpoint(lake, queries, env=None, client_id="bench", binary=COLLECTOR):
+    """A `serve` (of `binary`) with only the SQL endpoint doing work; its
+    psycopg DSN."""
     port = free_port()
     proc = subprocess.Popen(
-        [str(COLLECTOR), "serve", "--broker", "mqtt://127.0.0.1:1", "--data-dir", str(lake),
+        [str(binary), "serve", "--broker", "mqtt://127.0.0.1:1", "--data-dir", str(lake),
          "--client-id", client_id,
          "--pg-listen", f"127.0.0.1:{port}", "--pg-password", "bench", "--pg-statement-timeout", "10m",
          "--pg-memory-mb", "8192", "--queries", str(queries), "--detect-interval", "24h"],
