@@ -9,7 +9,11 @@ RUN cargo build --release --locked -p driftline-collector -p driftline-agent \
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends libssl3 ca-certificates curl \
-    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 driftline
+    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 driftline \
+    && install -d -o driftline /var/lib/driftline-agent
+# The agent's state (privacy budget ledger, sequence number, buffer) must
+# outlive the container: a fresh one would be a fresh budget.
+VOLUME /var/lib/driftline-agent
 COPY --from=build /src/target/release/driftline-collector /src/target/release/driftline-agent /usr/local/bin/
 USER driftline
 WORKDIR /data

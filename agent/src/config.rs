@@ -29,7 +29,7 @@ pub struct AgentFile {
     /// MQTT broker, `mqtt://host:port` (default: `mqtt://127.0.0.1:1883`).
     pub broker: Option<String>,
     /// Directory for the ledger, the sequence number and the buffer
-    /// (default: `./driftline-agent-state`).
+    /// (default: `/var/lib/driftline-agent`).
     pub state_dir: Option<PathBuf>,
     /// Window length (default 60s).
     #[serde(default, with = "humantime_serde")]
@@ -174,7 +174,15 @@ pub struct Overrides {
     pub fleet: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub http_listen: Option<SocketAddr>,
+    /// Start with a fresh budget ledger when it is missing from a state
+    /// directory that has other state (`run --reset-budget`).
+    pub reset_budget: bool,
 }
+
+/// Where the agent keeps its ledger, sequence number and buffer unless
+/// told otherwise: an absolute path, so that the budget does not depend on
+/// the directory the agent was started from.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/driftline-agent";
 
 /// The resolved, validated agent configuration.
 #[derive(Debug, Clone)]
@@ -183,6 +191,8 @@ pub struct AgentConfig {
     pub fleet: String,
     pub broker: BrokerUrl,
     pub state_dir: PathBuf,
+    /// See [`Overrides::reset_budget`].
+    pub reset_budget: bool,
     pub window_secs: u32,
     pub mechanism: MechanismConfig,
     pub budget: Budget,
@@ -327,7 +337,8 @@ impl AgentConfig {
             state_dir: over
                 .state_dir
                 .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from("driftline-agent-state")),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            reset_budget: over.reset_budget,
             window_secs,
             mechanism,
             budget,

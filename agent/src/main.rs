@@ -59,6 +59,11 @@ struct RunArgs {
     /// Address of the local HTTP ingest.
     #[arg(long, env = "DRIFTLINE_HTTP_LISTEN")]
     http_listen: Option<std::net::SocketAddr>,
+    /// Start with a fresh privacy budget when budget.ledger is missing from
+    /// a state directory that holds other state (refused otherwise). The
+    /// device may then exceed its budget for the current period; logged.
+    #[arg(long)]
+    reset_budget: bool,
 }
 
 #[derive(clap::Args)]
@@ -182,6 +187,7 @@ async fn run_command(args: RunArgs) -> anyhow::Result<()> {
         fleet: args.fleet,
         state_dir: args.state_dir,
         http_listen: args.http_listen,
+        reset_budget: args.reset_budget,
     };
     let config = resolve(args.config.as_deref(), over)?;
     let shutdown = CancellationToken::new();

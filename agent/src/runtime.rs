@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,7 +59,71 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("state directory {path} is in use by another driftline-agent (it holds {path}/lock); stop that agent first, or give this one its own --state-dir")]
+    Locked { path: PathBuf },
+    #[error("state directory {path} holds a sequence number or buffered windows but no budget.ledger: the privacy budget spent so far is unknown, and a fresh one would let this device publish more than its budget. Restore the ledger, or start with --reset-budget to accept that (it is logged)")]
+    LedgerMissing { path: PathBuf },
 }
+
+/// The state directory, locked for this process: the lock is taken before
+/// anything in the directory is read or written and held until the agent
+/// exits, so a second agent on the same directory changes nothing.
+#[derive(Debug)]
+pub struct StateDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl StateDir {
+    /// Creates (if needed) and locks `path`. Unless `reset_budget`, refuses
+    /// a directory that has other state but no ledger: its budget would
+    /// start afresh.
+    pub fn open(path: &Path, reset_budget: bool) -> Result<Self, AgentError> {
+        let state = |source| AgentError::State {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(path).map_err(state)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join("lock"))
+            .map_err(state)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(AgentError::Locked {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(state(e)),
+        }
+        let ledger = path.join(LEDGER_FILE).exists();
+        let other_state = path.join(SEQ_FILE).exists() || path.join(BUFFER_DIR).exists();
+        if !ledger && other_state {
+            if !reset_budget {
+                return Err(AgentError::LedgerMissing {
+                    path: path.to_path_buf(),
+                });
+            }
+            tracing::warn!(state_dir = %path.display(), "--reset-budget: the budget ledger is missing and starts afresh; this device may exceed its privacy budget for the current period");
+        }
+        Ok(StateDir {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The files of the state directory.
+const LEDGER_FILE: &str = "budget.ledger";
+const SEQ_FILE: &str = "seq";
+const BUFFER_DIR: &str = "buffer";
 
 /// The per-device sequence number, strictly increasing across restarts.
 ///
@@ -179,13 +243,10 @@ impl Loop {
     }
 
     /// Hands the agent's figures to the metrics facade (OTLP when
-    /// configured; free otherwise).
+    /// configured; free otherwise). Only figures that do not depend on the
+    /// events leave the device: counts of events and of refused local
+    /// requests stay on the loopback endpoint (`GET /v1/status`).
     fn publish_metrics(&self, status: &StatusReport) {
-        let shared = &self.shared;
-        metrics::counter!("driftline_agent_events_accepted_total")
-            .absolute(shared.events_accepted.load(Ordering::Relaxed));
-        metrics::counter!("driftline_agent_requests_refused_total")
-            .absolute(shared.requests_refused.load(Ordering::Relaxed));
         metrics::counter!("driftline_agent_windows_withheld_total").absolute(self.withheld);
         metrics::counter!("driftline_agent_windows_lost_total").absolute(status.lost_windows);
         metrics::gauge!("driftline_agent_windows_buffered").set(status.buffered_windows as f64);
@@ -227,15 +288,11 @@ impl Loop {
 
 /// Runs the agent until `shutdown` fires.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let state_dir = config.state_dir.clone();
-    std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::State {
-        path: state_dir.clone(),
-        source,
-    })?;
+    let state_dir = StateDir::open(&config.state_dir, config.reset_budget)?;
     let now = Utc::now();
-    let ledger = Ledger::open(&state_dir.join("budget.ledger"), config.budget, now)?;
-    let seq = SeqFile::open(&state_dir.join("seq"))?;
-    let mut queue = DiskQueue::open(&state_dir.join("buffer"), config.buffer_max_bytes)?;
+    let ledger = Ledger::open(&state_dir.path().join(LEDGER_FILE), config.budget, now)?;
+    let seq = SeqFile::open(&state_dir.path().join(SEQ_FILE))?;
+    let mut queue = DiskQueue::open(&state_dir.path().join(BUFFER_DIR), config.buffer_max_bytes)?;
     queue.set_coarsener(Box::new(crate::coarsen::coarsen_payloads));
     let privatizer = Privatizer::new(config.mechanism)?;
     let mut windower = Windower::new(config.window_secs, now);

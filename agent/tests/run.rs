@@ -736,3 +736,112 @@ fn logs_in_with_username_and_password() {
     }
     panic!("no window arrived through a broker that requires a password");
 }
+
+/// Every file of a state directory, with its length and content.
+fn state_files(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read state dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.insert(path.clone(), std::fs::read(&path).expect("read"));
+            }
+        }
+    }
+    files
+}
+
+/// `driftline-agent run` to completion (it must exit on its own): exit
+/// success and stderr.
+fn run_to_exit(config: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(AGENT)
+        .args(["run", "--config"])
+        .arg(config)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run agent");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_dir_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = free_port();
+    // Hour-long windows: the running agent spends nothing during the test,
+    // so any change to its state directory would be the second agent's.
+    let config = write_config(dir.path(), free_port(), http);
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("window = \"1s\"", "window = \"1h\"")).expect("write");
+    let _first = start_agent(&config, http);
+    let state = dir.path().join("state");
+    let before = state_files(&state);
+    assert!(
+        before.keys().any(|p| p.ends_with("budget.ledger")),
+        "{before:?}"
+    );
+    // The second one is given another port: it must stop at the lock, not
+    // at the port, and before it reads or writes anything.
+    let second = dir.path().join("second.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let second_port = free_port();
+    std::fs::write(
+        &second,
+        text.replace(
+            &format!("127.0.0.1:{http}"),
+            &format!("127.0.0.1:{second_port}"),
+        ),
+    )
+    .expect("write");
+    let (ok, err) = run_to_exit(&second, &[]);
+    assert!(!ok, "the second agent must refuse to run");
+    assert!(err.contains("in use by another driftline-agent"), "{err}");
+    assert_eq!(
+        state_files(&state),
+        before,
+        "the second agent changed the state directory"
+    );
+    assert!(TcpStream::connect(("127.0.0.1", second_port)).is_err());
+}
+
+#[test]
+fn a_missing_ledger_is_refused_not_started_afresh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = free_port();
+    let config = write_config(dir.path(), free_port(), http);
+    let state = dir.path().join("state");
+    {
+        let _agent = start_agent(&config, http);
+        wait_for("a window spent", Duration::from_secs(20), || {
+            std::fs::metadata(state.join("budget.ledger")).is_ok_and(|m| m.len() > 8)
+        });
+    }
+    std::fs::remove_file(state.join("budget.ledger")).expect("delete the ledger");
+    let (ok, err) = run_to_exit(&config, &[]);
+    assert!(!ok, "an agent without its ledger must not start");
+    assert!(
+        err.contains("no budget.ledger") && err.contains("--reset-budget"),
+        "{err}"
+    );
+    assert!(!state.join("budget.ledger").exists(), "nothing was created");
+    // Said explicitly, it starts (with a warning) and keeps a new ledger.
+    let child = Command::new(AGENT)
+        .args(["run", "--reset-budget", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start agent");
+    let _agent = Agent(child);
+    wait_for("the agent's HTTP ingest", Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", http)).is_ok()
+    });
+    assert!(state.join("budget.ledger").exists());
+}
