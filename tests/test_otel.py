@@ -219,3 +219,90 @@ def test_unsupported_otlp_protocol_is_refused_with_a_reason(tmp_path):
     assert run.returncode != 0
     assert "http/protobuf" in run.stderr, run.stderr
 
+
+
+def test_agent_telemetry_does_not_depend_on_events(tmp_path, broker):
+    """The same agent configuration run three times, recording 0, 37 and 91
+    events: what it exports over OTLP (metric values, span names, log
+    messages) is the same, so nobody watching the telemetry learns how the
+    device was used. The events themselves are counted on the loopback
+    endpoint only."""
+    import json
+
+    exported = []
+    for n in (0, 37, 91):
+        server, received = None, Received()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                {"/v1/traces": received.add_traces, "/v1/metrics": received.add_metrics,
+                 "/v1/logs": received.add_logs}.get(self.path, lambda b: None)(body)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        http_port = free_port()
+        run_dir = tmp_path / f"run-{n}"
+        run_dir.mkdir()
+        config = run_dir / "agent.toml"
+        # Hour-long windows: no window closes during the run, so every
+        # figure the agent exports is the same whatever the timing.
+        config.write_text(f"""
+device_id = "otel-privacy"
+fleet = "otel"
+broker = "mqtt://127.0.0.1:{broker}"
+state_dir = "{run_dir / 'state'}"
+window = "1h"
+[privacy]
+epsilon = 1.0
+budget_rho = 100.0
+[http]
+listen = "127.0.0.1:{http_port}"
+[[models]]
+id = "m"
+version = "1"
+""")
+        agent = subprocess.Popen([str(AGENT), "run", "--config", str(config)],
+                                 env=otel_env(f"http://127.0.0.1:{server.server_address[1]}"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            event = {"type": "inference", "model_id": "m", "model_version": "1", "latency_ms": 5}
+            if n:
+                req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/events",
+                                             data=json.dumps([event] * n).encode(), method="POST")
+                assert urllib.request.urlopen(req, timeout=10).status == 202
+            status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/status"))
+            assert status["local"]["events_accepted"] == n
+            # Three metric exports after the events.
+            deadline = time.time() + 30
+            while time.time() < deadline and received.snapshot()[1].get("driftline-agent", {}) \
+                    .get("driftline_agent_connected") != 1:
+                time.sleep(0.2)
+            time.sleep(3.5)
+        finally:
+            stop(agent)
+            server.shutdown()
+        spans, metrics = received.snapshot()
+        exported.append({
+            "metrics": metrics.get("driftline-agent", {}),
+            "spans": sorted(set(spans.get("driftline-agent", []))),
+            "logs": sorted(set(received.log_bodies("driftline-agent"))),
+        })
+    assert exported[0]["metrics"], "the agent exported no metrics"
+    assert "driftline_agent_budget_remaining_rho" in exported[0]["metrics"]
+    assert exported[0] == exported[1] == exported[2], exported
+    for name in exported[0]["metrics"]:
+        assert "event" not in name and "request" not in name, name
