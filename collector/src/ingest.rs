@@ -85,6 +85,9 @@ pub const INVALID_STATUS: &str = "invalid_status";
 /// row (a bug or a schema change, never expected).
 pub const UNSTORABLE: &str = "unstorable";
 
+/// How much of a payload over the size limit a `quarantine` row keeps.
+pub const QUARANTINE_KEPT_BYTES: usize = 4096;
+
 /// What happened to one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -131,8 +134,13 @@ impl Ingest {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         self.pending += 1;
         let parsed = driftline_core::topic::parse(topic);
+        let bounds = TimeBounds {
+            now: received_at,
+            max_age: self.limits.max_event_age,
+            max_future: self.limits.max_future_skew,
+        };
         if parsed.is_some_and(|t| t.kind == TopicKind::Status) {
-            return match accept_status(topic, payload) {
+            return match accept_status(topic, payload, &bounds) {
                 Ok(report) => {
                     self.counters.status.fetch_add(1, Ordering::Relaxed);
                     let date = report.at.format("%Y-%m-%d").to_string();
@@ -145,11 +153,6 @@ impl Ingest {
                 Err(detail) => self.quarantine(topic, payload, received_at, INVALID_STATUS, detail),
             };
         }
-        let bounds = TimeBounds {
-            now: received_at,
-            max_age: self.limits.max_event_age,
-            max_future: self.limits.max_future_skew,
-        };
         match wire::accept(topic, payload, &bounds) {
             Ok(report) => {
                 self.counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -170,6 +173,7 @@ impl Ingest {
         }
     }
 
+    /// Queues a refused message as a `quarantine` row.
     fn quarantine(
         &mut self,
         topic: &str,
@@ -180,6 +184,22 @@ impl Ingest {
     ) -> Outcome {
         tracing::warn!(topic, reason, detail, "message quarantined");
         self.counters.count_quarantined(reason, 1);
+        // An oversized payload is kept in part: enough to see what it was,
+        // not enough for a device to fill the disk (or the collector's
+        // memory until the flush) with a few large messages.
+        let (kept, detail) = if payload.len() > wire::MAX_PAYLOAD_BYTES {
+            let digest = ring::digest::digest(&ring::digest::SHA256, payload);
+            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            (
+                payload[..QUARANTINE_KEPT_BYTES].to_vec(),
+                format!(
+                    "{detail}; kept the first {QUARANTINE_KEPT_BYTES} bytes, SHA-256 of all {} bytes {hex}",
+                    payload.len()
+                ),
+            )
+        } else {
+            (payload.to_vec(), detail)
+        };
         let date = received_at.format("%Y-%m-%d").to_string();
         self.quarantine
             .entry(date)
@@ -189,7 +209,8 @@ impl Ingest {
                 topic: topic.to_owned(),
                 reason,
                 detail,
-                payload: payload.to_vec(),
+                size: payload.len(),
+                payload: kept,
             });
         Outcome::Quarantined { reason }
     }
@@ -272,8 +293,11 @@ impl Ingest {
     }
 }
 
-/// Parses a status message and checks it against its topic.
-fn accept_status(topic: &str, payload: &[u8]) -> Result<StatusReport, String> {
+/// Parses a status message and checks it against its topic, the
+/// collector's clock (`at` no further ahead than a window may be, and at
+/// most `max_event_age` or a year old, whichever is longer) and the ranges
+/// of its counters.
+fn accept_status(topic: &str, payload: &[u8], bounds: &TimeBounds) -> Result<StatusReport, String> {
     if payload.len() > wire::MAX_PAYLOAD_BYTES {
         return Err(format!(
             "{} bytes, over the {} byte limit",
@@ -282,6 +306,33 @@ fn accept_status(topic: &str, payload: &[u8]) -> Result<StatusReport, String> {
         ));
     }
     let report = StatusReport::decode(payload).map_err(|e| e.to_string())?;
+    // A last will carries the time its connection began, which can be
+    // long before it is published: the past bound is at least a year.
+    let max_age = bounds.max_age.max(TimeDelta::days(365));
+    let (earliest, latest) = (bounds.now - max_age, bounds.now + bounds.max_future);
+    if report.at < earliest || report.at > latest {
+        return Err(format!(
+            "at {} is outside the accepted range {earliest} .. {latest}",
+            report.at
+        ));
+    }
+    let max = wire::MAX_COUNT as u64;
+    for (name, value) in [
+        ("windows_withheld", report.windows_withheld),
+        ("buffered_windows", report.buffered_windows),
+        ("lost_windows", report.lost_windows),
+    ] {
+        if value > max {
+            return Err(format!("{name} is {value}, outside 0 ..= {max}"));
+        }
+    }
+    if let Some(rho) = report.budget_remaining_rho {
+        if !(rho.is_finite() && rho >= 0.0) {
+            return Err(format!(
+                "budget_remaining_rho must be a finite number >= 0, got {rho}"
+            ));
+        }
+    }
     match driftline_core::topic::parse(topic) {
         Some(t) if t.device_id == report.device_id && t.fleet == report.fleet => Ok(report),
         _ => Err(format!(
@@ -363,4 +414,98 @@ fn flush_table<T>(
         }
     }
     flushed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPIC: &str = "driftline/v1/eu-kiosks/kiosk-0007/metrics";
+
+    fn fixture() -> serde_json::Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../core/tests/fixtures/v1/valid/laplace.json");
+        serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("json")
+    }
+
+    async fn rows(dir: &std::path::Path, sql: &str) -> Vec<Vec<String>> {
+        let ctx = crate::query::session(dir).await.expect("session");
+        let batches = crate::query::run(&ctx, sql).await.expect("query");
+        let text = crate::query::render(&batches, crate::query::Format::Csv).expect("csv");
+        text.lines()
+            .skip(1)
+            .map(|l| l.split(',').map(str::to_owned).collect())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn oversized_and_out_of_range_messages_are_kept_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lake = LakeWriter::open(dir.path()).expect("lake");
+        let mut ingest = Ingest::new(IngestLimits::default(), Arc::new(Default::default()));
+        let mut report = fixture();
+        let received: DateTime<Utc> = "2026-11-27T10:01:30Z".parse().expect("ts");
+        // 15 MiB of padding in a field nobody reads.
+        let huge = vec![b'x'; 15 << 20];
+        assert!(matches!(
+            ingest.handle(TOPIC, &huge, received),
+            Outcome::Quarantined {
+                reason: "payload_too_large"
+            }
+        ));
+        // Counts that would overflow a fleet sum.
+        report["inference_count"] = serde_json::json!(i64::MAX);
+        let overflow = serde_json::to_vec(&report).expect("json");
+        assert!(matches!(
+            ingest.handle(TOPIC, &overflow, received),
+            Outcome::Quarantined {
+                reason: "invalid_field"
+            }
+        ));
+        // A status from the far future, with an impossible counter.
+        let status = serde_json::json!({
+            "schema_version": 1, "device_id": "kiosk-0007", "fleet": "eu-kiosks",
+            "state": "online", "at": "9999-12-31T00:00:00Z", "models": [],
+            "budget_exhausted": false, "windows_withheld": 0, "buffered_windows": 0,
+            "lost_windows": 0
+        });
+        let status_topic = "driftline/v1/eu-kiosks/kiosk-0007/status";
+        for bad in [status.clone(), {
+            let mut s = status.clone();
+            s["at"] = serde_json::json!("2026-11-27T10:01:00Z");
+            s["windows_withheld"] = serde_json::json!(u64::MAX);
+            s
+        }] {
+            let bytes = serde_json::to_vec(&bad).expect("json");
+            assert!(
+                matches!(
+                    ingest.handle(status_topic, &bytes, received),
+                    Outcome::Quarantined {
+                        reason: INVALID_STATUS
+                    }
+                ),
+                "{bad}"
+            );
+        }
+        ingest.flush(&lake).expect("flush");
+        let stored = rows(
+            dir.path(),
+            "SELECT reason, payload_bytes, length(payload), detail LIKE '%SHA-256 of all%' \
+             FROM quarantine ORDER BY payload_bytes DESC",
+        )
+        .await;
+        assert_eq!(
+            stored[0][..3],
+            ["payload_too_large", &(15u64 << 20).to_string(), "4096"]
+        );
+        assert_eq!(stored[0][3], "true");
+        assert_eq!(stored.len(), 4);
+        assert!(stored[1..].iter().all(|r| r[3] == "false"));
+        // Nothing reached the other tables: no status partition in year 9999.
+        assert!(!dir.path().join("status/date=9999-12-31").exists());
+        assert!(
+            !dir.path().join("metrics").exists()
+                || rows(dir.path(), "SELECT count(*) FROM metrics").await[0][0] == "0"
+        );
+    }
 }

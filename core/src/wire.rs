@@ -43,6 +43,14 @@ pub const MAX_CUSTOM_HISTOGRAMS: usize = 16;
 pub const MAX_CATEGORY_FEATURES: usize = 8;
 /// Most categories per categorical feature.
 pub const MAX_CATEGORIES: usize = 64;
+/// The largest magnitude of any count (2^40, about 10^12): far above what
+/// one device records in a day, far below where a sum over a fleet's rows
+/// could overflow a 64-bit integer (2^23 such rows).
+pub const MAX_COUNT: i64 = 1 << 40;
+/// The largest noise scale (Laplace b or Gaussian sigma) a message may
+/// declare: a scale above it would make every standard error it enters
+/// meaningless.
+pub const MAX_NOISE_SCALE: f64 = 1e6;
 
 /// Noised fields every message has, in the order of `privacy.noise_scale`
 /// documentation; `custom.{name}` and `categories.{name}` come on top.
@@ -432,7 +440,23 @@ impl WindowReport {
             ));
         }
         self.validate_histograms()?;
+        self.check_count_bounds()?;
         self.validate_privacy()
+    }
+
+    /// Every count within ±[`MAX_COUNT`], whatever the mechanism.
+    fn check_count_bounds(&self) -> Result<(), Rejection> {
+        match self.counts().into_iter().find(|(_, c)| c.abs() > MAX_COUNT) {
+            Some((field, value)) => Err(Rejection::field(
+                field,
+                FieldProblem::OutOfRange {
+                    value: value.to_string(),
+                    min: (-MAX_COUNT).to_string(),
+                    max: MAX_COUNT.to_string(),
+                },
+            )),
+            None => Ok(()),
+        }
     }
 
     fn validate_histograms(&self) -> Result<(), Rejection> {
@@ -538,6 +562,16 @@ impl WindowReport {
         let fields = self.noised_fields();
         for name in &fields {
             match p.noise_scale.get(name) {
+                Some(s) if s.is_finite() && *s > MAX_NOISE_SCALE => {
+                    return Err(Rejection::field(
+                        format!("privacy.noise_scale.{name}"),
+                        FieldProblem::OutOfRange {
+                            value: s.to_string(),
+                            min: "0".into(),
+                            max: MAX_NOISE_SCALE.to_string(),
+                        },
+                    ))
+                }
                 Some(s) if s.is_finite() && *s > 0.0 => {}
                 Some(s) => {
                     return Err(Rejection::field(
@@ -565,6 +599,17 @@ impl WindowReport {
     }
 
     fn check_exact_counts_non_negative(&self) -> Result<(), Rejection> {
+        match self.counts().into_iter().find(|(_, c)| *c < 0) {
+            Some((field, value)) => Err(Rejection::field(
+                field,
+                FieldProblem::NegativeExactCount { value },
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Every count of the message, with its field's name.
+    fn counts(&self) -> Vec<(String, i64)> {
         let mut counts: Vec<(String, i64)> = vec![
             ("inference_count".into(), self.inference_count),
             ("error_count".into(), self.error_count),
@@ -594,13 +639,7 @@ impl WindowReport {
                     .map(|(k, c)| (format!("categories.{name}.{k}"), *c)),
             );
         }
-        match counts.into_iter().find(|(_, c)| *c < 0) {
-            Some((field, value)) => Err(Rejection::field(
-                field,
-                FieldProblem::NegativeExactCount { value },
-            )),
-            None => Ok(()),
-        }
+        counts
     }
 
     /// Checks `window_start` against the collector's clock.

@@ -132,6 +132,9 @@ pub struct QuarantinedMessage {
     /// Stable reason code (`driftline_core::wire::Rejection::code`).
     pub reason: &'static str,
     pub detail: String,
+    /// The payload's size as received.
+    pub size: usize,
+    /// The payload, or its first bytes when it was over the size limit.
     pub payload: Vec<u8>,
 }
 
@@ -394,7 +397,7 @@ pub fn quarantine_batch(rows: &[QuarantinedMessage]) -> Result<RecordBatch, Arro
         device_id.append_option(parsed.map(|t| t.device_id));
         reason.append_value(q.reason);
         detail.append_value(&q.detail);
-        payload_bytes.append_value(i64::try_from(q.payload.len()).unwrap_or(i64::MAX));
+        payload_bytes.append_value(i64::try_from(q.size).unwrap_or(i64::MAX));
         payload.append_value(&q.payload);
         payload_text.append_option(std::str::from_utf8(&q.payload).ok());
     }
