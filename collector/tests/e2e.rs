@@ -502,16 +502,18 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
         .map(|(r, n)| vec![r.to_string(), n.to_string()])
         .collect();
     assert_eq!(reasons, expected);
-    // The raw payload is kept whole, with the topic and a readable detail.
+    // The payload is kept with the topic and a readable detail: its size,
+    // and of one over the size limit only the first 4 KiB.
     let kept = query(
         data.path(),
-        "SELECT payload_bytes, device_id, length(detail) > 10 AS has_detail FROM quarantine \
-         WHERE reason = 'payload_too_large'",
+        "SELECT payload_bytes, length(payload), device_id, length(detail) > 10 AS has_detail \
+         FROM quarantine WHERE reason = 'payload_too_large'",
     );
     assert_eq!(
         kept,
         vec![vec![
             (70 * 1024).to_string(),
+            "4096".into(),
             "kiosk-0007".into(),
             "true".into()
         ]]
