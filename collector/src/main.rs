@@ -76,6 +76,11 @@ struct RetrainArgs {
     /// HMAC-SHA256 key: the webhook's X-Driftline-Signature header.
     #[arg(long, env = "DRIFTLINE_RETRAIN_SECRET", hide_env_values = true)]
     retrain_secret: Option<String>,
+    /// HMAC-SHA256 key job reports (POST /v1/jobs/{id}/status) must be
+    /// signed with. Default: --retrain-secret (a signature covers the
+    /// method and path, so a webhook's cannot pass for a report).
+    #[arg(long, env = "DRIFTLINE_JOB_REPORT_SECRET", hide_env_values = true)]
+    job_report_secret: Option<String>,
     /// Run this shell command per job, the evidence JSON on stdin.
     #[arg(long, env = "DRIFTLINE_RETRAIN_COMMAND")]
     retrain_command: Option<String>,
@@ -491,12 +496,17 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         observe::publish_counters(&published);
     });
     if let Some(listen) = args.metrics_listen {
-        let jobs = match &args.retrain.retrain_secret {
-            Some(secret) => Some(observe::JobsApi {
-                ctx: Arc::new(query::session_at(&location, None).await?),
-                lake: lake.clone(),
-                secret: secret.clone(),
-            }),
+        let secret = args
+            .retrain
+            .job_report_secret
+            .as_ref()
+            .or(args.retrain.retrain_secret.as_ref());
+        let jobs = match secret {
+            Some(secret) => Some(observe::JobsApi::new(
+                Arc::new(query::session_at(&location, None).await?),
+                lake.clone(),
+                secret.clone(),
+            )),
             None => None,
         };
         let addr = observe::serve(listen, counters.clone(), jobs, shutdown.clone())

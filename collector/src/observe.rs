@@ -2,7 +2,9 @@
 //! format) and `GET /health` on `--metrics-listen`; with a retraining
 //! secret, also `POST /v1/jobs/{job_id}/status` for the training system to
 //! report a job's state (`{"status": "succeeded", "detail": "..."}`, signed
-//! like the webhook: `X-Driftline-Signature: sha256={hex HMAC of the body}`).
+//! like the webhook, see [`crate::retrain::signature`]: a request whose
+//! timestamp is more than 5 minutes off is refused with 401, one whose
+//! signature was already used with 409).
 //!
 //! Counters live in [`Counters`] (atomics the ingest path bumps); at each
 //! scrape, and every few seconds for OpenTelemetry, [`publish_counters`]
@@ -41,6 +43,75 @@ pub struct JobsApi {
     pub lake: Arc<crate::lake::LakeWriter>,
     /// The HMAC key requests must be signed with.
     pub secret: String,
+    /// Signatures accepted in the last [`crate::retrain::SIGNATURE_MAX_AGE`]
+    /// (with their timestamps): a replay is refused.
+    pub seen: std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>,
+}
+
+impl JobsApi {
+    pub fn new(
+        ctx: Arc<datafusion::prelude::SessionContext>,
+        lake: Arc<crate::lake::LakeWriter>,
+        secret: String,
+    ) -> Self {
+        JobsApi {
+            ctx,
+            lake,
+            secret,
+            seen: Default::default(),
+        }
+    }
+
+    /// Checks a report's signature headers against `method`, `path` and
+    /// `body`; the error is the HTTP status and why.
+    fn verify(
+        &self,
+        headers: &axum::http::HeaderMap,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(), (StatusCode, String)> {
+        let unauthorized = |why: &str| (StatusCode::UNAUTHORIZED, why.to_owned());
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let timestamp: i64 = header("x-driftline-timestamp")
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| unauthorized("missing or malformed X-Driftline-Timestamp"))?;
+        let now = chrono::Utc::now().timestamp();
+        let max_age = crate::retrain::SIGNATURE_MAX_AGE.as_secs() as i64;
+        if (now - timestamp).abs() > max_age {
+            return Err(unauthorized(
+                "X-Driftline-Timestamp is more than 5 minutes from the collector's clock",
+            ));
+        }
+        let tag = header("x-driftline-signature")
+            .and_then(|v| v.strip_prefix("sha256="))
+            .and_then(|hex| {
+                (0..hex.len())
+                    .step_by(2)
+                    .map(|i| {
+                        hex.get(i..i + 2)
+                            .and_then(|b| u8::from_str_radix(b, 16).ok())
+                    })
+                    .collect::<Option<Vec<u8>>>()
+            })
+            .ok_or_else(|| unauthorized("missing or malformed X-Driftline-Signature"))?;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.secret.as_bytes());
+        let mut message = format!("{timestamp}.POST.{path}.").into_bytes();
+        message.extend_from_slice(body);
+        ring::hmac::verify(&key, &message, &tag)
+            .map_err(|_| unauthorized("wrong X-Driftline-Signature"))?;
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "lock".to_owned()))?;
+        seen.retain(|_, t| (now - *t).abs() <= max_age);
+        if seen.insert(tag, timestamp).is_some() {
+            return Err((
+                StatusCode::CONFLICT,
+                "this signed report was already received (replay)".to_owned(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -149,6 +220,7 @@ struct StatusReport {
 async fn job_status(
     State(o): State<Observed>,
     axum::extract::Path(job_id): axum::extract::Path<String>,
+    uri: axum::http::Uri,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> impl IntoResponse {
@@ -161,28 +233,12 @@ async fn job_status(
     let Some(jobs) = &o.jobs else {
         return reply(
             StatusCode::NOT_FOUND,
-            "job reports need --retrain-secret".into(),
+            "job reports need --job-report-secret (or --retrain-secret)".into(),
         );
     };
-    let signed = headers
-        .get("x-driftline-signature")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("sha256="))
-        .and_then(|hex| {
-            (0..hex.len())
-                .step_by(2)
-                .map(|i| {
-                    hex.get(i..i + 2)
-                        .and_then(|b| u8::from_str_radix(b, 16).ok())
-                })
-                .collect::<Option<Vec<u8>>>()
-        });
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, jobs.secret.as_bytes());
-    if signed.is_none_or(|tag| ring::hmac::verify(&key, &body, &tag).is_err()) {
-        return reply(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong X-Driftline-Signature".into(),
-        );
+    // The path as the client sent (and signed) it.
+    if let Err((code, why)) = jobs.verify(&headers, uri.path(), &body) {
+        return reply(code, why);
     }
     let report: StatusReport = match serde_json::from_slice(&body) {
         Ok(r) => r,

@@ -11,15 +11,15 @@
 //!
 //! Webhook: `POST` of the evidence JSON with `Content-Type:
 //! application/json`, `X-Driftline-Job: {job_id}` (use it as the idempotency
-//! key), and with a secret `X-Driftline-Signature: sha256={hex HMAC-SHA256
-//! of the body}`. A 2xx answer marks the job dispatched; timeouts, 5xx, 408
+//! key), and with a secret the signature headers of [`signature`]. A 2xx answer marks the job dispatched; timeouts, 5xx, 408
 //! and 429 are retried with exponential backoff (4 attempts); other answers
 //! fail the job. Command: run with `sh -c`, the evidence on stdin; exit 0
 //! marks it dispatched. MQTT: published (QoS 1) to a configured topic; the
 //! broker's acknowledgement marks it dispatched. The training system reports
 //! back (acknowledged, succeeded, failed) with `POST /v1/jobs/{job_id}/status`
-//! on `serve --metrics-listen` (signed with the same secret, see
-//! [`crate::observe`]) or `driftline-collector job-status`.
+//! on `serve --metrics-listen` (signed the same way, with
+//! `--job-report-secret`, see [`crate::observe`]) or `driftline-collector
+//! job-status`.
 
 use std::time::Duration;
 
@@ -338,12 +338,24 @@ async fn dispatch(targets: &Targets, job_id: &str, body: String) -> Result<Strin
     Ok(format!("sent to {}", done.join(" and ")))
 }
 
-/// Hex HMAC-SHA256 of `body` under `secret`.
-pub fn signature(secret: &str, body: &[u8]) -> String {
+/// The signed request scheme of the webhook and of job reports: the
+/// headers `X-Driftline-Timestamp: {Unix seconds}` and
+/// `X-Driftline-Signature: sha256={hex}`, where hex is the HMAC-SHA256,
+/// under the shared secret, of `{timestamp}.{METHOD}.{path}.{body}`. The
+/// path (which holds the job id) and the method are signed, so a signature
+/// is good for one request only; the receiver refuses timestamps more than
+/// [`SIGNATURE_MAX_AGE`] away from its clock and signatures it has seen.
+pub fn signature(secret: &str, timestamp: i64, method: &str, path: &str, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let tag = ring::hmac::sign(&key, body);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(format!("{timestamp}.{method}.{path}.").as_bytes());
+    ctx.update(body);
+    let tag = ctx.sign();
     tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// How far a signed request's timestamp may be from the receiver's clock.
+pub const SIGNATURE_MAX_AGE: Duration = Duration::from_secs(300);
 
 fn post(url: &str, secret: Option<&str>, job_id: &str, body: &str) -> Result<(), String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -360,10 +372,19 @@ fn post(url: &str, secret: Option<&str>, job_id: &str, body: &str) -> Result<(),
             .header("Content-Type", "application/json")
             .header("X-Driftline-Job", job_id);
         if let Some(secret) = secret {
-            request = request.header(
-                "X-Driftline-Signature",
-                format!("sha256={}", signature(secret, body.as_bytes())),
-            );
+            // Signed at each attempt, with the time it is sent.
+            let timestamp = Utc::now().timestamp();
+            let path =
+                url::Url::parse(url).map_or_else(|_| "/".to_owned(), |u| u.path().to_owned());
+            request = request
+                .header("X-Driftline-Timestamp", timestamp.to_string())
+                .header(
+                    "X-Driftline-Signature",
+                    format!(
+                        "sha256={}",
+                        signature(secret, timestamp, "POST", &path, body.as_bytes())
+                    ),
+                );
         }
         match request.send(body) {
             Ok(response) if response.status().is_success() => return Ok(()),
@@ -473,11 +494,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signature_is_hmac_sha256() {
-        // RFC 4231 test case 2.
+    fn signature_is_hmac_sha256_of_timestamp_method_path_and_body() {
+        // Python: hmac.new(b"Jefe", b"1700000000.POST./v1/jobs/m-1/status.what do
+        // ya want for nothing?", hashlib.sha256).hexdigest()
         assert_eq!(
-            signature("Jefe", b"what do ya want for nothing?"),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            signature(
+                "Jefe",
+                1_700_000_000,
+                "POST",
+                "/v1/jobs/m-1/status",
+                b"what do ya want for nothing?"
+            ),
+            "6d2d1d54a39c7d8f48da3e91e0502411f2e271a9ff34486469edf13b877a9ffc"
         );
     }
 }

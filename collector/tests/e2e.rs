@@ -1547,7 +1547,8 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
     std::thread::sleep(Duration::from_millis(300));
     let broker_url = broker.url().to_string();
     let at = (end + TimeDelta::minutes(1)).to_rfc3339();
-    let webhook = format!("http://127.0.0.1:{port}/retrain");
+    let webhook_path = "/retrain".to_owned();
+    let webhook = format!("http://127.0.0.1:{port}{webhook_path}");
     let detect = || {
         collector_cli(
             &[
@@ -1632,11 +1633,20 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
         header("x-driftline-job"),
         evidence["job_id"].as_str().unwrap_or_default()
     );
+    // Signed over its timestamp, method, path and body.
+    let timestamp: i64 = header("x-driftline-timestamp").parse().expect("timestamp");
+    assert!((Utc::now().timestamp() - timestamp).abs() < 600);
     assert_eq!(
         header("x-driftline-signature"),
         format!(
             "sha256={}",
-            driftline_collector::retrain::signature("s3cret", body.as_bytes())
+            driftline_collector::retrain::signature(
+                "s3cret",
+                timestamp,
+                "POST",
+                &webhook_path,
+                body.as_bytes()
+            )
         )
     );
     assert!(evidence["events"].as_array().is_some_and(|e| e.len() >= 5));
@@ -1684,9 +1694,10 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
             "1h",
         ],
     );
-    let report = |body: &str, signature: &str| {
+    let report = |job: &str, body: &str, timestamp: i64, signature: &str| {
         let out = Command::new("curl")
             .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .args(["-H", &format!("X-Driftline-Timestamp: {timestamp}")])
             .args(["-H", &format!("X-Driftline-Signature: sha256={signature}")])
             .args(["--data-binary", body])
             .arg(format!(
@@ -1696,13 +1707,36 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    let sign = |job: &str, body: &str, timestamp: i64| {
+        driftline_collector::retrain::signature(
+            "s3cret",
+            timestamp,
+            "POST",
+            &format!("/v1/jobs/{job}/status"),
+            body.as_bytes(),
+        )
+    };
+    let now = Utc::now().timestamp();
     let body = r#"{"status": "acknowledged", "detail": "queued"}"#;
-    let good = driftline_collector::retrain::signature("s3cret", body.as_bytes());
-    assert_eq!(report(body, "00"), "401", "unsigned reports are refused");
-    assert_eq!(report(body, &good), "200");
+    let good = sign(&job, body, now);
+    assert_eq!(
+        report(&job, body, now, "00"),
+        "401",
+        "unsigned reports are refused"
+    );
+    // The same body and signature cannot mark another job.
+    assert_eq!(report("m-stable-20260101T0000Z", body, now, &good), "401");
+    // A signature made ten minutes ago is refused, even if never used.
+    let old = now - 600;
+    assert_eq!(report(&job, body, old, &sign(&job, body, old)), "401");
+    assert_eq!(report(&job, body, now, &good), "200");
+    // Sent again, the same signed report is a replay.
+    assert_eq!(report(&job, body, now, &good), "409");
     let bad_status = r#"{"status": "done"}"#;
-    let signed = driftline_collector::retrain::signature("s3cret", bad_status.as_bytes());
-    assert_eq!(report(bad_status, &signed), "400");
+    assert_eq!(
+        report(&job, bad_status, now, &sign(&job, bad_status, now)),
+        "400"
+    );
     serve.terminate();
     let acknowledged = query(
         data.path(),
