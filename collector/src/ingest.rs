@@ -439,6 +439,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_window_counts_once_whatever_its_seq() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lake = LakeWriter::open(dir.path()).expect("lake");
+        let counters = Arc::new(Counters::default());
+        let received: DateTime<Utc> = "2026-11-27T10:01:30Z".parse().expect("ts");
+        let mut report = fixture();
+        let first = serde_json::to_vec(&report).expect("json");
+        report["seq"] = serde_json::json!(5000);
+        report["inference_count"] = serde_json::json!(470);
+        let replay = serde_json::to_vec(&report).expect("json");
+        // In one flush (a retry and a replay), and again in a later one.
+        let mut ingest = Ingest::new(IngestLimits::default(), counters.clone());
+        for payload in [&first, &first, &replay] {
+            assert!(matches!(
+                ingest.handle(TOPIC, payload, received),
+                Outcome::Accepted
+            ));
+        }
+        ingest.flush(&lake).expect("flush");
+        let mut ingest = Ingest::new(IngestLimits::default(), counters.clone());
+        assert!(matches!(
+            ingest.handle(TOPIC, &replay, received),
+            Outcome::Accepted
+        ));
+        ingest.flush(&lake).expect("flush");
+        let stored = rows(dir.path(), "SELECT seq, inference_count FROM metrics").await;
+        assert_eq!(stored, vec![vec!["1042".to_owned(), "47".to_owned()]]);
+        assert_eq!(counters.duplicates.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
     async fn oversized_and_out_of_range_messages_are_kept_bounded() {
         let dir = tempfile::tempdir().expect("tempdir");
         let lake = LakeWriter::open(dir.path()).expect("lake");

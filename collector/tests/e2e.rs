@@ -473,8 +473,18 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
         broker.publish(topic, &write(&format!("bad-{i}.json"), body));
         assert!(collector.is_running(), "collector died after {what}");
     }
-    // Still healthy: one more valid message, seq 2, is stored too.
+    // The same window again under another seq (a replay, not a retry):
+    // one window counts once, so it is dropped as a duplicate.
+    doc_json["seq"] = 7.into();
+    broker.publish(
+        topic,
+        &write("replay.json", &serde_json::to_vec(&doc_json).expect("json")),
+    );
+    // Still healthy: the next window, seq 2, is stored too.
     doc_json["seq"] = 2.into();
+    doc_json["window_start"] = recent_window_start(60, 1)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        .into();
     broker.publish(
         topic,
         &write("good-2.json", &serde_json::to_vec(&doc_json).expect("json")),

@@ -45,7 +45,15 @@ use super::{
 /// fact, stored once.
 pub fn key_columns(table: &str) -> &'static [&'static str] {
     match table {
-        METRICS => &["device_id", "model_id", "window_start", "seq"],
+        // One window of one device and model version counts once, whatever
+        // its seq: a retry and a replay under another seq are duplicates.
+        METRICS => &[
+            "device_id",
+            "model_id",
+            "model_version",
+            "window_start",
+            "window_secs",
+        ],
         QUARANTINE => &["received_at", "topic", "payload"],
         STATUS => &["device_id", "at", "state"],
         DETECTOR_RUNS | DRIFT_EVENTS => &[
