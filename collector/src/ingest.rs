@@ -438,6 +438,29 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn the_documented_status_message_is_accepted() {
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/wire-format.md"),
+        )
+        .expect("docs/wire-format.md");
+        let section = &doc[doc.find("## Status message").expect("status section")..];
+        let start = section.find("```json\n").expect("json block") + "```json\n".len();
+        let end = start + section[start..].find("```").expect("end of block");
+        let received = Utc::now();
+        let example = section[start..end].replace(
+            "2026-11-27T10:00:00Z",
+            &received.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        );
+        let mut ingest = Ingest::new(IngestLimits::default(), Arc::new(Default::default()));
+        let outcome = ingest.handle(
+            "driftline/v1/eu-kiosks/kiosk-0007/status",
+            example.as_bytes(),
+            received,
+        );
+        assert!(matches!(outcome, Outcome::Status), "{outcome:?}: {example}");
+    }
+
     #[tokio::test]
     async fn a_window_counts_once_whatever_its_seq() {
         let dir = tempfile::tempdir().expect("tempdir");
