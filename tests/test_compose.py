@@ -35,3 +35,12 @@ def test_mounted_files_exist_and_health_gates_the_start(compose):
         for dep, cond in service.get("depends_on", {}).items():
             assert cond["condition"] == "service_healthy", (name, dep)
             assert "healthcheck" in compose["services"][dep], dep
+
+
+def test_ports_are_published_on_loopback_only(compose):
+    """Nothing in the compose file uses TLS, so nothing listens beyond the
+    host: every published port is bound to 127.0.0.1."""
+    published = [(name, p) for name, svc in compose["services"].items() for p in svc.get("ports", [])]
+    assert published
+    for name, port in published:
+        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on all interfaces"
