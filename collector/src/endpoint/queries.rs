@@ -295,7 +295,7 @@ fn has_subquery(expr: &datafusion::sql::sqlparser::ast::Expr) -> bool {
 }
 
 /// Parses one SQL expression (PostgreSQL dialect).
-fn expression(sql: &str) -> Option<datafusion::sql::sqlparser::ast::Expr> {
+pub(super) fn expression(sql: &str) -> Option<datafusion::sql::sqlparser::ast::Expr> {
     datafusion::sql::sqlparser::parser::Parser::new(
         &datafusion::sql::sqlparser::dialect::PostgreSqlDialect {},
     )

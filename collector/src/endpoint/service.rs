@@ -50,7 +50,7 @@ use pgwire::types::format::FormatOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::queries::{pg_error, QueryHandler, SqlError};
+use super::queries::{expression, pg_error, QueryHandler, SqlError};
 use super::session::{self, Kind, Session};
 
 /// A parsed statement with its plan, as the extended protocol stores it
@@ -231,16 +231,6 @@ fn parse(parser: &PostgresCompatibilityParser, sql: &str) -> PgWireResult<Vec<St
         });
     }
     Ok(statements)
-}
-
-/// Parses one SQL expression (PostgreSQL dialect).
-fn expression(sql: &str) -> Option<datafusion::sql::sqlparser::ast::Expr> {
-    datafusion::sql::sqlparser::parser::Parser::new(
-        &datafusion::sql::sqlparser::dialect::PostgreSqlDialect {},
-    )
-    .try_with_sql(sql)
-    .and_then(|mut p| p.parse_expr())
-    .ok()
 }
 
 /// `pg_index.indkey`, `indclass`, `indoption` and `indcollation` are
