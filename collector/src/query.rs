@@ -21,7 +21,6 @@ mod json;
 pub mod limits;
 pub mod pg;
 pub mod stats;
-pub use pg::setting;
 
 /// Errors of a query.
 #[derive(Debug, thiserror::Error)]
