@@ -122,6 +122,8 @@ def test_settings_are_per_connection(sql_collector):
         a.execute("SET application_name = 'analyst-a'")
         a.execute("SET statement_timeout = '300ms'")
         assert a.execute("SHOW timezone").fetchone()[0] == "-03:00"
+        assert a.execute("SELECT current_setting('timezone')").fetchone()[0] == "-03:00"
+        assert b.execute("SELECT current_setting('timezone')").fetchone()[0] == "UTC"
         assert a.execute("SHOW application_name").fetchone()[0] == "analyst-a"
         assert a.info.parameter_status("TimeZone") == "-03:00"
         assert b.execute("SHOW timezone").fetchone()[0] == "UTC"

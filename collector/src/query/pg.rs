@@ -340,43 +340,67 @@ pub fn visibility_functions() -> Vec<ScalarUDF> {
     .collect()
 }
 
-/// `current_setting(name)`: the value of a server setting; an unknown
-/// name is an error, as in PostgreSQL.
+/// `current_setting(name)`: the value of a setting; an unknown name is an
+/// error, as in PostgreSQL. `timezone` is the statement's own (a SQL
+/// endpoint connection's `SET TIME ZONE`); the others are the server's.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct CurrentSetting {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for CurrentSetting {
+    fn name(&self) -> &str {
+        "current_setting"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType, DataFusionError> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue, DataFusionError> {
+        let time_zone = args.config_options.execution.time_zone.clone();
+        let scalar = matches!(args.args[0], ColumnarValue::Scalar(_));
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let names = as_string_array(&arrays[0])?;
+        let mut out: Vec<Option<String>> = Vec::with_capacity(names.len());
+        for name in names.iter() {
+            let Some(name) = name else {
+                out.push(None);
+                continue;
+            };
+            let value = match (name.to_ascii_lowercase().as_str(), &time_zone) {
+                ("timezone", Some(tz)) => Some(tz.clone()),
+                _ => setting(name).map(str::to_owned),
+            };
+            match value {
+                Some(v) => out.push(Some(v)),
+                None => {
+                    return Err(DataFusionError::Execution(format!(
+                        "unrecognized configuration parameter \"{name}\""
+                    )))
+                }
+            }
+        }
+        let array: ArrayRef = Arc::new(StringArray::from(out));
+        if scalar && array.len() == 1 {
+            Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
+                &array, 0,
+            )?))
+        } else {
+            Ok(ColumnarValue::Array(array))
+        }
+    }
+}
+
+/// `current_setting`: see [`CurrentSetting`].
 pub fn current_setting() -> ScalarUDF {
-    create_udf(
-        "current_setting",
-        vec![DataType::Utf8],
-        DataType::Utf8,
-        Volatility::Stable,
-        Arc::new(|args: &[ColumnarValue]| {
-            let arrays = ColumnarValue::values_to_arrays(args)?;
-            let names = as_string_array(&arrays[0])?;
-            let mut out = Vec::with_capacity(names.len());
-            for i in 0..names.len() {
-                if names.is_null(i) {
-                    out.push(None);
-                    continue;
-                }
-                let name = names.value(i);
-                match setting(name) {
-                    Some(v) => out.push(Some(v)),
-                    None => {
-                        return Err(DataFusionError::Execution(format!(
-                            "unrecognized configuration parameter \"{name}\""
-                        )))
-                    }
-                }
-            }
-            let array: ArrayRef = Arc::new(StringArray::from(out));
-            if arrays[0].len() == 1 && matches!(args[0], ColumnarValue::Scalar(_)) {
-                Ok(ColumnarValue::Scalar(
-                    datafusion::common::ScalarValue::try_from_array(&array, 0)?,
-                ))
-            } else {
-                Ok(ColumnarValue::Array(array))
-            }
-        }),
-    )
+    ScalarUDF::new_from_impl(CurrentSetting {
+        signature: Signature::exact(vec![DataType::Utf8], Volatility::Stable),
+    })
 }
 
 /// The columns drivers read that `datafusion-pg-catalog`'s tables lack
