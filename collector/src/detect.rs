@@ -463,6 +463,33 @@ pub async fn latest_event_time(ctx: &SessionContext) -> Result<Option<DateTime<U
         .map(|start| start + TimeDelta::seconds(if s.is_null(0) { 0 } else { s.value(0) })))
 }
 
+/// The end of the last period of `detector` recorded in `detector_runs`,
+/// if any: where detection resumes after a restart.
+pub async fn last_evaluated(
+    ctx: &SessionContext,
+    detector: &str,
+) -> Result<Option<DateTime<Utc>>, QueryError> {
+    let batches = query::run(
+        ctx,
+        &format!(
+            "SELECT CAST(max(current_end) AS BIGINT) AS t FROM detector_runs WHERE detector = '{}'",
+            detector.replace('\'', "''")
+        ),
+    )
+    .await?;
+    let Some(t) = batches.first().and_then(|b| b.column_by_name("t")) else {
+        return Ok(None);
+    };
+    let Ok(t) = cast(t, &DataType::Int64) else {
+        return Ok(None);
+    };
+    let t = t.as_primitive::<Int64Type>();
+    if t.is_empty() || t.is_null(0) {
+        return Ok(None);
+    }
+    Ok(DateTime::from_timestamp_micros(t.value(0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,8 +659,21 @@ impl Schedule {
             let step = TimeDelta::from_std(detector.current).unwrap_or(TimeDelta::hours(1));
             let mut next = match self.last_end.get(&detector.name) {
                 Some(last) => *last + step,
-                // First tick: only the newest complete period.
-                None => newest,
+                // First tick: after the last period the lake records (so
+                // periods that passed while the collector was down are
+                // evaluated, a few per tick); for a detector that never
+                // ran, only the newest complete period.
+                None => match last_evaluated(ctx, &detector.name).await {
+                    Ok(Some(last)) => last + step,
+                    Ok(None) => newest,
+                    Err(source) => {
+                        return Err(DetectError::Query {
+                            detector: detector.name.clone(),
+                            file: self.queries.clone(),
+                            source,
+                        })
+                    }
+                },
             };
             let mut done = 0;
             tracing::debug!(detector = detector.name, %latest, %newest, %next, "detection tick");

@@ -1855,3 +1855,95 @@ fn compose_mosquitto_config_enforces_the_acl() {
         vec![vec!["kiosk-0001".to_string()]]
     );
 }
+
+#[test]
+fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
+    use driftline_collector::detect::{self, Schedule};
+    use driftline_collector::ingest::{Ingest, IngestLimits};
+    use driftline_collector::lake::LakeWriter;
+    let data = tempfile::tempdir().expect("tempdir");
+    let lake = LakeWriter::open(data.path()).expect("lake");
+    let queries = data.path().join("_driftline/queries");
+    detect::install_builtin(&queries).expect("detectors");
+    // Yesterday, on the hour: sixteen 15-minute periods of 12 devices.
+    let base =
+        DateTime::from_timestamp((Utc::now().timestamp() / 3600 - 24) * 3600, 0).expect("ts");
+    let period = TimeDelta::minutes(15);
+    let write = |periods: std::ops::Range<i32>| {
+        let mut ingest = Ingest::new(IngestLimits::default(), Arc::new(Default::default()));
+        for p in periods {
+            for d in 0..12 {
+                let device = format!("dev-{d:02}");
+                let msg = fixture_window(
+                    &device,
+                    "m",
+                    "1",
+                    base + period * p,
+                    p as u64,
+                    [0, 0, 0, 0, 0, 40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    [0, 0, 0, 0, 0, 0, 5, 10, 15, 10],
+                    [0, 0, 0, 0, 10, 20, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    1,
+                    2,
+                );
+                let topic = format!("driftline/v1/golden/{device}/metrics");
+                assert!(matches!(
+                    ingest.handle(&topic, msg.as_bytes(), Utc::now()),
+                    driftline_collector::ingest::Outcome::Accepted
+                ));
+            }
+        }
+        ingest.flush(&lake).expect("flush");
+    };
+    let evaluated = |dir: &Path| -> Vec<String> {
+        query(
+            dir,
+            "SELECT DISTINCT CAST(current_end AS VARCHAR) FROM detector_runs \
+             WHERE detector = 'error_rate' ORDER BY 1",
+        )
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect()
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let shutdown = CancellationToken::new();
+    let tick_until_idle = |schedule: &mut Schedule| {
+        rt.block_on(async {
+            let ctx = driftline_collector::query::session(data.path())
+                .await
+                .expect("session");
+            for _ in 0..10 {
+                let before = evaluated(data.path()).len();
+                schedule.tick(&ctx, &lake, &shutdown).await.expect("tick");
+                if evaluated(data.path()).len() == before {
+                    break;
+                }
+            }
+        })
+    };
+    write(0..8);
+    let mut first = Schedule::new(queries.clone(), Default::default(), Default::default());
+    tick_until_idle(&mut first);
+    // A first start evaluates the newest complete period only.
+    let once = evaluated(data.path());
+    assert_eq!(once.len(), 1, "{once:?}");
+    // The collector is down while two more hours arrive; a new process
+    // resumes after the last recorded period and evaluates all eight.
+    drop(first);
+    write(8..16);
+    let mut restarted = Schedule::new(queries, Default::default(), Default::default());
+    tick_until_idle(&mut restarted);
+    let all = evaluated(data.path());
+    assert_eq!(all.len(), 9, "{all:?}");
+    let ends: Vec<DateTime<Utc>> = all
+        .iter()
+        .map(|t| {
+            chrono::NaiveDateTime::parse_from_str(&t.replace(' ', "T")[..19], "%Y-%m-%dT%H:%M:%S")
+                .expect("timestamp")
+                .and_utc()
+        })
+        .collect();
+    assert_eq!(ends[0], base + period * 8);
+    assert!(ends.windows(2).all(|w| w[1] - w[0] == period), "{all:?}");
+    assert_eq!(ends[8], base + period * 16);
+}
