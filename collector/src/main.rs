@@ -58,8 +58,17 @@ struct DetectArgs {
     #[arg(long, env = "DRIFTLINE_QUERIES")]
     queries: Option<PathBuf>,
     /// Evaluate as of this event time (RFC 3339). Default: the latest data.
-    #[arg(long, env = "DRIFTLINE_AT")]
+    #[arg(long, env = "DRIFTLINE_AT", conflicts_with = "since")]
     at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Evaluate every period that ends after this event time (RFC 3339),
+    /// in order, up to --until; periods already evaluated are not recorded
+    /// again.
+    #[arg(long)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// With --since: the last period end to evaluate. Default: the latest
+    /// data.
+    #[arg(long, requires = "since")]
+    until: Option<chrono::DateTime<chrono::Utc>>,
     /// Print each detector's SQL for that time (placeholders filled) and
     /// exit without running anything.
     #[arg(long)]
@@ -598,7 +607,44 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let summary = detect::run_all(&ctx, &lake, &detectors, at).await?;
+    // One run as of `at`, or with --since every period of each detector
+    // from `since` to `until`, in order.
+    let mut runs: Vec<(Vec<detect::Detector>, chrono::DateTime<chrono::Utc>)> = Vec::new();
+    match args.since {
+        None => runs.push((detectors.clone(), at)),
+        Some(since) => {
+            let until = args.until.unwrap_or(at);
+            for d in &detectors {
+                let step = chrono::TimeDelta::from_std(d.current)?;
+                let mut end = d.periods(since).current_end;
+                if end <= since {
+                    end += step;
+                }
+                while end <= d.periods(until).current_end {
+                    runs.push((vec![d.clone()], end));
+                    end += step;
+                }
+            }
+            runs.sort_by_key(|(_, end)| *end);
+        }
+    }
+    let targets = args.retrain.targets(None)?;
+    for (detectors, at) in runs {
+        detect_once(&ctx, &lake, &detectors, at, &args.retrain.rule(), &targets).await?;
+    }
+    Ok(())
+}
+
+/// Runs `detectors` as of `at`, prints what they found, and opens jobs.
+async fn detect_once(
+    ctx: &datafusion::prelude::SessionContext,
+    lake: &LakeWriter,
+    detectors: &[detect::Detector],
+    at: chrono::DateTime<chrono::Utc>,
+    rule: &retrain::RetrainRule,
+    targets: &retrain::Targets,
+) -> anyhow::Result<()> {
+    let summary = detect::run_all(ctx, lake, detectors, at).await?;
     let fired: Vec<_> = summary
         .evaluations
         .iter()
@@ -630,14 +676,7 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
             e.devices
         );
     }
-    let jobs = retrain::after_run(
-        &ctx,
-        &lake,
-        &args.retrain.rule(),
-        &args.retrain.targets(None)?,
-        &fired,
-    )
-    .await?;
+    let jobs = retrain::after_run(ctx, lake, rule, targets, &fired).await?;
     for j in &jobs {
         println!(
             "  job {} ({} {}): {} {}",

@@ -1946,4 +1946,23 @@ fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
     assert_eq!(ends[0], base + period * 8);
     assert!(ends.windows(2).all(|w| w[1] - w[0] == period), "{all:?}");
     assert_eq!(ends[8], base + period * 16);
+
+    // `detect --since` evaluates the earlier periods on demand, in order;
+    // run twice, it records nothing twice.
+    let rfc = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let range = [
+        "detect",
+        "--since",
+        &rfc(base),
+        "--until",
+        &rfc(base + period * 16),
+    ];
+    collector_cli(&range, data.path());
+    let history = evaluated(data.path());
+    assert!(history.len() > all.len(), "{history:?}");
+    assert!(history.len() <= 16, "{history:?}");
+    let runs = "SELECT count(*) FROM detector_runs";
+    let recorded = query(data.path(), runs);
+    collector_cli(&range, data.path());
+    assert_eq!(query(data.path(), runs), recorded);
 }
