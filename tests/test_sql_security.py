@@ -70,6 +70,11 @@ def test_writes_hidden_anywhere_are_refused_and_change_nothing(sql_collector, tm
         "CREATE VIEW v AS SELECT 1",
         "DELETE FROM metrics",
         "DROP TABLE metrics",
+        "EXPLAIN SET datafusion.execution.batch_size = 1",
+        "PREPARE p AS SELECT 1",
+        "COPY metrics FROM STDIN",
+        "LISTEN anything",
+        "CALL anything()",
     ]
     before = lake_files(sql_collector["data"])
     dsn = sql_collector["dsn"]
