@@ -463,6 +463,42 @@ pub async fn latest_event_time(ctx: &SessionContext) -> Result<Option<DateTime<U
         .map(|start| start + TimeDelta::seconds(if s.is_null(0) { 0 } else { s.value(0) })))
 }
 
+/// How many devices reported in the reference period of `periods`
+/// (expected), and how many of those have reported a window that ends at
+/// or after the end of its current period (present).
+pub async fn reporting(ctx: &SessionContext, periods: &Periods) -> Result<(u64, u64), QueryError> {
+    let ts = |t: DateTime<Utc>| format!("TIMESTAMP '{}'", t.format("%Y-%m-%dT%H:%M:%SZ"));
+    let sql = format!(
+        "SELECT CAST(count(*) AS BIGINT) AS expected, \
+                CAST(sum(CASE WHEN last_end_us >= {end_us} THEN 1 ELSE 0 END) AS BIGINT) AS present \
+         FROM (SELECT device_id, \
+                      max(CAST(window_start AS BIGINT) + CAST(window_secs AS BIGINT) * 1000000) AS last_end_us, \
+                      max(CASE WHEN window_start < {current_start} THEN 1 ELSE 0 END) AS in_reference \
+               FROM metrics WHERE window_start >= {reference_start} GROUP BY device_id) d \
+         WHERE in_reference = 1",
+        end_us = periods.current_end.timestamp_micros(),
+        current_start = ts(periods.current_start),
+        reference_start = ts(periods.reference_start),
+    );
+    let batches = query::run(ctx, &sql).await?;
+    let value = |name: &str| -> u64 {
+        batches
+            .first()
+            .and_then(|b| b.column_by_name(name))
+            .and_then(|c| cast(c, &DataType::Int64).ok())
+            .map(|c| {
+                let c = c.as_primitive::<Int64Type>();
+                if c.is_empty() || c.is_null(0) {
+                    0
+                } else {
+                    u64::try_from(c.value(0)).unwrap_or(0)
+                }
+            })
+            .unwrap_or(0)
+    };
+    Ok((value("expected"), value("present")))
+}
+
 /// The end of the last period of `detector` recorded in `detector_runs`,
 /// if any: where detection resumes after a restart.
 pub async fn last_evaluated(
@@ -608,7 +644,13 @@ pub struct Schedule {
     pub targets: crate::retrain::Targets,
     /// Most periods caught up per tick (a long backfill is spread out).
     pub max_periods_per_tick: usize,
+    /// How long (wall clock) a due period waits for the devices of its
+    /// reference period that have not reported past its end yet.
+    pub lateness: std::time::Duration,
     last_end: std::collections::HashMap<String, DateTime<Utc>>,
+    /// When each period (by detector and end) was first found due but
+    /// incomplete.
+    waiting: std::collections::HashMap<(String, DateTime<Utc>), std::time::Instant>,
 }
 
 /// What one tick found, for printing.
@@ -629,7 +671,9 @@ impl Schedule {
             rule,
             targets,
             max_periods_per_tick: 16,
+            lateness: std::time::Duration::from_secs(300),
             last_end: Default::default(),
+            waiting: Default::default(),
         }
     }
 
@@ -654,6 +698,8 @@ impl Schedule {
             return Ok(Tick::default());
         };
         let mut tick = Tick::default();
+        let mut complete: std::collections::HashMap<(DateTime<Utc>, DateTime<Utc>), (u64, u64)> =
+            Default::default();
         for detector in &detectors {
             let newest = detector.periods(latest).current_end;
             let step = TimeDelta::from_std(detector.current).unwrap_or(TimeDelta::hours(1));
@@ -681,6 +727,37 @@ impl Schedule {
                 if shutdown.is_cancelled() {
                     return Ok(tick);
                 }
+                // The watermark: a period is evaluated once every device
+                // that reported in its reference period has reported past
+                // its end, or once it has waited `lateness` for them.
+                let periods = detector.periods(next);
+                let key = (periods.reference_start, periods.current_end);
+                let (expected, present) = match complete.get(&key) {
+                    Some(counts) => *counts,
+                    None => {
+                        let counts = reporting(ctx, &periods).await.map_err(|source| {
+                            DetectError::Query {
+                                detector: detector.name.clone(),
+                                file: self.queries.clone(),
+                                source,
+                            }
+                        })?;
+                        complete.insert(key, counts);
+                        counts
+                    }
+                };
+                if present < expected {
+                    let since = *self
+                        .waiting
+                        .entry((detector.name.clone(), next))
+                        .or_insert_with(std::time::Instant::now);
+                    if since.elapsed() < self.lateness {
+                        tracing::debug!(detector = detector.name, period_end = %next, expected, present, "waiting for late devices");
+                        break;
+                    }
+                    tracing::warn!(detector = detector.name, period_end = %next, expected, present, "evaluating a period with devices missing after the lateness bound");
+                }
+                self.waiting.remove(&(detector.name.clone(), next));
                 let summary = run_all(ctx, lake, std::slice::from_ref(detector), next).await?;
                 let fired: Vec<Evaluation> = summary
                     .evaluations

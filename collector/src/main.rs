@@ -302,6 +302,11 @@ struct ServeArgs {
     /// How often to look for newly completed detection periods.
     #[arg(long, env = "DRIFTLINE_DETECT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     detect_interval: Duration,
+    /// How long a period waits for the devices of its reference period
+    /// that have not reported past its end (offline devices, a backlog
+    /// still arriving) before it is evaluated without them.
+    #[arg(long, env = "DRIFTLINE_DETECT_LATENESS", default_value = "5m", value_parser = humantime::parse_duration)]
+    detect_lateness: Duration,
     #[command(flatten)]
     retrain: RetrainArgs,
     /// Serve /metrics (Prometheus) and /health here. Default: off.
@@ -537,7 +542,8 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     };
     let queries = queries_dir(args.queries.clone(), &config.data_dir)?;
     let targets = args.retrain.targets(Some(&config.subscriber))?;
-    let schedule = detect::Schedule::new(queries, args.retrain.rule(), targets);
+    let mut schedule = detect::Schedule::new(queries, args.retrain.rule(), targets);
+    schedule.lateness = args.detect_lateness;
     let detection = tokio::spawn(detect::run_schedule(
         schedule,
         Arc::new(query::session_at(&location, None).await?),

@@ -1856,10 +1856,106 @@ fn compose_mosquitto_config_enforces_the_acl() {
     );
 }
 
+/// Noise-free 15-minute windows of model `m` for `devices` over `periods`
+/// after `base` (the golden fixture's shape: one error and two negative
+/// feedbacks a window), written to the lake in one flush.
+fn write_periods(
+    lake: &driftline_collector::lake::LakeWriter,
+    base: DateTime<Utc>,
+    periods: std::ops::Range<i32>,
+    devices: std::ops::Range<i32>,
+) {
+    use driftline_collector::ingest::{Ingest, IngestLimits, Outcome};
+    let mut ingest = Ingest::new(IngestLimits::default(), Arc::new(Default::default()));
+    for p in periods {
+        for d in devices.clone() {
+            let device = format!("dev-{d:02}");
+            let msg = fixture_window(
+                &device,
+                "m",
+                "1",
+                base + TimeDelta::minutes(15) * p,
+                p as u64,
+                [0, 0, 0, 0, 0, 40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                [0, 0, 0, 0, 0, 0, 5, 10, 15, 10],
+                [0, 0, 0, 0, 10, 20, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                1,
+                2,
+            );
+            let topic = format!("driftline/v1/golden/{device}/metrics");
+            assert!(matches!(
+                ingest.handle(&topic, msg.as_bytes(), Utc::now()),
+                Outcome::Accepted
+            ));
+        }
+    }
+    ingest.flush(lake).expect("flush");
+}
+
+#[test]
+fn a_period_waits_for_its_late_devices_up_to_the_lateness_bound() {
+    use driftline_collector::detect::{self, Schedule};
+    use driftline_collector::lake::LakeWriter;
+    let data = tempfile::tempdir().expect("tempdir");
+    let lake = LakeWriter::open(data.path()).expect("lake");
+    let queries = data.path().join("_driftline/queries");
+    detect::install_builtin(&queries).expect("detectors");
+    let base =
+        DateTime::from_timestamp((Utc::now().timestamp() / 3600 - 24) * 3600, 0).expect("ts");
+    // Twelve devices for seven periods; the eighth so far from six only.
+    write_periods(&lake, base, 0..7, 0..12);
+    write_periods(&lake, base, 7..8, 0..6);
+    let runs = || query(data.path(), "SELECT count(*) FROM detector_runs")[0][0].clone();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let shutdown = CancellationToken::new();
+    let tick = |schedule: &mut Schedule| {
+        rt.block_on(async {
+            let ctx = driftline_collector::query::session(data.path())
+                .await
+                .expect("session");
+            schedule.tick(&ctx, &lake, &shutdown).await.expect("tick");
+        })
+    };
+    let mut waiting = Schedule::new(queries.clone(), Default::default(), Default::default());
+    waiting.lateness = Duration::from_secs(3600);
+    tick(&mut waiting);
+    assert_eq!(
+        runs(),
+        "0",
+        "nothing is evaluated while six devices are missing"
+    );
+    // The late devices arrive: the period is complete and evaluated.
+    write_periods(&lake, base, 7..8, 6..12);
+    tick(&mut waiting);
+    let after = runs();
+    assert_ne!(after, "0");
+    // With a lateness of zero an incomplete period is evaluated at once.
+    let other = tempfile::tempdir().expect("tempdir");
+    let other_lake = LakeWriter::open(other.path()).expect("lake");
+    let other_queries = other.path().join("_driftline/queries");
+    detect::install_builtin(&other_queries).expect("detectors");
+    write_periods(&other_lake, base, 0..7, 0..12);
+    write_periods(&other_lake, base, 7..8, 0..6);
+    let mut eager = Schedule::new(other_queries, Default::default(), Default::default());
+    eager.lateness = Duration::ZERO;
+    rt.block_on(async {
+        let ctx = driftline_collector::query::session(other.path())
+            .await
+            .expect("session");
+        eager
+            .tick(&ctx, &other_lake, &shutdown)
+            .await
+            .expect("tick");
+    });
+    assert_ne!(
+        query(other.path(), "SELECT count(*) FROM detector_runs")[0][0],
+        "0"
+    );
+}
+
 #[test]
 fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
     use driftline_collector::detect::{self, Schedule};
-    use driftline_collector::ingest::{Ingest, IngestLimits};
     use driftline_collector::lake::LakeWriter;
     let data = tempfile::tempdir().expect("tempdir");
     let lake = LakeWriter::open(data.path()).expect("lake");
@@ -1869,32 +1965,7 @@ fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
     let base =
         DateTime::from_timestamp((Utc::now().timestamp() / 3600 - 24) * 3600, 0).expect("ts");
     let period = TimeDelta::minutes(15);
-    let write = |periods: std::ops::Range<i32>| {
-        let mut ingest = Ingest::new(IngestLimits::default(), Arc::new(Default::default()));
-        for p in periods {
-            for d in 0..12 {
-                let device = format!("dev-{d:02}");
-                let msg = fixture_window(
-                    &device,
-                    "m",
-                    "1",
-                    base + period * p,
-                    p as u64,
-                    [0, 0, 0, 0, 0, 40, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                    [0, 0, 0, 0, 0, 0, 5, 10, 15, 10],
-                    [0, 0, 0, 0, 10, 20, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                    1,
-                    2,
-                );
-                let topic = format!("driftline/v1/golden/{device}/metrics");
-                assert!(matches!(
-                    ingest.handle(&topic, msg.as_bytes(), Utc::now()),
-                    driftline_collector::ingest::Outcome::Accepted
-                ));
-            }
-        }
-        ingest.flush(&lake).expect("flush");
-    };
+    let write = |periods: std::ops::Range<i32>| write_periods(&lake, base, periods, 0..12);
     let evaluated = |dir: &Path| -> Vec<String> {
         query(
             dir,
