@@ -1892,16 +1892,30 @@ fn write_periods(
     ingest.flush(lake).expect("flush");
 }
 
+/// An empty lake with the built-in detectors installed: its directory, its
+/// writer and the detectors' folder.
+fn detection_lake() -> (
+    tempfile::TempDir,
+    driftline_collector::lake::LakeWriter,
+    PathBuf,
+) {
+    let data = tempfile::tempdir().expect("tempdir");
+    let lake = driftline_collector::lake::LakeWriter::open(data.path()).expect("lake");
+    let queries = data.path().join("_driftline/queries");
+    driftline_collector::detect::install_builtin(&queries).expect("detectors");
+    (data, lake, queries)
+}
+
+/// Yesterday, on the hour: within the collector's accepted event ages.
+fn yesterday_on_the_hour() -> DateTime<Utc> {
+    DateTime::from_timestamp((Utc::now().timestamp() / 3600 - 24) * 3600, 0).expect("ts")
+}
+
 #[test]
 fn a_period_waits_for_its_late_devices_up_to_the_lateness_bound() {
-    use driftline_collector::detect::{self, Schedule};
-    use driftline_collector::lake::LakeWriter;
-    let data = tempfile::tempdir().expect("tempdir");
-    let lake = LakeWriter::open(data.path()).expect("lake");
-    let queries = data.path().join("_driftline/queries");
-    detect::install_builtin(&queries).expect("detectors");
-    let base =
-        DateTime::from_timestamp((Utc::now().timestamp() / 3600 - 24) * 3600, 0).expect("ts");
+    use driftline_collector::detect::Schedule;
+    let (data, lake, queries) = detection_lake();
+    let base = yesterday_on_the_hour();
     // Twelve devices for seven periods; the eighth so far from six only.
     write_periods(&lake, base, 0..7, 0..12);
     write_periods(&lake, base, 7..8, 0..6);
@@ -1930,10 +1944,7 @@ fn a_period_waits_for_its_late_devices_up_to_the_lateness_bound() {
     let after = runs();
     assert_ne!(after, "0");
     // With a lateness of zero an incomplete period is evaluated at once.
-    let other = tempfile::tempdir().expect("tempdir");
-    let other_lake = LakeWriter::open(other.path()).expect("lake");
-    let other_queries = other.path().join("_driftline/queries");
-    detect::install_builtin(&other_queries).expect("detectors");
+    let (other, other_lake, other_queries) = detection_lake();
     write_periods(&other_lake, base, 0..7, 0..12);
     write_periods(&other_lake, base, 7..8, 0..6);
     let mut eager = Schedule::new(other_queries, Default::default(), Default::default());
@@ -1955,15 +1966,10 @@ fn a_period_waits_for_its_late_devices_up_to_the_lateness_bound() {
 
 #[test]
 fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
-    use driftline_collector::detect::{self, Schedule};
-    use driftline_collector::lake::LakeWriter;
-    let data = tempfile::tempdir().expect("tempdir");
-    let lake = LakeWriter::open(data.path()).expect("lake");
-    let queries = data.path().join("_driftline/queries");
-    detect::install_builtin(&queries).expect("detectors");
+    use driftline_collector::detect::Schedule;
+    let (data, lake, queries) = detection_lake();
     // Yesterday, on the hour: sixteen 15-minute periods of 12 devices.
-    let base =
-        DateTime::from_timestamp((Utc::now().timestamp() / 3600 - 24) * 3600, 0).expect("ts");
+    let base = yesterday_on_the_hour();
     let period = TimeDelta::minutes(15);
     let write = |periods: std::ops::Range<i32>| write_periods(&lake, base, periods, 0..12);
     let evaluated = |dir: &Path| -> Vec<String> {
