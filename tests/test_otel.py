@@ -82,8 +82,8 @@ def resource_service(resource):
     return "?"
 
 
-@pytest.fixture
-def receiver():
+def start_receiver():
+    """An OTLP/HTTP receiver on a free port: (server, endpoint, received)."""
     received = Received()
 
     class Handler(BaseHTTPRequestHandler):
@@ -111,7 +111,13 @@ def receiver():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", received
+    return server, f"http://127.0.0.1:{server.server_address[1]}", received
+
+
+@pytest.fixture
+def receiver():
+    server, endpoint, received = start_receiver()
+    yield endpoint, received
     server.shutdown()
 
 
@@ -231,22 +237,7 @@ def test_agent_telemetry_does_not_depend_on_events(tmp_path, broker):
 
     exported = []
     for n in (0, 37, 91):
-        server, received = None, Received()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                {"/v1/traces": received.add_traces, "/v1/metrics": received.add_metrics,
-                 "/v1/logs": received.add_logs}.get(self.path, lambda b: None)(body)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server, endpoint, received = start_receiver()
         http_port = free_port()
         run_dir = tmp_path / f"run-{n}"
         run_dir.mkdir()
@@ -269,7 +260,7 @@ id = "m"
 version = "1"
 """)
         agent = subprocess.Popen([str(AGENT), "run", "--config", str(config)],
-                                 env=otel_env(f"http://127.0.0.1:{server.server_address[1]}"),
+                                 env=otel_env(endpoint),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.time() + 30

@@ -938,7 +938,7 @@ fn install(
 }
 
 /// The SHA-256 of `text`, in lowercase hex.
-fn sha256(text: &[u8]) -> String {
+pub(crate) fn sha256(text: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, text)
         .as_ref()
         .iter()

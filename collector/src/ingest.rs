@@ -188,8 +188,7 @@ impl Ingest {
         // not enough for a device to fill the disk (or the collector's
         // memory until the flush) with a few large messages.
         let (kept, detail) = if payload.len() > wire::MAX_PAYLOAD_BYTES {
-            let digest = ring::digest::digest(&ring::digest::SHA256, payload);
-            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            let hex = crate::detect::sha256(payload);
             (
                 payload[..QUARANTINE_KEPT_BYTES].to_vec(),
                 format!(

@@ -95,8 +95,7 @@ impl JobsApi {
             })
             .ok_or_else(|| unauthorized("missing or malformed X-Driftline-Signature"))?;
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.secret.as_bytes());
-        let mut message = format!("{timestamp}.POST.{path}.").into_bytes();
-        message.extend_from_slice(body);
+        let message = crate::retrain::signed_message(timestamp, "POST", path, body);
         ring::hmac::verify(&key, &message, &tag)
             .map_err(|_| unauthorized("wrong X-Driftline-Signature"))?;
         let mut seen = self

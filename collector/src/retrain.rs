@@ -347,11 +347,15 @@ async fn dispatch(targets: &Targets, job_id: &str, body: String) -> Result<Strin
 /// [`SIGNATURE_MAX_AGE`] away from its clock and signatures it has seen.
 pub fn signature(secret: &str, timestamp: i64, method: &str, path: &str, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let mut ctx = ring::hmac::Context::with_key(&key);
-    ctx.update(format!("{timestamp}.{method}.{path}.").as_bytes());
-    ctx.update(body);
-    let tag = ctx.sign();
+    let tag = ring::hmac::sign(&key, &signed_message(timestamp, method, path, body));
     tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What [`signature`] signs: `{timestamp}.{method}.{path}.{body}`.
+pub fn signed_message(timestamp: i64, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    let mut message = format!("{timestamp}.{method}.{path}.").into_bytes();
+    message.extend_from_slice(body);
+    message
 }
 
 /// How far a signed request's timestamp may be from the receiver's clock.

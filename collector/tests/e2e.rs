@@ -1906,6 +1906,25 @@ fn detection_lake() -> (
     (data, lake, queries)
 }
 
+/// One tick of `schedule` over the lake in `dir`, on a fresh session (so
+/// it sees every file flushed so far).
+fn tick_once(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    lake: &driftline_collector::lake::LakeWriter,
+    schedule: &mut driftline_collector::detect::Schedule,
+) {
+    rt.block_on(async {
+        let ctx = driftline_collector::query::session(dir)
+            .await
+            .expect("session");
+        schedule
+            .tick(&ctx, lake, &CancellationToken::new())
+            .await
+            .expect("tick");
+    })
+}
+
 /// Yesterday, on the hour: within the collector's accepted event ages.
 fn yesterday_on_the_hour() -> DateTime<Utc> {
     DateTime::from_timestamp((Utc::now().timestamp() / 3600 - 24) * 3600, 0).expect("ts")
@@ -1921,15 +1940,7 @@ fn a_period_waits_for_its_late_devices_up_to_the_lateness_bound() {
     write_periods(&lake, base, 7..8, 0..6);
     let runs = || query(data.path(), "SELECT count(*) FROM detector_runs")[0][0].clone();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let shutdown = CancellationToken::new();
-    let tick = |schedule: &mut Schedule| {
-        rt.block_on(async {
-            let ctx = driftline_collector::query::session(data.path())
-                .await
-                .expect("session");
-            schedule.tick(&ctx, &lake, &shutdown).await.expect("tick");
-        })
-    };
+    let tick = |schedule: &mut Schedule| tick_once(&rt, data.path(), &lake, schedule);
     let mut waiting = Schedule::new(queries.clone(), Default::default(), Default::default());
     waiting.lateness = Duration::from_secs(3600);
     tick(&mut waiting);
@@ -1949,15 +1960,7 @@ fn a_period_waits_for_its_late_devices_up_to_the_lateness_bound() {
     write_periods(&other_lake, base, 7..8, 0..6);
     let mut eager = Schedule::new(other_queries, Default::default(), Default::default());
     eager.lateness = Duration::ZERO;
-    rt.block_on(async {
-        let ctx = driftline_collector::query::session(other.path())
-            .await
-            .expect("session");
-        eager
-            .tick(&ctx, &other_lake, &shutdown)
-            .await
-            .expect("tick");
-    });
+    tick_once(&rt, other.path(), &other_lake, &mut eager);
     assert_ne!(
         query(other.path(), "SELECT count(*) FROM detector_runs")[0][0],
         "0"
@@ -1983,20 +1986,14 @@ fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
         .collect()
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let shutdown = CancellationToken::new();
     let tick_until_idle = |schedule: &mut Schedule| {
-        rt.block_on(async {
-            let ctx = driftline_collector::query::session(data.path())
-                .await
-                .expect("session");
-            for _ in 0..10 {
-                let before = evaluated(data.path()).len();
-                schedule.tick(&ctx, &lake, &shutdown).await.expect("tick");
-                if evaluated(data.path()).len() == before {
-                    break;
-                }
+        for _ in 0..10 {
+            let before = evaluated(data.path()).len();
+            tick_once(&rt, data.path(), &lake, schedule);
+            if evaluated(data.path()).len() == before {
+                break;
             }
-        })
+        }
     };
     write(0..8);
     let mut first = Schedule::new(queries.clone(), Default::default(), Default::default());

@@ -205,9 +205,11 @@ impl QueryHandler for LakeQueries {
         let mut planned = to_plan(statement).await;
         // DataFusion refuses an unaggregated correlated subquery while
         // planning or while analysing the plan (cheap: no constant is
-        // computed there).
+        // computed there); a statement without subqueries is not analysed
+        // here, only when it runs.
         let unaggregated = match &planned {
             Err(e) => e.to_string().contains(UNAGGREGATED_SUBQUERY),
+            Ok(_) if !has_subquery(statement) => false,
             Ok(plan) => state
                 .analyzer()
                 .execute_and_check(plan.clone(), state.config_options(), |_, _| {})
@@ -282,10 +284,10 @@ fn catalog_only(statement: &Statement) -> bool {
     .is_continue()
 }
 
-/// Whether an expression holds a subquery.
-fn has_subquery(expr: &datafusion::sql::sqlparser::ast::Expr) -> bool {
+/// Whether a statement or an expression holds a subquery.
+fn has_subquery(node: &impl datafusion::sql::sqlparser::ast::Visit) -> bool {
     use datafusion::sql::sqlparser::ast::{visit_expressions, Expr};
-    visit_expressions(expr, |e| match e {
+    visit_expressions(node, |e| match e {
         Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => {
             std::ops::ControlFlow::Break(())
         }
