@@ -158,6 +158,7 @@ window = "1s"
 [privacy]
 mechanism = "laplace"
 epsilon = 1.0
+device_day_epsilon = 1000000.0
 budget_rho = 100000.0
 [http]
 listen = "127.0.0.1:{free_port()}"

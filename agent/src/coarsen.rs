@@ -98,14 +98,23 @@ pub fn merge(a: &WindowReport, b: &WindowReport) -> Option<WindowReport> {
         .collect();
     Some(WindowReport {
         window_secs: a.window_secs * 2,
-        // Each event is in one of the two windows: the per-event guarantee
-        // of the merged message is that of its parts.
+        // Post-processing of two released windows: it spends nothing. The
+        // per-window figures are those of the parts; the merged window
+        // holds the events of both.
         privacy: wire::Privacy {
             mechanism,
             epsilon: max(a.privacy.epsilon, b.privacy.epsilon),
             delta: max(a.privacy.delta, b.privacy.delta),
             rho: max(a.privacy.rho, b.privacy.rho),
             noise_scale,
+            // The merged message counts the events of both windows.
+            max_events_per_window: a
+                .privacy
+                .max_events_per_window
+                .zip(b.privacy.max_events_per_window)
+                .map(|(x, y)| x.saturating_add(y).min(wire::MAX_EVENTS_PER_WINDOW)),
+            device_day_epsilon: max(a.privacy.device_day_epsilon, b.privacy.device_day_epsilon),
+            device_day_delta: max(a.privacy.device_day_delta, b.privacy.device_day_delta),
         },
         inference_count: a.inference_count + b.inference_count,
         error_count: a.error_count + b.error_count,

@@ -12,11 +12,12 @@ use driftline_core::histogram;
 use driftline_core::topic;
 use serde::Deserialize;
 
-use crate::ledger::Budget;
+use crate::ledger::{Budget, BudgetState, Now};
 use crate::mqtt::Protocol;
 use crate::privacy::{MechanismConfig, PrivacyError, Privatizer};
 use crate::tls::TlsFiles;
-use crate::window::{ModelKey, ModelSpec};
+use crate::window::{ModelKey, ModelSpec, DEFAULT_MAX_EVENTS_PER_WINDOW};
+use driftline_core::wire::MAX_EVENTS_PER_WINDOW;
 
 /// The TOML file. Every key is optional except the models.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
@@ -50,15 +51,23 @@ pub struct AgentFile {
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacySection {
-    /// `laplace` (default) or `gaussian`.
+    /// `gaussian` (default) or `laplace`.
     pub mechanism: Option<String>,
-    /// Epsilon per window, laplace (default 1.0).
-    pub epsilon: Option<f64>,
-    /// Rho per window, gaussian (default 0.5).
-    pub rho: Option<f64>,
-    /// Delta used to report (epsilon, delta) for gaussian (default 1e-6).
+    /// The guarantee per device and budget period: epsilon at `delta`
+    /// (default 8). Windows that would exceed it are withheld.
+    pub device_day_epsilon: Option<f64>,
+    /// Delta of the device-day guarantee and of gaussian's per-window
+    /// (epsilon, delta) (default 1e-6).
     pub delta: Option<f64>,
-    /// zCDP rho the device may spend per budget period (default 1000).
+    /// Epsilon per window, laplace (default: the largest with which the
+    /// period's windows of every model compose to `device_day_epsilon`).
+    pub epsilon: Option<f64>,
+    /// Rho per window, gaussian (default: calibrated the same way).
+    pub rho: Option<f64>,
+    /// Most events counted per model and window (default 10); a model's
+    /// own `max_events_per_window` wins.
+    pub max_events_per_window: Option<u32>,
+    /// An optional second bound: zCDP rho per budget period.
     pub budget_rho: Option<f64>,
     /// Length of the rolling budget period (default 1d).
     #[serde(default, with = "humantime_serde")]
@@ -116,6 +125,8 @@ pub struct ModelSection {
     /// Custom numeric features (`[[models.custom]]`: `name`, `edges`).
     #[serde(default)]
     pub custom: Vec<CustomSection>,
+    /// Most events counted per window for this model.
+    pub max_events_per_window: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -179,6 +190,108 @@ pub struct Overrides {
     pub reset_budget: bool,
 }
 
+/// Window length unless configured: long enough that a device-day budget of
+/// epsilon 8 leaves each window a useful share (docs/privacy.md).
+pub const DEFAULT_WINDOW_SECS: u64 = 900;
+
+/// Device-day epsilon unless configured (at delta 1e-6).
+pub const DEFAULT_DEVICE_DAY_EPSILON: f64 = 8.0;
+
+/// Resolves the privacy section for `models` models with `window_secs`
+/// windows: the per-window mechanism (calibrated to the device-day budget
+/// unless given) and the budget the ledger enforces.
+fn resolve_privacy(
+    p: PrivacySection,
+    window_secs: u32,
+    models: usize,
+) -> Result<(MechanismConfig, Budget), ConfigError> {
+    let delta = p.delta.unwrap_or(1e-6);
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(invalid(
+            "privacy.delta",
+            "must lie strictly between 0 and 1",
+        ));
+    }
+    let device_day = p.device_day_epsilon.unwrap_or(DEFAULT_DEVICE_DAY_EPSILON);
+    if !(device_day.is_finite() && device_day > 0.0) {
+        return Err(invalid(
+            "privacy.device_day_epsilon",
+            "must be a finite number > 0",
+        ));
+    }
+    let period = p.budget_period.unwrap_or(Duration::from_secs(86_400));
+    let period = TimeDelta::from_std(period)
+        .ok()
+        .filter(|d| *d > TimeDelta::zero())
+        .ok_or_else(|| invalid("privacy.budget_period", "must be a positive duration"))?;
+    let budget = Budget {
+        epsilon: Some(device_day),
+        delta,
+        rho: p.budget_rho,
+        period,
+    };
+    let windows = windows_per_period(period, window_secs, models);
+    let calibrated = |laplace| crate::accountant::calibrate(laplace, windows, device_day, delta);
+    let mechanism = match p.mechanism.as_deref().unwrap_or("gaussian") {
+        "laplace" => MechanismConfig::Laplace {
+            epsilon: match p.epsilon {
+                Some(e) => e,
+                None => calibrated(true)?,
+            },
+        },
+        "gaussian" => MechanismConfig::Gaussian {
+            rho: match p.rho {
+                Some(r) => r,
+                None => calibrated(false)?,
+            },
+            delta,
+        },
+        other => {
+            return Err(invalid(
+                "privacy.mechanism",
+                format!("{other:?} is not laplace or gaussian"),
+            ))
+        }
+    };
+    let privatizer = Privatizer::new(mechanism)?;
+    let cost = privatizer.cost();
+    if let Some(cap) = budget.rho {
+        let mut one = crate::accountant::Spent::default();
+        one.add(cost);
+        if !(cap.is_finite() && one.rho() <= cap) {
+            return Err(invalid(
+                "privacy.budget_rho",
+                format!(
+                    "must be at least the cost of one window ({} rho)",
+                    one.rho()
+                ),
+            ));
+        }
+    }
+    let one = BudgetState::new(budget);
+    let now = Now {
+        wall: chrono::DateTime::UNIX_EPOCH,
+        up: TimeDelta::zero(),
+    };
+    if one.check(now, cost).is_err() {
+        return Err(invalid(
+            "privacy.device_day_epsilon",
+            format!(
+                "a single window ({:?}) already exceeds the budget",
+                privatizer.cost()
+            ),
+        ));
+    }
+    Ok((mechanism, budget))
+}
+
+/// Windows of all `models` that close within one rolling `period`.
+pub fn windows_per_period(period: TimeDelta, window_secs: u32, models: usize) -> u64 {
+    let period = u64::try_from(period.num_seconds()).unwrap_or(0);
+    let per_model = period.div_ceil(u64::from(window_secs.max(1)));
+    per_model.max(1) * models as u64
+}
+
 /// Where the agent keeps its ledger, sequence number and buffer unless
 /// told otherwise: an absolute path, so that the budget does not depend on
 /// the directory the agent was started from.
@@ -227,46 +340,13 @@ impl AgentConfig {
             .or(file.broker)
             .unwrap_or_else(|| "mqtt://127.0.0.1:1883".to_owned())
             .parse()?;
-        let window = file.window.unwrap_or(Duration::from_secs(60));
+        let window = file
+            .window
+            .unwrap_or(Duration::from_secs(DEFAULT_WINDOW_SECS));
         let window_secs = u32::try_from(window.as_secs())
             .ok()
             .filter(|s| (1..=86_400).contains(s) && window.subsec_nanos() == 0)
             .ok_or_else(|| invalid("window", "must be whole seconds between 1s and 1d"))?;
-
-        let p = file.privacy;
-        let mechanism = match p.mechanism.as_deref().unwrap_or("laplace") {
-            "laplace" => MechanismConfig::Laplace {
-                epsilon: p.epsilon.unwrap_or(1.0),
-            },
-            "gaussian" => MechanismConfig::Gaussian {
-                rho: p.rho.unwrap_or(0.5),
-                delta: p.delta.unwrap_or(1e-6),
-            },
-            other => {
-                return Err(invalid(
-                    "privacy.mechanism",
-                    format!("{other:?} is not laplace or gaussian"),
-                ))
-            }
-        };
-        let privatizer = Privatizer::new(mechanism)?;
-        let period = p.budget_period.unwrap_or(Duration::from_secs(86_400));
-        let budget = Budget {
-            rho: p.budget_rho.unwrap_or(1000.0),
-            period: TimeDelta::from_std(period)
-                .ok()
-                .filter(|d| *d > TimeDelta::zero())
-                .ok_or_else(|| invalid("privacy.budget_period", "must be a positive duration"))?,
-        };
-        if !(budget.rho.is_finite() && budget.rho >= privatizer.rho_per_window()) {
-            return Err(invalid(
-                "privacy.budget_rho",
-                format!(
-                    "must be at least the cost of one window ({} rho)",
-                    privatizer.rho_per_window()
-                ),
-            ));
-        }
 
         if file.models.is_empty() {
             return Err(invalid("models", "declare at least one [[models]] entry"));
@@ -276,7 +356,19 @@ impl AgentConfig {
             let key = format!("models[{i}]");
             topic::check_identifier(&m.id).map_err(|e| invalid(format!("{key}.id"), e))?;
             topic::check_version(&m.version).map_err(|e| invalid(format!("{key}.version"), e))?;
-            let mut spec = ModelSpec::default().with_labels(m.labels);
+            let k = m
+                .max_events_per_window
+                .or(file.privacy.max_events_per_window)
+                .unwrap_or(DEFAULT_MAX_EVENTS_PER_WINDOW);
+            if !(1..=MAX_EVENTS_PER_WINDOW).contains(&k) {
+                return Err(invalid(
+                    format!("{key}.max_events_per_window"),
+                    format!("must be between 1 and {MAX_EVENTS_PER_WINDOW}"),
+                ));
+            }
+            let mut spec = ModelSpec::default()
+                .with_labels(m.labels)
+                .with_max_events_per_window(k);
             for (name, edges, slot) in [
                 (
                     "latency_ms_edges",
@@ -329,6 +421,8 @@ impl AgentConfig {
             }
             models.push((model, spec));
         }
+
+        let (mechanism, budget) = resolve_privacy(file.privacy, window_secs, models.len())?;
 
         Ok(AgentConfig {
             device_id,
@@ -393,6 +487,29 @@ mod tests {
     }
 
     #[test]
+    fn the_default_configuration_gives_at_most_epsilon_8_per_device_day() {
+        let file: AgentFile = toml::from_str(
+            "[[models]]\nid = \"a\"\nversion = \"1\"\n[[models]]\nid = \"b\"\nversion = \"1\"\nlabels = [\"x\"]\n",
+        )
+        .expect("toml");
+        let c = AgentConfig::resolve(file, Overrides::default()).expect("valid");
+        let r = crate::guarantee::Report::of(c.mechanism, &c.budget, c.window_secs, &c.models)
+            .expect("report");
+        assert_eq!(r.windows_per_day, 2 * 96, "two models, 15-minute windows");
+        assert_eq!(
+            r.budget.windows_granted, r.windows_per_day,
+            "no window withheld"
+        );
+        assert!(
+            r.device_day.epsilon <= 8.0 && r.device_day.epsilon > 7.9,
+            "{}",
+            r.device_day.epsilon
+        );
+        assert_eq!(r.device_day.delta, 1e-6);
+        assert_eq!(r.max_events_per_window, 10);
+    }
+
+    #[test]
     fn overrides_win_and_mistakes_are_named() {
         let file: AgentFile =
             toml::from_str("device_id = \"a\"\n[[models]]\nid = \"m\"\nversion = \"1\"\n")
@@ -419,8 +536,18 @@ mod tests {
         f.models[0].latency_ms_edges = Some(vec![5.0, 1.0]);
         assert!(bad(f).contains("models[0].latency_ms_edges"));
         let mut f = file.clone();
-        f.privacy.budget_rho = Some(0.1);
+        f.privacy.budget_rho = Some(1e-6);
         assert!(bad(f).contains("budget_rho"));
+        let mut f = file.clone();
+        f.privacy.max_events_per_window = Some(0);
+        assert!(bad(f).contains("models[0].max_events_per_window"));
+        let mut f = file.clone();
+        f.privacy.mechanism = Some("laplace".into());
+        f.privacy.epsilon = Some(9.0);
+        assert!(
+            bad(f).contains("device_day_epsilon"),
+            "one window over the budget"
+        );
         let mut f = file;
         f.privacy.mechanism = Some("rappor".into());
         assert!(bad(f).contains("privacy.mechanism"));

@@ -1,12 +1,18 @@
-//! The privacy budget ledger: what a device has spent, so that no crash or
-//! restart can ever make it spend more than its budget per rolling period.
+//! The privacy budget ledger: what a device has released, so that no crash,
+//! restart or clock change can ever let it release more than its budget
+//! per rolling period (by default: epsilon 8 at delta 1e-6 per day).
 //!
-//! Accounting is in zero-concentrated DP (rho), where composition is a sum:
-//! a Gaussian window spends its rho, a Laplace window with pure epsilon
-//! spends `epsilon^2 / 2` (pure epsilon-DP implies that rho-zCDP). A spend at
-//! time `t` counts against every period that contains `t`: at time `now`,
-//! the entries with `t > now - period` (future entries too, so a clock that
-//! jumps back never frees budget early).
+//! Every published window is an entry: its [`Cost`] (Laplace epsilon or
+//! Gaussian rho), the wall-clock time and the agent's **uptime**, a
+//! monotonic measure of elapsed time that the ledger persists and that no
+//! clock setting moves. An entry counts against the period until **both**
+//! say the period has passed since it: a wall clock set forward (or one
+//! that jumps at boot) releases nothing, and a clock set back keeps future
+//! entries counting. Time while the agent is stopped does not advance the
+//! uptime, so after a restart spends expire later, never earlier. The
+//! entries that count are composed by [`crate::accountant`] into one
+//! `(epsilon, delta)`; a window is granted only if that stays within the
+//! budget.
 //!
 //! Spending is **write-ahead**: [`Ledger::try_spend`] appends the entry to
 //! the ledger file and fsyncs it before it returns, and only then may the
@@ -16,16 +22,20 @@
 //! # File format (`budget.ledger`)
 //!
 //! ```text
-//! header  8 bytes   b"DLLEDG01"
-//! record 20 bytes   crc32 (u32 LE) of the next 16 bytes,
-//!                   t: Unix microseconds (i64 LE), rho (f64 LE)
+//! header  8 bytes   b"DLLEDG02"
+//! record 32 bytes   crc32 (u32 LE) of the next 28 bytes,
+//!                   kind (u32 LE: 0 uptime checkpoint, 1 Laplace epsilon,
+//!                   2 Gaussian rho), wall time (Unix microseconds, i64 LE),
+//!                   uptime (microseconds, i64 LE), value (f64 LE)
 //! ```
 //!
 //! On open, a short or CRC-failing **last** record is a torn write (its spend
 //! never returned) and is dropped. A bad record anywhere else means the file
 //! was damaged: the ledger then assumes the whole budget was spent at the
 //! time of opening, which is safe. The file is rewritten (temporary file,
-//! fsync, rename) with only the live entries when it has grown stale.
+//! fsync, rename) with only the live entries when it has grown stale. A
+//! version 1 file (`DLLEDG01`: wall time and zCDP rho, no uptime) is read as
+//! Gaussian spends made at uptime zero and rewritten as version 2.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -34,28 +44,70 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-const MAGIC: &[u8; 8] = b"DLLEDG01";
-const RECORD: usize = 20;
+use crate::accountant::{self, Cost, Spent};
+use crate::privacy::PrivacyError;
 
-/// Budget per rolling period, in zCDP rho.
+const MAGIC: &[u8; 8] = b"DLLEDG02";
+const RECORD: usize = 32;
+const MAGIC_V1: &[u8; 8] = b"DLLEDG01";
+const RECORD_V1: usize = 20;
+
+/// Budget per rolling period.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Budget {
-    pub rho: f64,
+    /// The most `epsilon` (at `delta`) the windows of one period may
+    /// compose to; `None` sets no such bound (simulations).
+    pub epsilon: Option<f64>,
+    pub delta: f64,
+    /// An optional second bound, on the zCDP rho of one period.
+    pub rho: Option<f64>,
     pub period: TimeDelta,
+}
+
+impl Budget {
+    /// The zCDP rho this budget allows: `rho`, or the rho whose optimal
+    /// conversion is `epsilon` at `delta`, whichever is smaller; `None`
+    /// when the budget is unbounded.
+    pub fn rho_equivalent(&self) -> Option<f64> {
+        let from_epsilon = self.epsilon.map(|e| {
+            let (mut lo, mut hi) = (0.0f64, e);
+            for _ in 0..100 {
+                let mid = (lo + hi) / 2.0;
+                match accountant::zcdp_epsilon(mid, self.delta) {
+                    Ok(x) if x <= e => lo = mid,
+                    _ => hi = mid,
+                }
+            }
+            lo
+        });
+        match (from_epsilon, self.rho) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// The present, as the ledger sees it: the wall clock and the agent's
+/// persisted uptime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub wall: DateTime<Utc>,
+    pub up: TimeDelta,
 }
 
 /// Errors of the ledger.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("budget exhausted: {spent:.3} of {budget} rho spent in the last {period}; resumes at {resumes_at}")]
+    #[error("budget exhausted: the last {period} already compose to epsilon {spent_epsilon:.3}; resumes at {resumes_at}")]
     Exhausted {
-        spent: f64,
-        budget: f64,
+        spent_epsilon: f64,
         period: TimeDelta,
         resumes_at: DateTime<Utc>,
     },
-    #[error("a spend must be a finite rho >= 0, got {0}")]
-    BadSpend(f64),
+    #[error("a spend must be a finite cost >= 0, got {0:?}")]
+    BadSpend(Cost),
+    #[error("accounting failed: {0}")]
+    Accounting(#[from] PrivacyError),
     #[error("ledger file {path}: {source}")]
     Io {
         path: PathBuf,
@@ -72,12 +124,20 @@ impl LedgerError {
     }
 }
 
+/// One granted spend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Entry {
+    wall: DateTime<Utc>,
+    up: TimeDelta,
+    cost: Cost,
+}
+
 /// The accounting itself: plain state, no I/O.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetState {
     budget: Budget,
-    /// (time, rho), in the order spent.
-    entries: VecDeque<(DateTime<Utc>, f64)>,
+    /// In the order spent.
+    entries: VecDeque<Entry>,
 }
 
 impl BudgetState {
@@ -92,70 +152,122 @@ impl BudgetState {
         self.budget
     }
 
-    fn counts_at(&self, t: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-        t > now - self.budget.period
+    /// Whether `e` still counts at `now`: until both the wall clock and
+    /// the uptime say a period has passed since it.
+    fn counts(&self, e: &Entry, now: Now) -> bool {
+        e.wall > now.wall - self.budget.period || e.up > now.up - self.budget.period
     }
 
-    /// Rho spent in the period ending at `now`.
-    pub fn spent(&self, now: DateTime<Utc>) -> f64 {
-        self.entries
-            .iter()
-            .filter(|(t, _)| self.counts_at(*t, now))
-            .map(|(_, rho)| rho)
-            .sum()
+    /// When `e` stops counting, on the wall clock, if both clocks advance
+    /// together from `now`.
+    fn expires(&self, e: &Entry, now: Now) -> DateTime<Utc> {
+        let by_wall = e.wall + self.budget.period;
+        let by_up = now.wall + (e.up + self.budget.period - now.up);
+        by_wall.max(by_up)
     }
 
-    /// Rho still available at `now`.
-    pub fn remaining(&self, now: DateTime<Utc>) -> f64 {
-        (self.budget.rho - self.spent(now)).max(0.0)
-    }
-
-    /// Whether `rho` may be spent at `now`; the error says when it may.
-    pub fn check(&self, now: DateTime<Utc>, rho: f64) -> Result<(), LedgerError> {
-        if !(rho.is_finite() && rho >= 0.0) {
-            return Err(LedgerError::BadSpend(rho));
+    /// What the entries counting at `now` add up to.
+    pub fn spent(&self, now: Now) -> Spent {
+        let mut s = Spent::default();
+        for e in self.entries.iter().filter(|e| self.counts(e, now)) {
+            s.add(e.cost);
         }
-        let spent = self.spent(now);
-        if spent + rho <= self.budget.rho {
+        s
+    }
+
+    /// The device-day epsilon (at the budget's delta) spent at `now`.
+    pub fn spent_epsilon(&self, now: Now) -> Result<f64, LedgerError> {
+        Ok(self.spent(now).epsilon(self.budget.delta)?.0)
+    }
+
+    /// Epsilon still available at `now`; `None` with no epsilon bound.
+    pub fn remaining_epsilon(&self, now: Now) -> Result<Option<f64>, LedgerError> {
+        let spent = self.spent_epsilon(now)?;
+        Ok(self.budget.epsilon.map(|b| (b - spent).max(0.0)))
+    }
+
+    /// zCDP rho still available at `now` (see [`Budget::rho_equivalent`]).
+    pub fn remaining_rho(&self, now: Now) -> Option<f64> {
+        let rho = self.spent(now).rho();
+        self.budget.rho_equivalent().map(|b| (b - rho).max(0.0))
+    }
+
+    fn fits(&self, spent: &Spent) -> Result<bool, LedgerError> {
+        if let Some(rho) = self.budget.rho {
+            if spent.rho() > rho * (1.0 + 1e-12) {
+                return Ok(false);
+            }
+        }
+        Ok(match self.budget.epsilon {
+            // Basic composition first: when it fits, the tight one does.
+            Some(eps) if spent.pure_sum().is_some_and(|sum| sum <= eps) => true,
+            Some(eps) => spent.epsilon(self.budget.delta)?.0 <= eps * (1.0 + 1e-12),
+            None => true,
+        })
+    }
+
+    /// Whether `cost` may be spent at `now`; the error says when it may.
+    pub fn check(&self, now: Now, cost: Cost) -> Result<(), LedgerError> {
+        if !cost.is_valid() {
+            return Err(LedgerError::BadSpend(cost));
+        }
+        let mut live: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| self.counts(e, now))
+            .collect();
+        let with = |entries: &[&Entry]| {
+            let mut s = Spent::default();
+            entries.iter().for_each(|e| s.add(e.cost));
+            s.add(cost);
+            s
+        };
+        if self.fits(&with(&live))? {
             return Ok(());
         }
-        // The earliest time at which enough old entries have expired.
-        let mut still = spent + rho;
-        let mut resumes_at = now;
-        for (t, r) in self.entries.iter().filter(|(t, _)| self.counts_at(*t, now)) {
-            if still <= self.budget.rho {
-                break;
-            }
-            still -= r;
-            resumes_at = *t + self.budget.period;
-        }
-        if still > self.budget.rho {
+        let spent_epsilon = self.spent_epsilon(now)?;
+        // The fewest expiries after which the spend fits (more expiries
+        // only help): binary search over the entries by expiry.
+        live.sort_by_key(|e| self.expires(e, now));
+        let resumes_at = if !self.fits(&with(&[]))? {
             // Even an empty period cannot hold this spend.
-            resumes_at = DateTime::<Utc>::MAX_UTC;
-        }
+            DateTime::<Utc>::MAX_UTC
+        } else {
+            let (mut lo, mut hi) = (1, live.len());
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if self.fits(&with(&live[mid..]))? {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            live.get(lo - 1).map_or(now.wall, |e| self.expires(e, now))
+        };
         Err(LedgerError::Exhausted {
-            spent,
-            budget: self.budget.rho,
+            spent_epsilon,
             period: self.budget.period,
             resumes_at,
         })
     }
 
     /// Records a spend (after [`BudgetState::check`] and persistence).
-    pub fn commit(&mut self, now: DateTime<Utc>, rho: f64) {
-        self.entries.push_back((now, rho));
+    fn commit(&mut self, now: Now, cost: Cost) {
+        self.entries.push_back(Entry {
+            wall: now.wall,
+            up: now.up,
+            cost,
+        });
     }
 
-    /// Forgets entries that no longer count at `now` and never will again.
-    pub fn prune(&mut self, now: DateTime<Utc>) -> usize {
+    /// Forgets entries that no longer count at `now`. Uptime only grows,
+    /// so an entry the uptime has released never counts again.
+    pub fn prune(&mut self, now: Now) -> usize {
         let before = self.entries.len();
         let period = self.budget.period;
-        self.entries.retain(|(t, _)| *t > now - period);
+        self.entries
+            .retain(|e| e.wall > now.wall - period || e.up > now.up - period);
         before - self.entries.len()
-    }
-
-    fn entries(&self) -> impl Iterator<Item = &(DateTime<Utc>, f64)> {
-        self.entries.iter()
     }
 }
 
@@ -167,6 +279,8 @@ pub struct Ledger {
     file: Option<(PathBuf, File)>,
     /// Records in the file, to decide when to rewrite it.
     records: usize,
+    /// The uptime the file had reached when it was opened.
+    recovered_up: TimeDelta,
 }
 
 impl Ledger {
@@ -176,12 +290,14 @@ impl Ledger {
             state: BudgetState::new(budget),
             file: None,
             records: 0,
+            recovered_up: TimeDelta::zero(),
         }
     }
 
-    /// Opens (or creates) the ledger file at `path`; `now` is used when
-    /// the file turns out damaged (the budget is then taken as spent now).
-    pub fn open(path: &Path, budget: Budget, now: DateTime<Utc>) -> Result<Self, LedgerError> {
+    /// Opens (or creates) the ledger file at `path`; `wall` is the present
+    /// (a damaged file counts as the whole budget spent then). The uptime
+    /// goes on from [`Ledger::recovered_uptime`].
+    pub fn open(path: &Path, budget: Budget, wall: DateTime<Utc>) -> Result<Self, LedgerError> {
         let io = |source| LedgerError::Io {
             path: path.to_path_buf(),
             source,
@@ -193,81 +309,122 @@ impl Ledger {
                 .and_then(|mut f| f.read_to_end(&mut bytes))
                 .map_err(io)?;
         }
+        let mut up = TimeDelta::zero();
         if !bytes.is_empty() {
-            if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-                return Err(LedgerError::NotALedger {
-                    path: path.to_path_buf(),
-                });
-            }
-            let body = &bytes[MAGIC.len()..];
-            let records: Vec<&[u8]> = body.chunks(RECORD).collect();
+            let (size, decode): (usize, fn(&[u8]) -> Option<Record>) =
+                match bytes.get(..MAGIC.len()) {
+                    Some(m) if m == MAGIC => (RECORD, decode_record),
+                    Some(m) if m == MAGIC_V1 => (RECORD_V1, decode_record_v1),
+                    _ => {
+                        return Err(LedgerError::NotALedger {
+                            path: path.to_path_buf(),
+                        })
+                    }
+                };
+            let records: Vec<&[u8]> = bytes[MAGIC.len()..].chunks(size).collect();
             let last = records.len().saturating_sub(1);
+            let mut damaged = false;
             for (i, record) in records.iter().enumerate() {
-                match decode_record(record) {
-                    Some((t, rho)) => state.commit(t, rho),
+                match decode(record) {
+                    Some(r) => {
+                        up = up.max(r.up);
+                        if let Some(cost) = r.cost {
+                            state.entries.push_back(Entry {
+                                wall: r.wall,
+                                up: r.up,
+                                cost,
+                            });
+                        }
+                    }
                     // A torn last write: that spend never returned.
                     None if i == last => {}
-                    None => {
-                        tracing::error!(path = %path.display(), record = i, "damaged privacy ledger; assuming the whole budget is spent");
-                        state.commit(now, budget.rho);
-                    }
+                    None => damaged = true,
+                }
+            }
+            if damaged {
+                tracing::error!(path = %path.display(), "damaged privacy ledger; assuming the whole budget is spent");
+                if let Some(rho) = budget.rho_equivalent() {
+                    state.commit(Now { wall, up }, Cost::Gaussian { rho });
                 }
             }
         }
+        let now = Now { wall, up };
         state.prune(now);
         let mut ledger = Ledger {
             state,
             file: None,
             records: 0,
+            recovered_up: up,
         };
-        ledger.rewrite(path)?;
+        ledger.rewrite(path, up)?;
         Ok(ledger)
+    }
+
+    /// The uptime recorded in the file when it was opened: the agent's
+    /// uptime goes on from there.
+    pub fn recovered_uptime(&self) -> TimeDelta {
+        self.recovered_up
     }
 
     pub fn state(&self) -> &BudgetState {
         &self.state
     }
 
-    /// Rho still available at `now`.
-    pub fn remaining(&self, now: DateTime<Utc>) -> f64 {
-        self.state.remaining(now)
-    }
-
-    /// Spends `rho` at `now` if the budget allows, durably, before
+    /// Spends `cost` at `now` if the budget allows, durably, before
     /// returning. Only after `Ok` may the caller noise and publish.
-    pub fn try_spend(&mut self, now: DateTime<Utc>, rho: f64) -> Result<(), LedgerError> {
-        self.state.check(now, rho)?;
-        if let Some((path, file)) = &mut self.file {
-            let io = |source| LedgerError::Io {
-                path: path.clone(),
-                source,
-            };
-            file.write_all(&encode_record(now, rho)).map_err(io)?;
-            file.sync_data().map_err(io)?;
-            self.records += 1;
-        }
-        self.state.commit(now, rho);
+    pub fn try_spend(&mut self, now: Now, cost: Cost) -> Result<(), LedgerError> {
+        self.state.check(now, cost)?;
+        self.append(now, Some(cost))?;
+        self.state.commit(now, cost);
         if self.records > 4 * self.state.entries.len().max(256) {
             self.state.prune(now);
             if let Some((path, _)) = &self.file {
                 let path = path.clone();
-                self.rewrite(&path)?;
+                self.rewrite(&path, now.up)?;
             }
         }
         Ok(())
     }
 
-    /// Writes the live entries to a fresh file and swaps it in atomically.
-    fn rewrite(&mut self, path: &Path) -> Result<(), LedgerError> {
+    /// Persists the uptime reached at `now` without spending, so that a
+    /// restart does not lose it (the agent calls this when it withholds a
+    /// window).
+    pub fn checkpoint(&mut self, now: Now) -> Result<(), LedgerError> {
+        self.append(now, None)
+    }
+
+    fn append(&mut self, now: Now, cost: Option<Cost>) -> Result<(), LedgerError> {
+        if let Some((path, file)) = &mut self.file {
+            let io = |source| LedgerError::Io {
+                path: path.clone(),
+                source,
+            };
+            file.write_all(&encode_record(now.wall, now.up, cost))
+                .map_err(io)?;
+            file.sync_data().map_err(io)?;
+            self.records += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes the live entries (and the uptime reached, `up`) to a fresh
+    /// file and swaps it in atomically.
+    fn rewrite(&mut self, path: &Path, up: TimeDelta) -> Result<(), LedgerError> {
         let io = |source| LedgerError::Io {
             path: path.to_path_buf(),
             source,
         };
         let tmp = path.with_extension("ledger.tmp");
         let mut bytes = MAGIC.to_vec();
-        for (t, rho) in self.state.entries() {
-            bytes.extend_from_slice(&encode_record(*t, *rho));
+        for e in &self.state.entries {
+            bytes.extend_from_slice(&encode_record(e.wall, e.up, Some(e.cost)));
         }
+        let last_wall = self
+            .state
+            .entries
+            .back()
+            .map_or(DateTime::UNIX_EPOCH, |e| e.wall);
+        bytes.extend_from_slice(&encode_record(last_wall, up, None));
         let mut f = File::create(&tmp).map_err(io)?;
         f.write_all(&bytes)
             .and_then(|()| f.sync_all())
@@ -277,22 +434,36 @@ impl Ledger {
             let _ = dir.sync_all();
         }
         let file = OpenOptions::new().append(true).open(path).map_err(io)?;
-        self.records = self.state.entries.len();
+        self.records = self.state.entries.len() + 1;
         self.file = Some((path.to_path_buf(), file));
         Ok(())
     }
 }
 
-fn encode_record(t: DateTime<Utc>, rho: f64) -> [u8; RECORD] {
+/// A decoded record: a spend, or (no cost) an uptime checkpoint.
+struct Record {
+    wall: DateTime<Utc>,
+    up: TimeDelta,
+    cost: Option<Cost>,
+}
+
+fn encode_record(wall: DateTime<Utc>, up: TimeDelta, cost: Option<Cost>) -> [u8; RECORD] {
+    let (kind, value) = match cost {
+        None => (0u32, 0.0),
+        Some(Cost::Laplace { epsilon }) => (1, epsilon),
+        Some(Cost::Gaussian { rho }) => (2, rho),
+    };
     let mut out = [0u8; RECORD];
-    out[4..12].copy_from_slice(&t.timestamp_micros().to_le_bytes());
-    out[12..20].copy_from_slice(&rho.to_le_bytes());
+    out[4..8].copy_from_slice(&kind.to_le_bytes());
+    out[8..16].copy_from_slice(&wall.timestamp_micros().to_le_bytes());
+    out[16..24].copy_from_slice(&up.num_microseconds().unwrap_or(i64::MAX).to_le_bytes());
+    out[24..32].copy_from_slice(&value.to_le_bytes());
     let crc = crc32fast::hash(&out[4..]);
     out[..4].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
-fn decode_record(bytes: &[u8]) -> Option<(DateTime<Utc>, f64)> {
+fn decode_record(bytes: &[u8]) -> Option<Record> {
     if bytes.len() != RECORD {
         return None;
     }
@@ -300,10 +471,41 @@ fn decode_record(bytes: &[u8]) -> Option<(DateTime<Utc>, f64)> {
     if crc != crc32fast::hash(&bytes[4..]) {
         return None;
     }
-    let micros = i64::from_le_bytes(bytes[4..12].try_into().ok()?);
+    let kind = u32::from_le_bytes(bytes[4..8].try_into().ok()?);
+    let wall = DateTime::from_timestamp_micros(i64::from_le_bytes(bytes[8..16].try_into().ok()?))?;
+    let up = TimeDelta::microseconds(i64::from_le_bytes(bytes[16..24].try_into().ok()?));
+    let value = f64::from_le_bytes(bytes[24..32].try_into().ok()?);
+    let cost = match kind {
+        0 => None,
+        1 => Some(Cost::Laplace { epsilon: value }),
+        2 => Some(Cost::Gaussian { rho: value }),
+        _ => return None,
+    };
+    (cost.is_none_or(|c| c.is_valid()) && up >= TimeDelta::zero()).then_some(Record {
+        wall,
+        up,
+        cost,
+    })
+}
+
+/// A version 1 record: wall time and zCDP rho; its uptime is unknown, so
+/// it counts as spent at uptime zero.
+fn decode_record_v1(bytes: &[u8]) -> Option<Record> {
+    if bytes.len() != RECORD_V1 {
+        return None;
+    }
+    let crc = u32::from_le_bytes(bytes[..4].try_into().ok()?);
+    if crc != crc32fast::hash(&bytes[4..]) {
+        return None;
+    }
+    let wall = DateTime::from_timestamp_micros(i64::from_le_bytes(bytes[4..12].try_into().ok()?))?;
     let rho = f64::from_le_bytes(bytes[12..20].try_into().ok()?);
-    let t = DateTime::from_timestamp_micros(micros)?;
-    (rho.is_finite() && rho >= 0.0).then_some((t, rho))
+    let cost = Cost::Gaussian { rho };
+    cost.is_valid().then_some(Record {
+        wall,
+        up: TimeDelta::zero(),
+        cost: Some(cost),
+    })
 }
 
 #[cfg(test)]
@@ -315,28 +517,90 @@ mod tests {
         "2026-11-27T00:00:00Z".parse().expect("ts")
     }
 
-    fn day(rho: f64) -> Budget {
+    /// Wall clock and uptime `h` hours after `t0`.
+    fn at(hours: i64) -> Now {
+        Now {
+            wall: t0() + TimeDelta::hours(hours),
+            up: TimeDelta::hours(hours),
+        }
+    }
+
+    fn day(epsilon: f64) -> Budget {
         Budget {
-            rho,
+            epsilon: Some(epsilon),
+            delta: 1e-6,
+            rho: None,
             period: TimeDelta::days(1),
         }
+    }
+
+    fn lap(epsilon: f64) -> Cost {
+        Cost::Laplace { epsilon }
     }
 
     #[test]
     fn spends_up_to_the_budget_then_waits_for_the_period_to_roll() {
         let mut l = Ledger::in_memory(day(1.0));
-        let t = t0();
-        l.try_spend(t, 0.5).expect("first");
-        l.try_spend(t + TimeDelta::hours(1), 0.5).expect("second");
-        match l.try_spend(t + TimeDelta::hours(2), 0.1) {
+        l.try_spend(at(0), lap(0.5)).expect("first");
+        l.try_spend(at(1), lap(0.5)).expect("second");
+        match l.try_spend(at(2), lap(0.1)) {
             Err(LedgerError::Exhausted { resumes_at, .. }) => {
-                assert_eq!(resumes_at, t + TimeDelta::days(1))
+                assert_eq!(resumes_at, t0() + TimeDelta::days(1))
             }
             other => panic!("expected exhaustion, got {other:?}"),
         }
-        l.try_spend(t + TimeDelta::days(1), 0.5)
+        l.try_spend(at(24), lap(0.5))
             .expect("the first spend expired");
-        assert!(l.try_spend(t + TimeDelta::days(1), 0.1).is_err());
+        assert!(l.try_spend(at(24), lap(0.1)).is_err());
+    }
+
+    #[test]
+    fn the_budget_is_in_composed_epsilon_not_in_a_sum() {
+        // 48 windows of 0.2 compose to 6.7 at delta 1e-6 (a sum would say
+        // 9.6): all of them fit a budget of 7, and the 58th does not.
+        let mut l = Ledger::in_memory(day(7.0));
+        let mut granted = 0;
+        for i in 0..60 {
+            let now = Now {
+                wall: t0() + TimeDelta::minutes(i),
+                up: TimeDelta::minutes(i),
+            };
+            if l.try_spend(now, lap(0.2)).is_ok() {
+                granted += 1;
+            }
+        }
+        assert!((48..58).contains(&granted), "granted {granted}");
+        let eps = l.state().spent_epsilon(at(1)).expect("eps");
+        assert!(eps <= 7.0 && eps > 6.5, "{eps}");
+    }
+
+    #[test]
+    fn a_wall_clock_set_forward_releases_nothing() {
+        let mut l = Ledger::in_memory(day(1.0));
+        l.try_spend(at(0), lap(1.0)).expect("whole budget");
+        // Two days later by the wall clock, one hour by the uptime.
+        let jumped = Now {
+            wall: t0() + TimeDelta::days(2),
+            up: TimeDelta::hours(1),
+        };
+        match l.try_spend(jumped, lap(0.1)) {
+            Err(LedgerError::Exhausted { resumes_at, .. }) => {
+                assert_eq!(resumes_at, jumped.wall + TimeDelta::hours(23))
+            }
+            other => panic!("expected exhaustion, got {other:?}"),
+        }
+        // And set back: the spend is in the future, it still counts.
+        let back = Now {
+            wall: t0() - TimeDelta::days(3),
+            up: TimeDelta::days(2),
+        };
+        assert!(l.try_spend(back, lap(0.1)).is_err());
+        let both = Now {
+            wall: t0() + TimeDelta::days(2),
+            up: TimeDelta::days(1),
+        };
+        l.try_spend(both, lap(0.1))
+            .expect("both clocks say a day has passed");
     }
 
     #[test]
@@ -344,17 +608,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("budget.ledger");
         let mut l = Ledger::open(&path, day(1.0), t0()).expect("open");
-        l.try_spend(t0(), 0.4).expect("spend");
-        l.try_spend(t0(), 0.4).expect("spend");
+        l.try_spend(at(0), lap(0.4)).expect("spend");
+        l.try_spend(at(3), lap(0.4)).expect("spend");
         drop(l);
         // A crash in the middle of a third append.
         let mut f = OpenOptions::new().append(true).open(&path).expect("open");
-        f.write_all(&encode_record(t0(), 0.4)[..11]).expect("torn");
+        f.write_all(&encode_record(t0(), TimeDelta::hours(3), Some(lap(0.4)))[..11])
+            .expect("torn");
         drop(f);
         let mut l = Ledger::open(&path, day(1.0), t0()).expect("reopen");
-        assert!((l.state().spent(t0()) - 0.8).abs() < 1e-12);
-        assert!(l.try_spend(t0(), 0.4).is_err(), "0.8 + 0.4 > 1.0");
-        l.try_spend(t0(), 0.2).expect("fits");
+        assert_eq!(l.recovered_uptime(), TimeDelta::hours(3));
+        let eps = l.state().spent_epsilon(at(3)).expect("eps");
+        assert!((eps - 0.8).abs() < 1e-4, "{eps}");
+        assert!(l.try_spend(at(3), lap(0.4)).is_err(), "0.8 + 0.4 > 1.0");
+        l.try_spend(at(3), lap(0.2)).expect("fits");
     }
 
     #[test]
@@ -362,15 +629,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("budget.ledger");
         let mut l = Ledger::open(&path, day(1.0), t0()).expect("open");
-        l.try_spend(t0(), 0.1).expect("spend");
-        l.try_spend(t0(), 0.1).expect("spend");
+        l.try_spend(at(0), lap(0.1)).expect("spend");
+        l.try_spend(at(0), lap(0.1)).expect("spend");
         drop(l);
         let mut bytes = std::fs::read(&path).expect("read");
-        bytes[MAGIC.len() + 6] ^= 0xff; // inside the first record
+        bytes[MAGIC.len() + 10] ^= 0xff; // inside the first record
         std::fs::write(&path, &bytes).expect("write");
-        let l = Ledger::open(&path, day(1.0), t0() + TimeDelta::hours(1)).expect("reopen");
-        assert_eq!(l.remaining(t0() + TimeDelta::hours(2)), 0.0);
-        assert!(l.remaining(t0() + TimeDelta::hours(26)) > 0.0);
+        let l = Ledger::open(&path, day(1.0), at(1).wall).expect("reopen");
+        assert_eq!(l.state().remaining_epsilon(at(2)).expect("eps"), Some(0.0));
+        assert!(l.state().check(at(2), lap(0.01)).is_err());
+        assert!(l.state().remaining_epsilon(at(26)).expect("eps") > Some(0.0));
         std::fs::write(&path, b"garbage!garbage").expect("write");
         assert!(matches!(
             Ledger::open(&path, day(1.0), t0()),
@@ -378,58 +646,98 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_version_1_ledger_is_read_and_upgraded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("budget.ledger");
+        let mut v1 = MAGIC_V1.to_vec();
+        let mut record = [0u8; RECORD_V1];
+        record[4..12].copy_from_slice(&t0().timestamp_micros().to_le_bytes());
+        record[12..20].copy_from_slice(&0.5f64.to_le_bytes());
+        let crc = crc32fast::hash(&record[4..]);
+        record[..4].copy_from_slice(&crc.to_le_bytes());
+        v1.extend_from_slice(&record);
+        std::fs::write(&path, &v1).expect("write");
+        let l = Ledger::open(&path, day(8.0), at(1).wall).expect("open v1");
+        assert!((l.state().spent(at(1)).rho() - 0.5).abs() < 1e-12);
+        assert_eq!(&std::fs::read(&path).expect("read")[..8], MAGIC);
+        // Spent at uptime zero: it counts for a day of uptime.
+        let wall_later = Now {
+            wall: t0() + TimeDelta::days(3),
+            up: TimeDelta::hours(2),
+        };
+        assert!(l.state().spent(wall_later).rho() > 0.0);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Spend(f64),
         Advance(i64),
-        Crash { torn: usize },
+        /// The wall clock alone moves (set forward or back), in minutes.
+        SetClock(i64),
+        Crash {
+            torn: usize,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => (0.0f64..0.4).prop_map(Op::Spend),
             2 => (0i64..30).prop_map(Op::Advance),
+            1 => (-300i64..300).prop_map(Op::SetClock),
             1 => (0usize..RECORD).prop_map(|torn| Op::Crash { torn }),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
-        /// Whatever the spends, clock steps (minutes, period one hour) and
-        /// crashes (with a torn write), no rolling period ever holds more
-        /// granted spending than the budget, and no granted spend is lost.
+        /// Whatever the spends, time steps (minutes, period one hour), wall
+        /// clock changes and crashes (with a torn write), the spends granted
+        /// within any hour of real elapsed time never compose to more than
+        /// the budget, and the ledger never forgets one of them.
         #[test]
-        fn never_overspends_across_crashes(ops in proptest::collection::vec(op(), 1..120)) {
+        fn never_overspends_across_crashes_and_clock_changes(ops in proptest::collection::vec(op(), 1..120)) {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("budget.ledger");
-            let budget = Budget { rho: 1.0, period: TimeDelta::hours(1) };
-            let mut now = t0();
-            let mut ledger = Ledger::open(&path, budget, now).expect("open");
-            let mut granted: Vec<(DateTime<Utc>, f64)> = Vec::new();
+            let budget = Budget { epsilon: Some(1.0), delta: 1e-6, rho: None, period: TimeDelta::hours(1) };
+            // Real elapsed time, the wall clock, and the ledger's uptime
+            // (which loses the time since its last record at each crash).
+            let (mut real, mut wall) = (TimeDelta::zero(), t0());
+            let mut ledger = Ledger::open(&path, budget, wall).expect("open");
+            let mut lost = TimeDelta::zero();
+            let mut granted: Vec<(TimeDelta, f64)> = Vec::new();
             for op in ops {
+                let now = Now { wall, up: real - lost };
                 match op {
-                    Op::Spend(rho) => {
-                        if ledger.try_spend(now, rho).is_ok() {
-                            granted.push((now, rho));
+                    Op::Spend(eps) => {
+                        if ledger.try_spend(now, lap(eps)).is_ok() {
+                            granted.push((real, eps));
                         }
                     }
-                    Op::Advance(minutes) => now += TimeDelta::minutes(minutes),
+                    Op::Advance(minutes) => {
+                        real += TimeDelta::minutes(minutes);
+                        wall += TimeDelta::minutes(minutes);
+                    }
+                    Op::SetClock(minutes) => wall += TimeDelta::minutes(minutes),
                     Op::Crash { torn } => {
                         drop(ledger);
                         if torn > 0 {
                             let mut f = OpenOptions::new().append(true).open(&path).expect("open");
-                            f.write_all(&encode_record(now, 0.3)[..torn]).expect("torn");
+                            f.write_all(&encode_record(wall, now.up, Some(lap(0.3)))[..torn]).expect("torn");
                         }
-                        ledger = Ledger::open(&path, budget, now).expect("reopen");
+                        ledger = Ledger::open(&path, budget, wall).expect("reopen");
+                        lost += (real - lost) - ledger.recovered_uptime();
                     }
                 }
-                let in_window: f64 = granted
-                    .iter()
-                    .filter(|(t, _)| *t > now - budget.period)
-                    .map(|(_, r)| r)
-                    .sum();
-                prop_assert!(in_window <= budget.rho + 1e-9, "granted {in_window} in one period");
-                prop_assert!(ledger.state().spent(now) >= in_window - 1e-9, "the ledger forgot a spend");
+                let mut in_period = Spent::default();
+                for (_, eps) in granted.iter().filter(|(t, _)| *t > real - budget.period) {
+                    in_period.add(lap(*eps));
+                }
+                let (eps, _) = in_period.epsilon(budget.delta).expect("eps");
+                prop_assert!(eps <= 1.0 + 1e-9, "granted epsilon {eps} in one hour");
+                let now = Now { wall, up: real - lost };
+                let known = ledger.state().spent(now);
+                prop_assert!(known.epsilon(1e-6).expect("eps").0 >= eps - 1e-9, "the ledger forgot a spend");
             }
         }
     }
@@ -437,14 +745,14 @@ mod tests {
     #[test]
     fn impossible_spends_never_resume() {
         let l = Ledger::in_memory(day(1.0));
-        match l.state().check(t0(), 2.0) {
+        match l.state().check(at(0), lap(2.0)) {
             Err(LedgerError::Exhausted { resumes_at, .. }) => {
                 assert_eq!(resumes_at, DateTime::<Utc>::MAX_UTC)
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            l.state().check(t0(), f64::NAN),
+            l.state().check(at(0), lap(f64::NAN)),
             Err(LedgerError::BadSpend(_))
         ));
     }

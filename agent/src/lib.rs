@@ -13,10 +13,12 @@
 //! - Payloads are built by `driftline_core::wire`, never by hand.
 //! - No Arrow, Parquet or DataFusion: the agent stays small for devices.
 
+pub mod accountant;
 pub mod buffer;
 pub mod coarsen;
 pub mod config;
 pub mod event;
+pub mod guarantee;
 pub mod http;
 pub mod ledger;
 pub mod mqtt;

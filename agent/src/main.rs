@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, TimeDelta, Utc};
 use clap::{Parser, Subcommand};
-use driftline_agent::config::{AgentConfig, AgentFile, Overrides};
+use driftline_agent::config::{AgentConfig, AgentFile, ModelSection, Overrides};
+use driftline_agent::guarantee::Report;
 use driftline_agent::ledger::Budget;
 use driftline_agent::privacy::MechanismConfig;
 use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
@@ -37,6 +38,38 @@ enum Command {
     Simulate(SimulateArgs),
     /// Check a configuration file and print the resolved settings.
     CheckConfig(CheckConfigArgs),
+    /// Print the privacy guarantee of a configuration without running it.
+    PrivacyReport(PrivacyReportArgs),
+}
+
+#[derive(clap::Args)]
+struct PrivacyReportArgs {
+    /// TOML config file; the flags below override it.
+    #[arg(long, env = "DRIFTLINE_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, value_parser = ["laplace", "gaussian"])]
+    mechanism: Option<String>,
+    /// Epsilon per window (laplace); default: calibrated to the budget.
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// Rho per window (gaussian); default: calibrated to the budget.
+    #[arg(long)]
+    rho: Option<f64>,
+    /// Device-day budget: epsilon at --delta (default 8).
+    #[arg(long)]
+    device_day_epsilon: Option<f64>,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    window_secs: Option<u32>,
+    /// Number of models (without --config: ids model-0 .. model-{M-1},
+    /// no labels or custom features).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    models: Option<u32>,
+    #[arg(long)]
+    max_events_per_window: Option<u32>,
+    #[arg(long)]
+    delta: Option<f64>,
+    #[arg(long, default_value = "text", value_parser = ["json", "text"])]
+    format: String,
 }
 
 #[derive(clap::Args)]
@@ -122,6 +155,11 @@ struct SimulateArgs {
     /// Mean inferences per model and window on each device.
     #[arg(long, env = "DRIFTLINE_EVENTS_PER_WINDOW", default_value_t = 30.0)]
     events_per_window: f64,
+    /// Most events each device counts per model and window (K); the noise
+    /// is calibrated to all of them.
+    #[arg(long, env = "DRIFTLINE_MAX_EVENTS_PER_WINDOW", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_events_per_window: u32,
     /// zCDP rho each device may spend per day; windows over it are withheld.
     #[arg(long, env = "DRIFTLINE_BUDGET_RHO", default_value_t = 100_000.0)]
     budget_rho: f64,
@@ -169,6 +207,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run_command(args).await,
         Command::Simulate(args) => simulate_command(args).await,
         Command::CheckConfig(args) => check_config_command(&args),
+        Command::PrivacyReport(args) => privacy_report_command(args),
     }
 }
 
@@ -211,22 +250,76 @@ fn check_config_command(args: &CheckConfigArgs) -> anyhow::Result<()> {
     println!("  device       {} in fleet {}", c.device_id, c.fleet);
     println!("  broker       {}", c.broker);
     println!("  window       {} s", c.window_secs);
-    println!("  mechanism    {:?}", c.mechanism);
-    let period = c.budget.period.to_std().unwrap_or_default();
-    println!(
-        "  budget       {} rho per {}",
-        c.budget.rho,
-        humantime::format_duration(period)
-    );
     println!("  state dir    {}", c.state_dir.display());
     println!("  local ingest http://{}", c.http_listen);
     for (model, spec) in &c.models {
         println!(
-            "  model        {} {} ({} labels)",
+            "  model        {} {} ({} labels, at most {} events per window)",
             model.model_id,
             model.model_version,
-            spec.labels.len()
+            spec.labels.len(),
+            spec.max_events_per_window
         );
+    }
+    println!("privacy:");
+    print!("{}", report_of(&c)?.text());
+    Ok(())
+}
+
+fn report_of(c: &AgentConfig) -> anyhow::Result<Report> {
+    Ok(Report::of(
+        c.mechanism,
+        &c.budget,
+        c.window_secs,
+        &c.models,
+    )?)
+}
+
+fn privacy_report_command(args: PrivacyReportArgs) -> anyhow::Result<()> {
+    let mut file = match &args.config {
+        Some(path) => AgentFile::load(path)?,
+        None => AgentFile::default(),
+    };
+    if let Some(m) = args.models {
+        file.models = (0..m)
+            .map(|i| ModelSection {
+                id: format!("model-{i}"),
+                version: "1".into(),
+                labels: Vec::new(),
+                latency_ms_edges: None,
+                confidence_edges: None,
+                input_tokens_edges: None,
+                output_tokens_edges: None,
+                custom: Vec::new(),
+                max_events_per_window: None,
+            })
+            .collect();
+    } else if file.models.is_empty() {
+        anyhow::bail!("give --config with [[models]], or --models M");
+    }
+    if let Some(w) = args.window_secs {
+        file.window = Some(Duration::from_secs(u64::from(w)));
+    }
+    let p = &mut file.privacy;
+    if args.mechanism.is_some() {
+        p.mechanism = args.mechanism;
+    }
+    p.epsilon = args.epsilon.or(p.epsilon);
+    p.rho = args.rho.or(p.rho);
+    p.delta = args.delta.or(p.delta);
+    p.device_day_epsilon = args.device_day_epsilon.or(p.device_day_epsilon);
+    if let Some(k) = args.max_events_per_window {
+        p.max_events_per_window = Some(k);
+        for m in &mut file.models {
+            m.max_events_per_window = None;
+        }
+    }
+    let config = AgentConfig::resolve(file, Overrides::default())?;
+    let report = report_of(&config)?;
+    if args.format == "json" {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
     }
     Ok(())
 }
@@ -272,10 +365,15 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         events_per_window: args.events_per_window,
         drift,
         live: args.live,
+        // Simulated devices are bounded only by --budget-rho: they exist to
+        // exercise the pipeline, and print what their setting guarantees.
         budget: Budget {
-            rho: args.budget_rho,
+            epsilon: None,
+            delta: args.delta,
+            rho: Some(args.budget_rho),
             period: TimeDelta::days(1),
         },
+        max_events_per_window: args.max_events_per_window,
         credentials: args
             .mqtt_username
             .map(|u| (u, args.mqtt_password.unwrap_or_default())),

@@ -1,20 +1,23 @@
 //! Local differential privacy: the only place where exact counts become
 //! publishable numbers.
 //!
-//! Unit of privacy: **one event** (one inference or one feedback) of one
-//! window. Adding or removing an inference changes `inference_count`,
-//! possibly `error_count`, one bucket of each of the four histograms and,
-//! when the model declares labels, one label count, and one bucket of each
-//! custom feature it has a value for, each by one; a feedback event changes
-//! one feedback count by one. The L1 sensitivity of the whole window vector
-//! is therefore `6 + (1 if labels) + (number of custom features)`.
+//! Unit of privacy: **everything one device recorded in one window**, and,
+//! through the budget ledger, in one day (docs/privacy.md). One event (an
+//! inference or a feedback) changes at most `Δ1 = 6 + (1 if labels) +
+//! (number of custom features)` counts by one each: `inference_count`,
+//! possibly `error_count`, one bucket of each of the four histograms, one
+//! label count, one bucket per custom feature; a feedback changes one
+//! feedback count. A window counts at most `K = max_events_per_window`
+//! events ([`crate::window`]), so removing all of a device's events from a
+//! window changes the vector by at most `K Δ1` in L1 norm and `K sqrt(Δ1)`
+//! in L2 norm (all `K` events in the same buckets).
 //!
-//! The vector is released with OpenDP's `make_laplace` over
-//! `VectorDomain<AtomDomain<i64>>` and `L1Distance<i64>`, which samples the
-//! discrete Laplace distribution exactly (no floating-point leaks) from
-//! OpenSSL's CSPRNG. The scale is `sensitivity / epsilon`, and the epsilon
-//! written on the wire is what OpenDP's privacy map reports for that
-//! sensitivity, not a formula of ours. See docs/privacy.md.
+//! The vector is released with OpenDP's `make_laplace` (`L1Distance`,
+//! discrete Laplace) or `make_gaussian` (`L2Distance`, discrete Gaussian)
+//! over `VectorDomain<AtomDomain<i64>>`, which sample exactly (no
+//! floating-point leaks) from OpenSSL's CSPRNG. The scale is calibrated to
+//! the window's sensitivity, and the epsilon or rho written on the wire is
+//! what OpenDP's privacy map reports for it, not a formula of ours.
 
 use std::collections::BTreeMap;
 
@@ -26,7 +29,8 @@ use opendp::measurements::{make_gaussian, make_laplace};
 use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
 use opendp::metrics::{L1Distance, L2Distance};
 
-use crate::window::{ClosedWindow, ModelKey, WindowCounts, LABEL_FEATURE};
+use crate::accountant::Cost;
+use crate::window::{ClosedWindow, ModelKey, ModelSpec, WindowCounts, LABEL_FEATURE};
 
 /// Errors of the privacy module.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -66,6 +70,8 @@ pub enum MechanismConfig {
 #[derive(Debug, Clone)]
 pub struct Privatizer {
     mechanism: MechanismConfig,
+    /// The device-day guarantee `(epsilon, delta)` stamped on every message.
+    device_day: Option<(f64, f64)>,
 }
 
 impl Privatizer {
@@ -87,32 +93,41 @@ impl Privatizer {
             MechanismConfig::Gaussian { delta, .. } if !(positive(delta) && delta < 1.0) => {
                 Err(PrivacyError::BadDelta(delta))
             }
-            _ => Ok(Privatizer { mechanism }),
+            _ => Ok(Privatizer {
+                mechanism,
+                device_day: None,
+            }),
         }
+    }
+
+    /// The privatizer that also declares the device-day guarantee
+    /// `(epsilon, delta)` in every message.
+    pub fn with_device_day(mut self, epsilon: f64, delta: f64) -> Self {
+        self.device_day = Some((epsilon, delta));
+        self
     }
 
     pub fn mechanism(&self) -> MechanismConfig {
         self.mechanism
     }
 
-    /// What one window costs in zCDP rho, for the budget ledger: `rho` for
-    /// gaussian, `epsilon^2 / 2` for laplace (pure epsilon-DP implies
-    /// `epsilon^2 / 2`-zCDP).
-    pub fn rho_per_window(&self) -> f64 {
+    /// What one window costs, for the budget ledger and its accountant.
+    pub fn cost(&self) -> Cost {
         match self.mechanism {
-            MechanismConfig::Laplace { epsilon } => epsilon * epsilon / 2.0,
-            MechanismConfig::Gaussian { rho, .. } => rho,
+            MechanismConfig::Laplace { epsilon } => Cost::Laplace { epsilon },
+            MechanismConfig::Gaussian { rho, .. } => Cost::Gaussian { rho },
         }
     }
 
-    /// The noise scale used for a window with this L1 sensitivity: the
-    /// Laplace `b = Δ / epsilon`, or the Gaussian `sigma = sqrt(Δ / (2 rho))`
-    /// (the L2 sensitivity is `sqrt(Δ)`: Δ counts move by one each).
-    pub fn scale_for(&self, sensitivity: i64) -> f64 {
-        let delta = sensitivity as f64;
+    /// The noise scale of a window whose events each move `per_event`
+    /// counts by one, with at most `k` events: the Laplace `b = k Δ1 /
+    /// epsilon` or the Gaussian `sigma = k sqrt(Δ1) / sqrt(2 rho)`.
+    pub fn scale_for(&self, per_event: i64, k: u32) -> f64 {
         match self.mechanism {
-            MechanismConfig::Laplace { epsilon } => delta / epsilon,
-            MechanismConfig::Gaussian { rho, .. } => (delta / (2.0 * rho)).sqrt(),
+            MechanismConfig::Laplace { epsilon } => l1_sensitivity(per_event, k) / epsilon,
+            MechanismConfig::Gaussian { rho, .. } => {
+                l2_sensitivity(per_event, k) / (2.0 * rho).sqrt()
+            }
         }
     }
 
@@ -120,11 +135,13 @@ impl Privatizer {
     fn noise(
         &self,
         counts: &[i64],
-        sensitivity: i64,
+        per_event: i64,
+        k: u32,
         fields: Vec<String>,
     ) -> Result<(Vec<i64>, Privacy), PrivacyError> {
-        let scale = self.scale_for(sensitivity);
+        let scale = self.scale_for(per_event, k);
         let noise_scale = fields.into_iter().map(|f| (f, scale)).collect();
+        let (device_day_epsilon, device_day_delta) = self.device_day.unzip();
         match self.mechanism {
             MechanismConfig::Laplace { .. } => {
                 let m = make_laplace::<_, _, MaxDivergence>(
@@ -134,7 +151,8 @@ impl Privatizer {
                     None,
                 )
                 .map_err(opendp_error("Laplace measurement"))?;
-                let epsilon = m.map(&sensitivity).map_err(opendp_error("privacy map"))?;
+                let l1 = i64::from(k) * per_event;
+                let epsilon = m.map(&l1).map_err(opendp_error("privacy map"))?;
                 let noised = m
                     .invoke(&counts.to_vec())
                     .map_err(opendp_error("noise sampling"))?;
@@ -144,12 +162,14 @@ impl Privatizer {
                     delta: None,
                     rho: None,
                     noise_scale,
+                    max_events_per_window: Some(k),
+                    device_day_epsilon,
+                    device_day_delta,
                 };
                 Ok((noised, privacy))
             }
             MechanismConfig::Gaussian { delta, .. } => {
-                // The next f64 above sqrt(Δ), so rounding never understates it.
-                let l2 = f64::from_bits((sensitivity as f64).sqrt().to_bits() + 1);
+                let l2 = l2_sensitivity(per_event, k);
                 let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
                     VectorDomain::new(AtomDomain::<i64>::default()),
                     L2Distance::<f64>::default(),
@@ -171,6 +191,9 @@ impl Privatizer {
                     delta: Some(delta),
                     rho: Some(rho),
                     noise_scale,
+                    max_events_per_window: Some(k),
+                    device_day_epsilon,
+                    device_day_delta,
                 };
                 Ok((noised, privacy))
             }
@@ -186,7 +209,12 @@ impl Privatizer {
             fields.push(format!("categories.{LABEL_FEATURE}"));
         }
         fields.extend(spec.custom.iter().map(|(name, _)| format!("custom.{name}")));
-        let (noised, privacy) = self.noise(&flatten(c), sensitivity(c), fields)?;
+        let (noised, privacy) = self.noise(
+            &flatten(c),
+            per_event_sensitivity(&c.spec),
+            c.spec.max_events_per_window,
+            fields,
+        )?;
         let mut values = noised.into_iter();
         let mut next = |n: usize| -> Vec<i64> { values.by_ref().take(n).collect() };
         let head = next(5);
@@ -235,9 +263,22 @@ impl Privatizer {
     }
 }
 
-/// L1 sensitivity of a window vector to one event (module docs).
-fn sensitivity(c: &WindowCounts) -> i64 {
-    6 + i64::from(!c.spec.labels.is_empty()) + c.spec.custom.len() as i64
+/// How many counts one event moves by one (module docs): the L1
+/// sensitivity of a window to one event.
+pub fn per_event_sensitivity(spec: &ModelSpec) -> i64 {
+    6 + i64::from(!spec.labels.is_empty()) + spec.custom.len() as i64
+}
+
+/// L1 sensitivity of a window to all of its (at most `k`) events.
+pub fn l1_sensitivity(per_event: i64, k: u32) -> f64 {
+    (i64::from(k) * per_event) as f64
+}
+
+/// L2 sensitivity of a window to all of its (at most `k`) events: `k
+/// sqrt(Δ1)`, rounded up to the next f64 so that it is never understated.
+pub fn l2_sensitivity(per_event: i64, k: u32) -> f64 {
+    let l2 = f64::from(k) * (per_event as f64).sqrt();
+    f64::from_bits(l2.to_bits() + 1)
 }
 
 /// The window as one vector, in the order [`Privatizer::privatize`] reads it.
@@ -326,7 +367,7 @@ impl PrivateWindow {
 mod tests {
     use super::*;
     use crate::event::InferenceEvent;
-    use crate::window::{ModelSpec, Windower};
+    use crate::window::Windower;
 
     fn closed_window(labels: &[&str], events: usize) -> ClosedWindow {
         let at: DateTime<Utc> = "2026-11-27T10:00:00Z".parse().expect("ts");
@@ -371,7 +412,9 @@ mod tests {
             (eps - 1.0).abs() < 1e-9,
             "OpenDP's map gives the configured epsilon, got {eps}"
         );
-        assert_eq!(report.privacy.noise_scale["latency_ms"], 7.0);
+        // K = 10 events of 7 counts each: b = 70 / epsilon.
+        assert_eq!(report.privacy.noise_scale["latency_ms"], 70.0);
+        assert_eq!(report.privacy.max_events_per_window, Some(10));
         assert_eq!(report.privacy.noise_scale.len(), 8);
         assert_eq!(report.categories["label"].len(), 3);
     }
@@ -396,8 +439,8 @@ mod tests {
         report.validate().expect("valid message");
         assert_eq!(report.custom["brightness"].counts.len(), 2);
         assert_eq!(
-            report.privacy.noise_scale["custom.brightness"], 7.0,
-            "sensitivity 6 + 1 custom"
+            report.privacy.noise_scale["custom.brightness"], 70.0,
+            "K = 10 events of sensitivity 6 + 1 custom"
         );
     }
 
@@ -451,8 +494,8 @@ mod tests {
     fn laplace_noise_matches_its_scale() {
         // Discrete Laplace with scale b: variance 2q / (1 - q)^2, q = e^(-1/b).
         let p = Privatizer::laplace(2.0).expect("privatizer");
-        let b = p.scale_for(6);
-        assert_eq!(b, 3.0);
+        let b = p.scale_for(6, 10);
+        assert_eq!(b, 30.0);
         let q = (-1.0 / b).exp();
         assert_moments(&draws(&p, 40_000), 2.0 * q / (1.0 - q).powi(2), 6.0);
     }
@@ -464,8 +507,9 @@ mod tests {
             delta: 1e-6,
         })
         .expect("privatizer");
-        let sigma = p.scale_for(6);
-        assert!((sigma - 6f64.sqrt()).abs() < 1e-12);
+        // L2 sensitivity K sqrt(6) = 10 sqrt(6), rho 0.5: sigma = 10 sqrt(6).
+        let sigma = p.scale_for(6, 10);
+        assert!((sigma - 10.0 * 6f64.sqrt()).abs() < 1e-9);
         // The discrete Gaussian's variance equals sigma^2 up to e^(-2 pi^2 sigma^2).
         assert_moments(&draws(&p, 40_000), sigma * sigma, 3.0);
 
@@ -502,6 +546,99 @@ mod tests {
             })
             .err(),
             Some(PrivacyError::BadDelta(1.0))
+        );
+    }
+
+    /// A model with two buckets per histogram, so that an audit draws few
+    /// values per window.
+    fn small_window(events: usize, k: u32) -> ClosedWindow {
+        let at: DateTime<Utc> = "2026-11-27T10:00:00Z".parse().expect("ts");
+        let mut w = Windower::new(60, at);
+        let edges = vec![0.0, 1.0, 2.0];
+        let spec = ModelSpec {
+            latency_ms_edges: edges.clone(),
+            confidence_edges: edges.clone(),
+            input_tokens_edges: edges.clone(),
+            output_tokens_edges: edges,
+            ..ModelSpec::default()
+        }
+        .with_max_events_per_window(k);
+        let m = w.register(ModelKey::new("m", "1"), &spec);
+        for _ in 0..events {
+            m.record(&InferenceEvent {
+                latency_ms: 1.5,
+                input_tokens: 1,
+                output_tokens: 1,
+                confidence: Some(1.5),
+                error: true,
+                label: None,
+                custom: &[],
+            });
+        }
+        w.close_due(at + chrono::TimeDelta::seconds(60)).remove(0)
+    }
+
+    /// An empirical lower bound on the epsilon of `p` for one device's
+    /// window, from `n` releases of two neighbouring windows: empty, and
+    /// full (K events, all in the same buckets, so every touched count
+    /// moves by K). The test event is "every touched count is at least K",
+    /// where the Laplace likelihood ratio is largest (exactly e^epsilon);
+    /// its probabilities get one-sided Wilson bounds at z = 4, so the
+    /// bound exceeds the true epsilon with probability below 1e-4.
+    fn audit_lower_bound(p: &Privatizer, k: u32, n: usize) -> f64 {
+        let touched = |r: &WindowReport| {
+            [
+                r.inference_count,
+                r.error_count,
+                r.latency_ms.counts[1],
+                r.confidence.counts[1],
+                r.input_tokens.counts[1],
+                r.output_tokens.counts[1],
+            ]
+        };
+        let hits = |events: usize| {
+            (0..n)
+                .filter(|_| {
+                    let r = p
+                        .privatize(small_window(events, k))
+                        .expect("noised")
+                        .into_report(&device(), 0);
+                    touched(&r).iter().all(|c| *c >= i64::from(k))
+                })
+                .count() as f64
+        };
+        let (full, empty) = (hits(k as usize), hits(0));
+        let z = 4.0f64;
+        let nf = n as f64;
+        let wilson = |x: f64, sign: f64| {
+            let p = x / nf;
+            let centre = p + z * z / (2.0 * nf);
+            let spread = z * (p * (1.0 - p) / nf + z * z / (4.0 * nf * nf)).sqrt();
+            (centre + sign * spread) / (1.0 + z * z / nf)
+        };
+        (wilson(full, -1.0) / wilson(empty, 1.0)).ln()
+    }
+
+    #[test]
+    fn an_empirical_audit_stays_under_the_claimed_epsilon_and_catches_a_halved_scale() {
+        let k = 2;
+        let claimed = 1.0;
+        let honest = Privatizer::laplace(claimed).expect("privatizer");
+        let lower = audit_lower_bound(&honest, k, 20_000);
+        assert!(
+            lower <= claimed,
+            "the audit found epsilon >= {lower} for a claim of {claimed}"
+        );
+        assert!(
+            lower > 0.2,
+            "the audit is too weak to catch anything: {lower}"
+        );
+        // Half the noise scale: the same claim, but twice the real epsilon.
+        let broken = Privatizer::laplace(2.0 * claimed).expect("privatizer");
+        let lower = audit_lower_bound(&broken, k, 20_000);
+        assert!(
+            lower > claimed,
+            "a halved scale went unnoticed: lower bound {lower}"
         );
     }
 }

@@ -31,6 +31,7 @@ fn status(device: &DeviceIdentity, state: DeviceState) -> Vec<u8> {
         agent_version: Some(device.agent_version.clone()),
         models: Vec::new(),
         budget_remaining_rho: None,
+        budget_remaining_epsilon: None,
         budget_exhausted: false,
         resumes_at: None,
         windows_withheld: 0,

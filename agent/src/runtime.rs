@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use driftline_core::status::{DeviceState, StatusModel, StatusReport};
 use driftline_core::topic;
 use rand::Rng;
@@ -29,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferError, DiskQueue};
 use crate::config::AgentConfig;
+use crate::guarantee::Report;
 use crate::http::{self, Shared};
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError, Now};
 use crate::mqtt::{Session, SessionEvent, SessionOptions};
 use crate::privacy::{DeviceIdentity, PrivacyError, Privatizer};
 use crate::window::Windower;
@@ -204,13 +205,26 @@ struct Loop {
     shared: Arc<Shared>,
     withheld: u64,
     exhausted_until: Option<DateTime<Utc>>,
+    /// The ledger's uptime when it was opened, and when that was.
+    uptime: (TimeDelta, std::time::Instant),
 }
 
 impl Loop {
+    /// The present for the ledger: the wall clock and the persisted uptime.
+    fn now(&self, wall: DateTime<Utc>) -> Now {
+        let (base, since) = self.uptime;
+        let elapsed = TimeDelta::from_std(since.elapsed()).unwrap_or(TimeDelta::MAX);
+        Now {
+            wall,
+            up: base + elapsed,
+        }
+    }
+
     /// Closes due windows: spend, noise, stamp, queue.
-    fn close_windows(&mut self, now: DateTime<Utc>) -> Result<(), AgentError> {
-        let cost = self.privatizer.rho_per_window();
-        let due = self.windower.close_due(now);
+    fn close_windows(&mut self, wall: DateTime<Utc>) -> Result<(), AgentError> {
+        let cost = self.privatizer.cost();
+        let now = self.now(wall);
+        let due = self.windower.close_due(wall);
         if due.is_empty() {
             return Ok(());
         }
@@ -231,6 +245,7 @@ impl Loop {
                 }
                 Err(LedgerError::Exhausted { resumes_at, .. }) => {
                     self.withheld += 1;
+                    self.ledger.checkpoint(now)?;
                     if self.exhausted_until.is_none() {
                         tracing::warn!(%resumes_at, "privacy budget exhausted; withholding windows");
                     }
@@ -252,20 +267,24 @@ impl Loop {
         metrics::gauge!("driftline_agent_windows_buffered").set(status.buffered_windows as f64);
         metrics::gauge!("driftline_agent_budget_remaining_rho")
             .set(status.budget_remaining_rho.unwrap_or(0.0));
+        metrics::gauge!("driftline_agent_budget_remaining_epsilon")
+            .set(status.budget_remaining_epsilon.unwrap_or(0.0));
         metrics::gauge!("driftline_agent_connected").set(match status.state {
             DeviceState::Online => 1.0,
             DeviceState::Offline => 0.0,
         });
     }
 
-    fn status(&self, state: DeviceState, now: DateTime<Utc>) -> StatusReport {
+    fn status(&self, state: DeviceState, wall: DateTime<Utc>) -> StatusReport {
         let losses = self.queue.losses();
+        let now = self.now(wall);
+        let budget = self.ledger.state();
         StatusReport {
             schema_version: 1,
             device_id: self.identity.device_id.clone(),
             fleet: self.identity.fleet.clone(),
             state,
-            at: now,
+            at: wall,
             agent_version: Some(self.identity.agent_version.clone()),
             models: self
                 .config
@@ -276,7 +295,8 @@ impl Loop {
                     model_version: k.model_version.clone(),
                 })
                 .collect(),
-            budget_remaining_rho: Some(self.ledger.remaining(now)),
+            budget_remaining_rho: budget.remaining_rho(now),
+            budget_remaining_epsilon: budget.remaining_epsilon(now).ok().flatten(),
             budget_exhausted: self.exhausted_until.is_some(),
             resumes_at: self.exhausted_until,
             windows_withheld: self.withheld,
@@ -291,10 +311,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let state_dir = StateDir::open(&config.state_dir, config.reset_budget)?;
     let now = Utc::now();
     let ledger = Ledger::open(&state_dir.path().join(LEDGER_FILE), config.budget, now)?;
+    let uptime = (ledger.recovered_uptime(), std::time::Instant::now());
     let seq = SeqFile::open(&state_dir.path().join(SEQ_FILE))?;
     let mut queue = DiskQueue::open(&state_dir.path().join(BUFFER_DIR), config.buffer_max_bytes)?;
     queue.set_coarsener(Box::new(crate::coarsen::coarsen_payloads));
-    let privatizer = Privatizer::new(config.mechanism)?;
+    let guarantee = Report::of(
+        config.mechanism,
+        &config.budget,
+        config.window_secs,
+        &config.models,
+    )?;
+    let privatizer = Privatizer::new(config.mechanism)?
+        .with_device_day(guarantee.device_day.epsilon, guarantee.device_day.delta);
     let mut windower = Windower::new(config.window_secs, now);
     let models: HashMap<_, _> = config
         .models
@@ -321,6 +349,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         agent_version: None,
         models: Vec::new(),
         budget_remaining_rho: None,
+        budget_remaining_epsilon: None,
         budget_exhausted: false,
         resumes_at: None,
         windows_withheld: 0,
@@ -367,6 +396,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         shared,
         withheld: 0,
         exhausted_until: None,
+        uptime,
     };
     let will = state.status(DeviceState::Offline, now);
     let mut session = Session::new(SessionOptions {

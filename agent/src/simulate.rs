@@ -24,7 +24,8 @@ use rand_distr::{Beta, Distribution, LogNormal, Poisson};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Feedback, InferenceEvent};
-use crate::ledger::{Budget, Ledger};
+use crate::guarantee::Report;
+use crate::ledger::{Budget, Ledger, Now};
 use crate::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, PrivateWindow, Privatizer};
 use crate::publish::{PublishError, Publisher};
 use crate::window::{ModelHandle, ModelKey, ModelSpec, Windower};
@@ -97,6 +98,8 @@ pub struct SimConfig {
     /// Each device's privacy budget (kept in memory); windows over it are
     /// withheld, as on a real device.
     pub budget: Budget,
+    /// Most events each device counts per model and window.
+    pub max_events_per_window: u32,
     /// Broker login (username, password) shared by the virtual devices.
     pub credentials: Option<(String, String)>,
 }
@@ -204,12 +207,19 @@ impl DeviceSim {
     /// Device `index` of the fleet `config` describes.
     pub fn new(index: u32, config: &SimConfig) -> Result<Self, SimError> {
         let mut windower = Windower::new(config.window_secs, config.start);
-        let spec = ModelSpec::default().with_labels(LABELS);
-        let models = (0..config.models)
-            .map(|m| {
-                let id = format!("model-{m}");
-                let handle = windower.register(ModelKey::new(id.clone(), "1.0.0"), &spec);
-                (id, handle, ModelProfile::new(m))
+        let spec = ModelSpec::default()
+            .with_labels(LABELS)
+            .with_max_events_per_window(config.max_events_per_window);
+        let keys: Vec<_> = (0..config.models)
+            .map(|m| (ModelKey::new(format!("model-{m}"), "1.0.0"), spec.clone()))
+            .collect();
+        let guarantee = Report::of(config.mechanism, &config.budget, config.window_secs, &keys)?;
+        let models = keys
+            .iter()
+            .zip(0..)
+            .map(|((key, spec), m)| {
+                let handle = windower.register(key.clone(), spec);
+                (key.model_id.clone(), handle, ModelProfile::new(m))
             })
             .collect();
         Ok(DeviceSim {
@@ -220,7 +230,8 @@ impl DeviceSim {
             },
             rng: ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20)),
             windower,
-            privatizer: Privatizer::new(config.mechanism)?,
+            privatizer: Privatizer::new(config.mechanism)?
+                .with_device_day(guarantee.device_day.epsilon, guarantee.device_day.delta),
             ledger: Ledger::in_memory(config.budget),
             models,
             start: config.start,
@@ -265,11 +276,12 @@ impl DeviceSim {
         let end = self.window_end(w);
         let mut out = Vec::new();
         for closed in self.windower.close_due(end) {
-            if self
-                .ledger
-                .try_spend(end, self.privatizer.rho_per_window())
-                .is_err()
-            {
+            // Synthetic time is the only clock here: uptime follows it.
+            let now = Now {
+                wall: end,
+                up: end - self.start,
+            };
+            if self.ledger.try_spend(now, self.privatizer.cost()).is_err() {
                 self.withheld += 1;
                 continue;
             }

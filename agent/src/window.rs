@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 use driftline_core::histogram::{self, CONFIDENCE_EDGES, LATENCY_MS_EDGES, TOKEN_EDGES};
@@ -49,7 +49,13 @@ pub struct ModelSpec {
     pub labels: Vec<String>,
     /// Custom numeric features: name and bucket edges, in declaration order.
     pub custom: Vec<(String, Vec<f64>)>,
+    /// Most events (inferences and feedback together) counted per window;
+    /// the rest are dropped and counted locally (`K` in docs/privacy.md).
+    pub max_events_per_window: u32,
 }
+
+/// Default of [`ModelSpec::max_events_per_window`].
+pub const DEFAULT_MAX_EVENTS_PER_WINDOW: u32 = 10;
 
 impl Default for ModelSpec {
     fn default() -> Self {
@@ -60,6 +66,7 @@ impl Default for ModelSpec {
             output_tokens_edges: TOKEN_EDGES.to_vec(),
             labels: Vec::new(),
             custom: Vec::new(),
+            max_events_per_window: DEFAULT_MAX_EVENTS_PER_WINDOW,
         }
     }
 }
@@ -73,6 +80,12 @@ impl ModelSpec {
         }
         self.labels.sort();
         self.labels.dedup();
+        self
+    }
+
+    /// The spec with another cap on the events counted per window.
+    pub fn with_max_events_per_window(mut self, k: u32) -> Self {
+        self.max_events_per_window = k;
         self
     }
 
@@ -102,10 +115,18 @@ pub struct WindowCounts {
 }
 
 /// The live counters of one model's open window: plain atomics, so that
-/// recording takes no lock and allocates nothing.
+/// recording allocates nothing and recorders never wait for each other.
+///
+/// `gate` separates recording from closing: recorders hold it shared, the
+/// closing window exclusively, so an event is counted whole in one window
+/// and `events` (the cap's counter) belongs to the same window as the
+/// counts it admitted.
 #[derive(Debug)]
 struct ModelCells {
     spec: ModelSpec,
+    gate: RwLock<()>,
+    /// Events admitted to the open window, against the cap.
+    events: AtomicU64,
     inference_count: AtomicI64,
     error_count: AtomicI64,
     feedback: [AtomicI64; 3],
@@ -129,6 +150,8 @@ impl ModelCells {
     fn new(spec: &ModelSpec) -> Self {
         let buckets = |edges: &[f64]| cells(edges.len().saturating_sub(1));
         ModelCells {
+            gate: RwLock::new(()),
+            events: AtomicU64::new(0),
             inference_count: AtomicI64::new(0),
             error_count: AtomicI64::new(0),
             feedback: [AtomicI64::new(0), AtomicI64::new(0), AtomicI64::new(0)],
@@ -146,9 +169,19 @@ impl ModelCells {
         }
     }
 
-    /// Counts the event; returns how many of its values were clipped into
-    /// a histogram's first or last bucket.
-    fn add(&self, e: &InferenceEvent<'_>) -> u64 {
+    /// Takes one of the open window's `max_events_per_window` slots.
+    fn admit(&self) -> bool {
+        self.events.fetch_add(1, Ordering::Relaxed) < u64::from(self.spec.max_events_per_window)
+    }
+
+    /// Counts the event unless the window is full; returns whether it was
+    /// counted and how many of its values were clipped into a histogram's
+    /// first or last bucket.
+    fn add(&self, e: &InferenceEvent<'_>) -> (bool, u64) {
+        let _open = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if !self.admit() {
+            return (false, 0);
+        }
         let spec = &self.spec;
         let outside = |edges: &[f64], v: f64| {
             u64::from(
@@ -200,22 +233,30 @@ impl ModelCells {
             clipped += outside(edges, *value);
             bump(&cells[histogram::bucket_index(edges, *value)]);
         }
-        clipped
+        (true, clipped)
     }
 
-    fn add_feedback(&self, f: Feedback) {
+    /// Counts the feedback unless the window is full; returns whether it
+    /// was counted.
+    fn add_feedback(&self, f: Feedback) -> bool {
+        let _open = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if !self.admit() {
+            return false;
+        }
         let i = match f {
             Feedback::Positive => 0,
             Feedback::Negative => 1,
             Feedback::Correction => 2,
         };
         self.feedback[i].fetch_add(1, Ordering::Relaxed);
+        true
     }
 
-    /// Takes the counts so far and resets them to zero. An event recorded
-    /// concurrently may land partly in this window and partly in the next;
-    /// that costs no privacy (see docs/privacy.md, "Windows").
+    /// Takes the counts so far and resets them to zero, with no event half
+    /// recorded (see `gate`).
     fn drain(&self) -> WindowCounts {
+        let _closing = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.events.store(0, Ordering::Relaxed);
         WindowCounts {
             inference_count: self.inference_count.swap(0, Ordering::Relaxed),
             error_count: self.error_count.swap(0, Ordering::Relaxed),
@@ -263,6 +304,7 @@ struct Shared {
     open: AtomicI64,
     late_events: AtomicU64,
     clipped_values: AtomicU64,
+    capped_events: AtomicU64,
 }
 
 /// The recording side of one model: cheap to clone, safe to share between
@@ -279,10 +321,14 @@ impl ModelHandle {
         &self.cells.spec
     }
 
-    /// Records an inference in the open window.
+    /// Records an inference in the open window (or, when the window already
+    /// holds `max_events_per_window` events, counts it as capped).
     #[inline]
     pub fn record(&self, event: &InferenceEvent<'_>) {
-        let clipped = self.cells.add(event);
+        let (counted, clipped) = self.cells.add(event);
+        if !counted {
+            self.note_capped();
+        }
         if clipped > 0 {
             self.shared
                 .clipped_values
@@ -297,16 +343,22 @@ impl ModelHandle {
         self.record(event);
     }
 
-    /// Records user feedback in the open window.
+    /// Records user feedback in the open window (capped like inferences).
     #[inline]
     pub fn feedback(&self, f: Feedback) {
-        self.cells.add_feedback(f);
+        if !self.cells.add_feedback(f) {
+            self.note_capped();
+        }
     }
 
     /// Records feedback given at `at` (late ones are counted, as above).
     pub fn feedback_at(&self, at: DateTime<Utc>, f: Feedback) {
         self.note_late(at);
-        self.cells.add_feedback(f);
+        self.feedback(f);
+    }
+
+    fn note_capped(&self) {
+        self.shared.capped_events.fetch_add(1, Ordering::Relaxed);
     }
 
     fn note_late(&self, at: DateTime<Utc>) {
@@ -328,6 +380,12 @@ impl WindowStats {
 
     pub fn clipped_values(&self) -> u64 {
         self.0.clipped_values.load(Ordering::Relaxed)
+    }
+
+    /// Events not counted because their window already held
+    /// `max_events_per_window`.
+    pub fn capped_events(&self) -> u64 {
+        self.0.capped_events.load(Ordering::Relaxed)
     }
 }
 
@@ -354,6 +412,7 @@ impl Windower {
                 open: AtomicI64::new(align(start, window_secs).timestamp()),
                 late_events: AtomicU64::new(0),
                 clipped_values: AtomicU64::new(0),
+                capped_events: AtomicU64::new(0),
             }),
             models: BTreeMap::new(),
         }
@@ -377,6 +436,11 @@ impl Windower {
     /// Values clipped into a histogram's first or last bucket.
     pub fn clipped_values(&self) -> u64 {
         self.stats().clipped_values()
+    }
+
+    /// Events dropped by the per-window cap.
+    pub fn capped_events(&self) -> u64 {
+        self.stats().capped_events()
     }
 
     /// A handle on the counters above, for other tasks.
@@ -586,7 +650,8 @@ mod tests {
     #[test]
     fn concurrent_recording_loses_no_event() {
         let mut w = Windower::new(60, t("2026-11-27T10:00:00Z"));
-        let m = w.register(ModelKey::new("m", "1"), &ModelSpec::default());
+        let spec = ModelSpec::default().with_max_events_per_window(u32::MAX);
+        let m = w.register(ModelKey::new("m", "1"), &spec);
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let m = m.clone();
@@ -616,5 +681,46 @@ mod tests {
             .map(|c| c.counts.inference_count)
             .sum::<i64>();
         assert_eq!(total, 40_000);
+    }
+
+    #[test]
+    fn no_window_counts_more_than_its_cap_even_under_concurrency() {
+        let mut w = Windower::new(60, t("2026-11-27T10:00:00Z"));
+        let spec = ModelSpec::default().with_max_events_per_window(7);
+        let m = w.register(ModelKey::new("m", "1"), &spec);
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for j in 0..5_000 {
+                        if (i + j) % 3 == 0 {
+                            m.feedback(Feedback::Negative);
+                        } else {
+                            m.record(&event(12.0, None));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut counted = 0;
+        let mut minute = t("2026-11-27T10:01:00Z");
+        let mut close = |w: &mut Windower, at| {
+            for c in w.close_due(at) {
+                let c = c.counts;
+                let events = c.inference_count + c.feedback.iter().sum::<i64>();
+                assert!(events <= 7, "a window counted {events} events");
+                assert_eq!(c.latency_ms.iter().sum::<i64>(), c.inference_count);
+                counted += events;
+            }
+        };
+        for _ in 0..50 {
+            close(&mut w, minute);
+            minute += chrono::TimeDelta::minutes(1);
+        }
+        for th in threads {
+            th.join().expect("thread");
+        }
+        close(&mut w, minute);
+        assert_eq!(counted as u64 + w.capped_events(), 20_000);
     }
 }

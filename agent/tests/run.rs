@@ -99,9 +99,13 @@ broker = "mqtt://127.0.0.1:{broker_port}"
 state_dir = "{state}"
 window = "1s"
 [privacy]
-# Little noise (b = 7/20 per count), so the tests can see the events.
-epsilon = 20.0
-budget_rho = 1000000.0
+# Little noise (b = 7 x 1000 / 20000 = 0.35 per count), so the tests can see
+# the events: a test setting, far from private.
+mechanism = "laplace"
+epsilon = 20000.0
+max_events_per_window = 1000
+device_day_epsilon = 1e12
+budget_rho = 1e12
 [http]
 listen = "127.0.0.1:{http_port}"
 [[models]]

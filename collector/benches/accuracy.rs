@@ -190,7 +190,9 @@ fn cell(epsilon: f64, n: usize, trials: usize, seed: u64) -> Result<Cell, Error>
             .single()
             .ok_or("date")?;
         let mut windower = Windower::new(60, start);
-        let handle = windower.register(ModelKey::new("m", "1"), &ModelSpec::default());
+        // One inference per device: K = 1, so the device is the unit.
+        let spec = ModelSpec::default().with_max_events_per_window(1);
+        let handle = windower.register(ModelKey::new("m", "1"), &spec);
         let mut end = start + TimeDelta::seconds(60);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((t as u64) << 32));
         let latency = LogNormal::new(120f64.ln(), 0.8)?;
@@ -324,7 +326,7 @@ fn run_fleet(
         window_secs: 60,
         start,
         seed,
-        mechanism: MechanismConfig::Laplace { epsilon: 1.0 },
+        mechanism: MechanismConfig::Laplace { epsilon: 60.0 },
         events_per_window: EVENTS_PER_WINDOW,
         drift: Some(Drift {
             at: DRIFT_AT,
@@ -334,9 +336,12 @@ fn run_fleet(
         }),
         live: false,
         budget: Budget {
-            rho: 1e9,
+            epsilon: None,
+            delta: 1e-6,
+            rho: None,
             period: TimeDelta::days(1),
         },
+        max_events_per_window: 60,
         credentials: None,
     };
     // Devices noise their windows on every core.
@@ -427,7 +432,7 @@ fn detection(quick: bool) -> Result<String, Error> {
     }
     let mut lines = vec![
         format!(
-            "{DEVICES} devices x 2 models, {EVENTS_PER_WINDOW} inferences per model per minute, epsilon 1 per window; \
+            "{DEVICES} devices x 2 models, {EVENTS_PER_WINDOW} inferences per model per minute, epsilon 60 per window for K = 60 events (noise b = 7 per count); \
              drift on model-0 from minute {DRIFT_AT}; detectors evaluated every 15 minutes \
              (their current period is 15 minutes, so 15 min is the earliest possible alarm); {seeds} seed(s) per drift."
         ),

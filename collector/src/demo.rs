@@ -44,7 +44,11 @@ pub struct DemoOptions {
     pub pg_listen: SocketAddr,
 }
 
-/// The demo's SQL login (CONTRACT.md).
+/// Events each simulated device counts per model and window (twice the
+/// simulator's mean of 30).
+const DEMO_MAX_EVENTS_PER_WINDOW: u32 = 60;
+
+/// The demo's SQL login.
 pub const DEMO_USER: &str = "driftline";
 pub const DEMO_PASSWORD: &str = "driftline";
 
@@ -161,11 +165,29 @@ pub async fn run(
         }),
         live: true,
         budget: Budget {
-            rho: 1e6,
+            epsilon: None,
+            delta: 1e-6,
+            rho: None,
             period: TimeDelta::days(1),
         },
+        max_events_per_window: DEMO_MAX_EVENTS_PER_WINDOW,
         credentials: None,
     };
+    let guarantee = driftline_agent::guarantee::Report::of(
+        sim.mechanism,
+        &sim.budget,
+        sim.window_secs,
+        &(0..sim.models)
+            .map(|m| {
+                (
+                    driftline_agent::window::ModelKey::new(format!("model-{m}"), "1.0.0"),
+                    driftline_agent::window::ModelSpec::default()
+                        .with_max_events_per_window(DEMO_MAX_EVENTS_PER_WINDOW),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
+    .map_err(simulate::SimError::from)?;
 
     let ctx = Arc::new(query::session_with_limit(&options.data_dir, Some(1 << 30)).await?);
     let endpoint = Endpoint::bind(
@@ -215,6 +237,11 @@ pub async fn run(
     println!(
         "  fleet        {} devices x {} models, {} s windows, epsilon {} per window",
         options.devices, options.models, options.window_secs, options.epsilon
+    );
+    println!(
+        "  privacy      device-day epsilon {:.0} at delta 1e-6: a demonstration setting, not private \
+         (the agent's default is 8; see docs/privacy.md)",
+        guarantee.device_day.epsilon
     );
     println!("  event time   {start} .. now, then live");
     println!("  drift        model-0 latency +50% from {drift_time}");

@@ -325,11 +325,14 @@ fn accept_status(topic: &str, payload: &[u8], bounds: &TimeBounds) -> Result<Sta
             return Err(format!("{name} is {value}, outside 0 ..= {max}"));
         }
     }
-    if let Some(rho) = report.budget_remaining_rho {
-        if !(rho.is_finite() && rho >= 0.0) {
-            return Err(format!(
-                "budget_remaining_rho must be a finite number >= 0, got {rho}"
-            ));
+    for (name, value) in [
+        ("budget_remaining_rho", report.budget_remaining_rho),
+        ("budget_remaining_epsilon", report.budget_remaining_epsilon),
+    ] {
+        if let Some(x) = value {
+            if !(x.is_finite() && x >= 0.0) {
+                return Err(format!("{name} must be a finite number >= 0, got {x}"));
+            }
         }
     }
     match driftline_core::topic::parse(topic) {

@@ -174,6 +174,14 @@ const TABLE_SCHEMAS: [(&str, MakeSchema); 7] = [
     (EDGE_SETS, schema::edge_sets),
 ];
 
+/// The file schema of a stored table.
+fn table_schema(table: &str) -> Option<SchemaRef> {
+    TABLE_SCHEMAS
+        .iter()
+        .find(|(name, _)| *name == table)
+        .map(|(_, schema)| schema())
+}
+
 /// The tables of an object-store lake: each scan reads the table's
 /// manifest (see [`object::ManifestTable`]).
 fn register_object(

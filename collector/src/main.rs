@@ -195,8 +195,11 @@ struct DemoArgs {
     /// Event time replayed before going live (30m, 3h).
     #[arg(long, env = "DRIFTLINE_BACKFILL", default_value = "90m", value_parser = humantime::parse_duration)]
     backfill: Duration,
-    /// Epsilon spent per window by each simulated device.
-    #[arg(long, env = "DRIFTLINE_EPSILON", default_value_t = 1.0)]
+    /// Epsilon spent per window by each simulated device, for its whole
+    /// window of at most 60 events (the default keeps the noise at 7 per
+    /// count, so that 200 devices show the drift within minutes; it is a
+    /// demonstration setting, not a private one: docs/privacy.md).
+    #[arg(long, env = "DRIFTLINE_EPSILON", default_value_t = 60.0)]
     epsilon: f64,
     /// SQL endpoint (PostgreSQL wire protocol); user and password `driftline`.
     #[arg(long, env = "DRIFTLINE_PG_LISTEN", default_value = "127.0.0.1:5433")]

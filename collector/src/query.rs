@@ -107,6 +107,7 @@ pub async fn session_at(
     let ctx = SessionContext::new_with_config_rt(config, runtime.build_arc()?);
     lake::register(&ctx, location).await?;
     ctx.sql(DEVICES_VIEW).await?;
+    ctx.sql(PRIVACY_VIEW).await?;
     ctx.sql(RETRAIN_JOBS_VIEW).await?;
     ctx.sql(HISTOGRAM_EDGES_VIEW).await?;
     datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
@@ -339,10 +340,31 @@ SELECT coalesce(s.device_id, l.device_id) AS device_id,
        coalesce(l.agent_version, s.agent_version) AS agent_version,
        coalesce(s.model_versions, l.models) AS model_versions,
        l.budget_remaining_rho,
+       l.budget_remaining_epsilon,
        coalesce(l.budget_exhausted, false) AS budget_exhausted,
        l.buffered_windows,
        l.lost_windows
 FROM seen s FULL OUTER JOIN last_status l ON s.device_id = l.device_id
+";
+
+/// `privacy`: what each device's numbers are worth. One row per device,
+/// model version and privacy configuration it published under (a device
+/// that changed its configuration has a row for each), with the guarantee
+/// its messages declare: the mechanism and per-window figures, the most
+/// events a window counts, and the device-day `(epsilon, delta)`. Messages
+/// from agents that predate the device-day fields show nulls there.
+pub const PRIVACY_VIEW: &str = "
+CREATE VIEW privacy AS
+SELECT fleet, device_id, model_id, model_version, mechanism,
+       epsilon AS epsilon_per_window, rho AS rho_per_window, delta,
+       max_events_per_window, device_day_epsilon, device_day_delta,
+       window_secs,
+       count(*) AS windows,
+       min(window_start) AS first_window_start,
+       max(window_start) AS last_window_start
+FROM metrics
+GROUP BY fleet, device_id, model_id, model_version, mechanism, epsilon, rho, delta,
+         max_events_per_window, device_day_epsilon, device_day_delta, window_secs
 ";
 
 /// Runs one read-only statement: DDL, DML and `SET`-like statements are

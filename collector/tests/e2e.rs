@@ -797,14 +797,19 @@ fn sim_config(broker: BrokerUrl, devices: u32, models: u32, windows: u64, seed: 
         window_secs: 60,
         start: recent_window_start(60, windows as i64 + 5),
         seed,
-        mechanism: MechanismConfig::Laplace { epsilon: 1.0 },
+        // 60 events per window at epsilon 60: noise b = 7 per count, enough
+        // to see drifts on a few dozen devices (a test setting, not private).
+        mechanism: MechanismConfig::Laplace { epsilon: 60.0 },
         events_per_window: 20.0,
         drift: None,
         live: false,
         budget: Budget {
-            rho: 1e6,
+            epsilon: None,
+            delta: 1e-6,
+            rho: None,
             period: TimeDelta::days(1),
         },
+        max_events_per_window: 60,
         credentials: None,
     }
 }
@@ -2039,4 +2044,75 @@ fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
     let recorded = query(data.path(), runs);
     collector_cli(&range, data.path());
     assert_eq!(query(data.path(), runs), recorded);
+}
+
+/// Files written before `metrics` gained the device-day columns still
+/// compact with newer ones, and read as nulls there.
+#[test]
+fn a_lake_from_before_the_device_day_columns_compacts_and_reads() {
+    use driftline_collector::lake::schema::{self, StoredWindow};
+    use driftline_collector::lake::{LakeWriter, METRICS};
+
+    let data = tempfile::tempdir().expect("tempdir");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/v1/valid/laplace.json");
+    let report = driftline_core::wire::decode(&std::fs::read(fixture).expect("fixture"))
+        .expect("valid fixture");
+    let date = report.window_start.format("%Y-%m-%d").to_string();
+    let stored = |device: &str, k: Option<u32>| {
+        let mut r = report.clone();
+        r.device_id = device.into();
+        r.privacy.max_events_per_window = k;
+        r.privacy.device_day_epsilon = k.map(|_| 8.0);
+        r.privacy.device_day_delta = k.map(|_| 1e-6);
+        StoredWindow {
+            received_at: Utc::now(),
+            report: r,
+        }
+    };
+    let new = schema::metrics_batch(&[stored("new-agent", Some(10))]).expect("batch");
+    let full = schema::metrics_batch(&[stored("old-agent", None)]).expect("batch");
+    let kept: Vec<usize> = (0..full.num_columns())
+        .filter(|&i| {
+            let name = full.schema().field(i).name().clone();
+            ![
+                "max_events_per_window",
+                "device_day_epsilon",
+                "device_day_delta",
+            ]
+            .contains(&name.as_str())
+        })
+        .collect();
+    let old = full.project(&kept).expect("the old schema");
+    let writer = LakeWriter::open(data.path()).expect("lake");
+    writer.append(METRICS, &date, &old).expect("old file");
+    writer.append(METRICS, &date, &new).expect("new file");
+    let compacted = writer.compact_all(2, Duration::ZERO).expect("compaction");
+    assert!(
+        compacted.iter().any(|c| c.table == METRICS),
+        "{compacted:?}"
+    );
+    let out = collector_cli(
+        &[
+            "query",
+            "--format",
+            "csv",
+            "SELECT device_id, max_events_per_window, device_day_epsilon FROM metrics ORDER BY device_id",
+        ],
+        data.path(),
+    );
+    assert_eq!(
+        out.trim(),
+        "device_id,max_events_per_window,device_day_epsilon\nnew-agent,10,8.0\nold-agent,,"
+    );
+    let privacy = collector_cli(
+        &[
+            "query",
+            "--format",
+            "csv",
+            "SELECT device_id, max_events_per_window, device_day_epsilon, windows FROM privacy ORDER BY device_id",
+        ],
+        data.path(),
+    );
+    assert_eq!(privacy.trim(), "device_id,max_events_per_window,device_day_epsilon,windows\nnew-agent,10,8.0,1\nold-agent,,,1");
 }

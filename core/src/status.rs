@@ -40,9 +40,14 @@ pub struct StatusReport {
     pub agent_version: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<StatusModel>,
-    /// zCDP rho left in the current budget period.
+    /// zCDP rho left in the current budget period (the budget's zCDP
+    /// equivalent minus the rho of the windows released in the period).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_remaining_rho: Option<f64>,
+    /// Device-day epsilon left: the budget minus what the windows released
+    /// in the current period compose to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_remaining_epsilon: Option<f64>,
     /// True while the budget is exhausted and windows are not published.
     #[serde(default)]
     pub budget_exhausted: bool,
@@ -92,6 +97,7 @@ mod tests {
                 model_version: "1".into(),
             }],
             budget_remaining_rho: Some(12.5),
+            budget_remaining_epsilon: Some(3.5),
             budget_exhausted: false,
             resumes_at: None,
             windows_withheld: 0,

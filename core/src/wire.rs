@@ -126,7 +126,20 @@ pub struct Privacy {
     /// Gaussian standard deviation `sigma` of the noise added to each count.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub noise_scale: BTreeMap<String, f64>,
+    /// The most events (inferences and feedback) the device counts in one
+    /// window (`K`); the noise is calibrated to all of them together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_events_per_window: Option<u32>,
+    /// The device's configured guarantee for one device and day, with
+    /// `device_day_delta` (docs/privacy.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_day_epsilon: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_day_delta: Option<f64>,
 }
+
+/// The largest `privacy.max_events_per_window` accepted.
+pub const MAX_EVENTS_PER_WINDOW: u32 = 1_000_000;
 
 /// How the counts of a message were noised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -558,6 +571,36 @@ impl WindowReport {
                     required("delta", p.delta)?;
                 }
             }
+        }
+        if let Some(k) = p.max_events_per_window {
+            if !(1..=MAX_EVENTS_PER_WINDOW).contains(&k) {
+                return Err(Rejection::field(
+                    "privacy.max_events_per_window",
+                    FieldProblem::OutOfRange {
+                        value: k.to_string(),
+                        min: "1".into(),
+                        max: MAX_EVENTS_PER_WINDOW.to_string(),
+                    },
+                ));
+            }
+        }
+        match (p.device_day_epsilon, p.device_day_delta) {
+            (None, None) => {}
+            (Some(e), Some(d)) => {
+                required("device_day_epsilon", Some(e))?;
+                if !(d > 0.0 && d < 1.0) {
+                    return Err(Rejection::field(
+                        "privacy.device_day_delta",
+                        FieldProblem::OutOfRange {
+                            value: d.to_string(),
+                            min: "0".into(),
+                            max: "1".into(),
+                        },
+                    ));
+                }
+            }
+            (Some(_), None) => required("device_day_delta", None)?,
+            (None, Some(_)) => required("device_day_epsilon", None)?,
         }
         let fields = self.noised_fields();
         for name in &fields {

@@ -78,8 +78,38 @@ pub fn metrics() -> SchemaRef {
         Field::new("custom", DataType::Utf8, true),
         Field::new("categories", DataType::Utf8, true),
         Field::new("noise_scale", DataType::Utf8, true),
+        // Added after the first release: older files lack them (null).
+        Field::new("max_events_per_window", DataType::Int32, true),
+        Field::new("device_day_epsilon", DataType::Float64, true),
+        Field::new("device_day_delta", DataType::Float64, true),
     ]);
     Arc::new(Schema::new(fields))
+}
+
+/// `batch` in `schema`: columns by name, in `schema`'s order; a nullable
+/// column the batch lacks (a file written before the column existed) is
+/// all nulls. Compaction writes every old file's rows this way.
+pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    if batch.schema().as_ref() == schema.as_ref() {
+        return Ok(batch.clone());
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(c) if c.data_type() == field.data_type() => Ok(c.clone()),
+            Some(c) => cast(c, field.data_type()),
+            None if field.is_nullable() => Ok(datafusion::arrow::array::new_null_array(
+                field.data_type(),
+                batch.num_rows(),
+            )),
+            None => Err(ArrowError::SchemaError(format!(
+                "column {} is missing and not nullable",
+                field.name()
+            ))),
+        })
+        .collect::<Result<Vec<ArrayRef>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns)
 }
 
 /// The schema SQL reads a table's files with: text columns as `Utf8View`.
@@ -182,6 +212,8 @@ pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
     let mut hist_scales: Vec<Float64Builder> =
         HISTOGRAMS.iter().map(|_| Float64Builder::new()).collect();
     let (mut custom, mut categories, mut noise_scale) = (text(), text(), text());
+    let mut max_events = Int32Builder::new();
+    let (mut day_epsilon, mut day_delta) = (Float64Builder::new(), Float64Builder::new());
 
     for StoredWindow {
         received_at: at,
@@ -238,6 +270,13 @@ pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
             &r.privacy.noise_scale,
             r.privacy.noise_scale.is_empty(),
         ));
+        max_events.append_option(
+            r.privacy
+                .max_events_per_window
+                .map(|k| i32::try_from(k).unwrap_or(i32::MAX)),
+        );
+        day_epsilon.append_option(r.privacy.device_day_epsilon);
+        day_delta.append_option(r.privacy.device_day_delta);
     }
 
     let mut columns: Vec<ArrayRef> = vec![
@@ -270,6 +309,9 @@ pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
     columns.push(Arc::new(custom.finish()));
     columns.push(Arc::new(categories.finish()));
     columns.push(Arc::new(noise_scale.finish()));
+    columns.push(Arc::new(max_events.finish()));
+    columns.push(Arc::new(day_epsilon.finish()));
+    columns.push(Arc::new(day_delta.finish()));
     RecordBatch::try_new(metrics(), columns)
 }
 
@@ -432,6 +474,8 @@ pub fn status() -> SchemaRef {
         Field::new("windows_withheld", DataType::Int64, false),
         Field::new("buffered_windows", DataType::Int64, false),
         Field::new("lost_windows", DataType::Int64, false),
+        // Added after the first release: older files lack it (null).
+        Field::new("budget_remaining_epsilon", DataType::Float64, true),
     ]))
 }
 
@@ -453,6 +497,7 @@ pub fn status_batch(rows: &[StoredStatus]) -> Result<RecordBatch, ArrowError> {
     let mut agent_version = StringBuilder::new();
     let mut models = StringBuilder::new();
     let mut budget = Float64Builder::new();
+    let mut budget_epsilon = Float64Builder::new();
     let mut exhausted = BooleanBuilder::new();
     let mut withheld = Int64Builder::new();
     let mut buffered = Int64Builder::new();
@@ -476,6 +521,7 @@ pub fn status_batch(rows: &[StoredStatus]) -> Result<RecordBatch, ArrowError> {
             .collect();
         models.append_option((!list.is_empty()).then(|| list.join(",")));
         budget.append_option(s.budget_remaining_rho);
+        budget_epsilon.append_option(s.budget_remaining_epsilon);
         exhausted.append_value(s.budget_exhausted);
         resumes_at.append_option(s.resumes_at.map(micros));
         withheld.append_value(count(s.windows_withheld));
@@ -496,6 +542,7 @@ pub fn status_batch(rows: &[StoredStatus]) -> Result<RecordBatch, ArrowError> {
         Arc::new(withheld.finish()),
         Arc::new(buffered.finish()),
         Arc::new(lost.finish()),
+        Arc::new(budget_epsilon.finish()),
     ];
     RecordBatch::try_new(status(), columns)
 }

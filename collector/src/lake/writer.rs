@@ -582,8 +582,9 @@ impl LakeWriter {
         Ok(entry)
     }
 
-    /// The rows of `batch` whose key is not in `seen` yet (adding them);
-    /// counts the others in `duplicates`. Compaction's merge step.
+    /// The rows of `batch` whose key is not in `seen` yet (adding them),
+    /// in the table's current schema; counts the others in `duplicates`.
+    /// Compaction's merge step.
     fn first_seen(
         &self,
         table: &'static str,
@@ -591,6 +592,11 @@ impl LakeWriter {
         seen: &mut HashSet<u128>,
         duplicates: &mut usize,
     ) -> Result<RecordBatch, LakeError> {
+        let batch = &match super::table_schema(table) {
+            Some(schema) => schema::conform(batch, &schema)
+                .map_err(|source| LakeError::Arrow { table, source })?,
+            None => batch.clone(),
+        };
         let keep: BooleanArray = self
             .keys(table, batch)?
             .iter()
