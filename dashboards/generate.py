@@ -97,14 +97,16 @@ DASHBOARDS = {
         ("timeseries", "Epsilon per window", "Largest epsilon a device spent on one window, per model.",
          "SELECT $__timeGroupAlias(window_start, '5m'), model_id AS metric, max(epsilon) AS epsilon "
          f"FROM metrics WHERE {FILTER} GROUP BY 1, 2 ORDER BY 1"),
-        ("timeseries", "Epsilon spent per device (sum over windows)",
-         "Sequential composition: sum of per-window epsilon per device, averaged over devices.",
-         "SELECT $__timeGroupAlias(window_start, '1h'), 'mean per device' AS metric, "
-         "sum(epsilon) / count(DISTINCT device_id) AS epsilon_spent "
-         f"FROM metrics WHERE {FILTER} GROUP BY 1 ORDER BY 1"),
-        ("table", "Budget left", "Privacy budget (zCDP rho) left per device, from its last status.",
-         "SELECT device_id, fleet, budget_remaining_rho, budget_exhausted, state FROM devices "
-         "WHERE fleet IN ($fleet) ORDER BY budget_remaining_rho NULLS LAST LIMIT 200"),
+        ("table", "Device-day guarantee",
+         "What each device's numbers are worth: its mechanism, the most events a window counts (K) "
+         "and the (epsilon, delta) its configuration guarantees per device and day (docs/privacy.md).",
+         "SELECT device_id, fleet, model_id, mechanism, max_events_per_window, device_day_epsilon, "
+         "device_day_delta, windows, last_window_start FROM privacy WHERE fleet IN ($fleet) "
+         "ORDER BY device_day_epsilon DESC NULLS FIRST, device_id LIMIT 200"),
+        ("table", "Budget left", "Device-day epsilon (and zCDP rho) left in each device's current period, "
+         "from its last status.",
+         "SELECT device_id, fleet, budget_remaining_epsilon, budget_remaining_rho, budget_exhausted, state "
+         "FROM devices WHERE fleet IN ($fleet) ORDER BY budget_remaining_epsilon NULLS LAST LIMIT 200"),
     ]),
 }
 

@@ -148,14 +148,21 @@ fn opendp(step: &'static str) -> impl Fn(opendp::error::Error) -> PrivacyError {
     }
 }
 
-/// `epsilon` at `delta` of `rho`-zCDP, by OpenDP's conversion.
+/// `epsilon` at `delta` of `rho`-zCDP, by OpenDP's conversion. Where
+/// that overflows (a rho in the millions, far from any private setting),
+/// the classic bound `rho + 2 sqrt(rho ln(1/delta))` (Bun and Steinke
+/// 2016), which is looser but valid.
 pub fn zcdp_epsilon(rho: f64, delta: f64) -> Result<f64, PrivacyError> {
     if rho == 0.0 {
         return Ok(0.0);
     }
-    ZeroConcentratedDivergence::convert(rho)
+    if !(rho.is_finite() && rho > 0.0) {
+        return Err(PrivacyError::BadRho(rho));
+    }
+    let classic = rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt();
+    Ok(ZeroConcentratedDivergence::convert(rho)
         .and_then(|profile| profile.epsilon(delta))
-        .map_err(opendp("zCDP to (epsilon, delta) conversion"))
+        .map_or(classic, |eps| eps.min(classic)))
 }
 
 /// `epsilon` at `delta` of `k` pure `epsilon_w`-DP releases, composed
@@ -282,6 +289,17 @@ mod tests {
                 assert!(eps <= 8.0 && eps > 7.99, "{laplace} {windows}: {eps}");
             }
         }
+    }
+
+    #[test]
+    fn huge_settings_still_get_a_valid_bound() {
+        let (eps, _) = Spent::repeated(Cost::Laplace { epsilon: 20_000.0 }, 86_400)
+            .epsilon(1e-6)
+            .expect("eps");
+        assert!(eps.is_finite() && eps <= 20_000.0 * 86_400.0, "{eps}");
+        let rho = 1e13;
+        let eps = zcdp_epsilon(rho, 1e-6).expect("eps");
+        assert!(eps >= rho && eps.is_finite(), "{eps}");
     }
 
     #[test]

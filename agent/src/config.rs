@@ -476,8 +476,10 @@ mod tests {
         let file = AgentFile::load(&path).expect("example parses");
         let config = AgentConfig::resolve(file, Overrides::default()).expect("example is valid");
         assert_eq!(config.device_id, "kiosk-0007");
-        assert_eq!(config.window_secs, 60);
+        assert_eq!(config.window_secs, 900);
         assert_eq!(config.models.len(), 2);
+        assert_eq!(config.models[0].1.max_events_per_window, 20);
+        assert_eq!(config.models[1].1.max_events_per_window, 10);
         assert_eq!(config.models[1].1.custom.len(), 1);
         assert_eq!(
             config.models[0].1.labels,

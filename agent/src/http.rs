@@ -240,6 +240,7 @@ async fn get_status(State(shared): State<Arc<Shared>>) -> Response {
             "requests_refused": shared.requests_refused.load(Ordering::Relaxed),
             "late_events": late_events,
             "clipped_values": clipped_values,
+            "capped_events": shared.window_stats.capped_events(),
         }
     }))
     .into_response()

@@ -136,6 +136,8 @@ struct Entry {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetState {
     budget: Budget,
+    /// [`Budget::rho_equivalent`], computed once.
+    rho_budget: Option<f64>,
     /// In the order spent.
     entries: VecDeque<Entry>,
 }
@@ -144,6 +146,7 @@ impl BudgetState {
     pub fn new(budget: Budget) -> Self {
         BudgetState {
             budget,
+            rho_budget: budget.rho_equivalent(),
             entries: VecDeque::new(),
         }
     }
@@ -189,7 +192,7 @@ impl BudgetState {
     /// zCDP rho still available at `now` (see [`Budget::rho_equivalent`]).
     pub fn remaining_rho(&self, now: Now) -> Option<f64> {
         let rho = self.spent(now).rho();
-        self.budget.rho_equivalent().map(|b| (b - rho).max(0.0))
+        self.rho_budget.map(|b| (b - rho).max(0.0))
     }
 
     fn fits(&self, spent: &Spent) -> Result<bool, LedgerError> {
@@ -343,7 +346,7 @@ impl Ledger {
             }
             if damaged {
                 tracing::error!(path = %path.display(), "damaged privacy ledger; assuming the whole budget is spent");
-                if let Some(rho) = budget.rho_equivalent() {
+                if let Some(rho) = state.rho_budget {
                     state.commit(Now { wall, up }, Cost::Gaussian { rho });
                 }
             }

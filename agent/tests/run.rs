@@ -394,6 +394,10 @@ fn local_ingest_refuses_bad_requests_with_reasons() {
         .expect("curl");
     let status: serde_json::Value = serde_json::from_slice(&local.stdout).expect("status JSON");
     assert_eq!(status["local"]["clipped_values"], 2, "{status}");
+    assert_eq!(
+        status["local"]["capped_events"], 0,
+        "K is 1000 here: {status}"
+    );
     assert_eq!(status["local"]["events_accepted"], 4, "{status}");
     assert_eq!(status["local"]["requests_refused"], 5, "{status}");
     assert_eq!(status["status"]["device_id"], "dev-1");

@@ -334,7 +334,7 @@ fn agent_windows_reach_the_lake_exactly_once() {
             models.to_string(),
             expected.to_string(),
             "laplace".to_string(),
-            "1.0".to_string()
+            "60.0".to_string()
         ]]
     );
     let per_device_seq = query(
@@ -1069,7 +1069,7 @@ fn sql_endpoint_answers_psql_psycopg_tokio_postgres_and_grafana() {
         let device: String = first.get(0);
         let start: DateTime<Utc> = first.get(1);
         assert!(Utc::now() - start < TimeDelta::hours(2), "{start}");
-        assert_eq!(first.get::<_, f64>(2), 1.0);
+        assert_eq!(first.get::<_, f64>(2), 60.0);
         assert!(first.get::<_, i64>(3) >= 0);
         assert_eq!(first.get::<_, i32>(4), 60);
         assert!(first.get::<_, bool>(5));

@@ -36,7 +36,7 @@ def main(dsn: str) -> None:
             dev, start, eps, seq, laplace, rho, count = rows[0]
             assert dev == device
             assert isinstance(start, datetime.datetime) and start.utcoffset() == datetime.timedelta(0), start
-            assert eps == 1.0 and isinstance(eps, float), eps
+            assert eps == 60.0 and isinstance(eps, float), eps
             assert isinstance(seq, int) and isinstance(count, int), (seq, count)
             assert laplace is True
             assert rho is None
