@@ -314,16 +314,15 @@ impl Ledger {
         }
         let mut up = TimeDelta::zero();
         if !bytes.is_empty() {
-            let (size, decode): (usize, fn(&[u8]) -> Option<Record>) =
-                match bytes.get(..MAGIC.len()) {
-                    Some(m) if m == MAGIC => (RECORD, decode_record),
-                    Some(m) if m == MAGIC_V1 => (RECORD_V1, decode_record_v1),
-                    _ => {
-                        return Err(LedgerError::NotALedger {
-                            path: path.to_path_buf(),
-                        })
-                    }
-                };
+            let (size, decode): (usize, Decoder) = match bytes.get(..MAGIC.len()) {
+                Some(m) if m == MAGIC => (RECORD, decode_record),
+                Some(m) if m == MAGIC_V1 => (RECORD_V1, decode_record_v1),
+                _ => {
+                    return Err(LedgerError::NotALedger {
+                        path: path.to_path_buf(),
+                    })
+                }
+            };
             let records: Vec<&[u8]> = bytes[MAGIC.len()..].chunks(size).collect();
             let last = records.len().saturating_sub(1);
             let mut damaged = false;
@@ -442,6 +441,9 @@ impl Ledger {
         Ok(())
     }
 }
+
+/// Decodes one record of a given format version.
+type Decoder = fn(&[u8]) -> Option<Record>;
 
 /// A decoded record: a spend, or (no cost) an uptime checkpoint.
 struct Record {
