@@ -287,16 +287,16 @@ pub async fn evaluate(
 ) -> Result<Vec<Evaluation>, DetectError> {
     let periods = detector.periods(at);
     let sql = render(detector, &periods);
-    let batches = query::run(ctx, &sql)
-        .await
-        .map_err(|source| DetectError::Query {
-            detector: detector.name.clone(),
-            file: detector.file.clone(),
-            source,
-        })?;
+    let failed = |source| DetectError::Query {
+        detector: detector.name.clone(),
+        file: detector.file.clone(),
+        source,
+    };
+    let batches = query::run(ctx, &sql).await.map_err(failed)?;
+    let reporting = reporting(ctx, &periods).await.map_err(failed)?;
     let mut out = Vec::new();
     for batch in &batches {
-        out.extend(rows(detector, &periods, batch)?);
+        out.extend(rows(detector, &periods, batch, reporting)?);
     }
     Ok(out)
 }
@@ -305,6 +305,7 @@ fn rows(
     detector: &Detector,
     p: &Periods,
     batch: &RecordBatch,
+    (expected, present): (u64, u64),
 ) -> Result<Vec<Evaluation>, DetectError> {
     let missing = |column: &str| DetectError::Column {
         detector: detector.name.clone(),
@@ -381,6 +382,8 @@ fn rows(
                     .and_then(|n| n.to_str())
                     .unwrap_or_default()
                     .to_owned(),
+                devices_expected: i64::try_from(expected).ok(),
+                devices_present: i64::try_from(present).ok(),
             }
         })
         .collect())
@@ -498,6 +501,55 @@ pub async fn reporting(ctx: &SessionContext, periods: &Periods) -> Result<(u64, 
     };
     Ok((value("expected"), value("present")))
 }
+
+/// The start of the oldest window in the lake (event time), if any.
+pub async fn earliest_event_time(
+    ctx: &SessionContext,
+) -> Result<Option<DateTime<Utc>>, QueryError> {
+    let batches = query::run(
+        ctx,
+        "SELECT CAST(min(window_start) AS BIGINT) AS t FROM metrics",
+    )
+    .await?;
+    let Some(t) = batches.first().and_then(|b| b.column_by_name("t")) else {
+        return Ok(None);
+    };
+    let Ok(t) = cast(t, &DataType::Int64) else {
+        return Ok(None);
+    };
+    let t = t.as_primitive::<Int64Type>();
+    if t.is_empty() || t.is_null(0) {
+        return Ok(None);
+    }
+    Ok(DateTime::from_timestamp_micros(t.value(0)))
+}
+
+/// The end of the first period `detector` has to evaluate when the lake's
+/// newest window ends at `latest`: the period after the last one
+/// `detector_runs` records for it; for a detector that never ran, the
+/// first period within `horizon` of the newest one (and not before the
+/// lake's first window), so that a detector added later is evaluated over
+/// recent history too.
+pub async fn resume_from(
+    ctx: &SessionContext,
+    detector: &Detector,
+    latest: DateTime<Utc>,
+    horizon: TimeDelta,
+) -> Result<DateTime<Utc>, QueryError> {
+    let step = TimeDelta::from_std(detector.current).unwrap_or(TimeDelta::hours(1));
+    if let Some(last) = last_evaluated(ctx, &detector.name).await? {
+        return Ok(last + step);
+    }
+    let newest = detector.periods(latest).current_end;
+    let first = match earliest_event_time(ctx).await? {
+        Some(t) => detector.periods(t).current_end + step,
+        None => newest,
+    };
+    Ok(first.max(newest - horizon).min(newest))
+}
+
+/// Default of how far back a detector that never ran is evaluated.
+pub const DEFAULT_HORIZON: TimeDelta = TimeDelta::days(1);
 
 /// The end of the last period of `detector` recorded in `detector_runs`,
 /// if any: where detection resumes after a restart.
@@ -647,6 +699,8 @@ pub struct Schedule {
     /// How long (wall clock) a due period waits for the devices of its
     /// reference period that have not reported past its end yet.
     pub lateness: std::time::Duration,
+    /// How far back (event time) a detector that never ran is evaluated.
+    pub horizon: TimeDelta,
     last_end: std::collections::HashMap<String, DateTime<Utc>>,
     /// When each period (by detector and end) was first found due but
     /// incomplete.
@@ -672,6 +726,7 @@ impl Schedule {
             targets,
             max_periods_per_tick: 16,
             lateness: std::time::Duration::from_secs(300),
+            horizon: DEFAULT_HORIZON,
             last_end: Default::default(),
             waiting: Default::default(),
         }
@@ -707,19 +762,15 @@ impl Schedule {
                 Some(last) => *last + step,
                 // First tick: after the last period the lake records (so
                 // periods that passed while the collector was down are
-                // evaluated, a few per tick); for a detector that never
-                // ran, only the newest complete period.
-                None => match last_evaluated(ctx, &detector.name).await {
-                    Ok(Some(last)) => last + step,
-                    Ok(None) => newest,
-                    Err(source) => {
-                        return Err(DetectError::Query {
-                            detector: detector.name.clone(),
-                            file: self.queries.clone(),
-                            source,
-                        })
-                    }
-                },
+                // evaluated, a few per tick), or over the horizon for a
+                // detector that never ran.
+                None => resume_from(ctx, detector, latest, self.horizon)
+                    .await
+                    .map_err(|source| DetectError::Query {
+                        detector: detector.name.clone(),
+                        file: self.queries.clone(),
+                        source,
+                    })?,
             };
             let mut done = 0;
             tracing::debug!(detector = detector.name, %latest, %newest, %next, "detection tick");
@@ -772,9 +823,19 @@ impl Schedule {
                 }
                 tick.jobs.extend(jobs);
                 self.last_end.insert(detector.name.clone(), next);
+                metrics::gauge!("driftline_detect_watermark_seconds", "detector" => detector.name.clone())
+                    .set(next.timestamp() as f64);
                 next += step;
                 done += 1;
             }
+            // Periods complete in the lake but not evaluated yet.
+            let behind = if next <= newest {
+                (newest - next).num_seconds() / step.num_seconds().max(1) + 1
+            } else {
+                0
+            };
+            metrics::gauge!("driftline_detect_lag_periods", "detector" => detector.name.clone())
+                .set(behind as f64);
         }
         Ok(tick)
     }

@@ -73,6 +73,14 @@ struct DetectArgs {
     /// exit without running anything.
     #[arg(long)]
     print_sql: bool,
+    /// Without --at or --since: a period whose reference devices have not
+    /// all reported past its end is evaluated only once it ended this long
+    /// ago (wall clock); until then detection stops before it.
+    #[arg(long, env = "DRIFTLINE_DETECT_LATENESS", default_value = "5m", value_parser = humantime::parse_duration)]
+    detect_lateness: Duration,
+    /// How far back (event time) a detector that never ran is evaluated.
+    #[arg(long, env = "DRIFTLINE_DETECT_HORIZON", default_value = "1d", value_parser = humantime::parse_duration)]
+    detect_horizon: Duration,
     #[command(flatten)]
     retrain: RetrainArgs,
 }
@@ -310,6 +318,10 @@ struct ServeArgs {
     /// still arriving) before it is evaluated without them.
     #[arg(long, env = "DRIFTLINE_DETECT_LATENESS", default_value = "5m", value_parser = humantime::parse_duration)]
     detect_lateness: Duration,
+    /// How far back (event time) a detector that never ran (a new detector
+    /// file, a new lake) is evaluated.
+    #[arg(long, env = "DRIFTLINE_DETECT_HORIZON", default_value = "1d", value_parser = humantime::parse_duration)]
+    detect_horizon: Duration,
     #[command(flatten)]
     retrain: RetrainArgs,
     /// Serve /metrics (Prometheus) and /health here. Default: off.
@@ -547,6 +559,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     let targets = args.retrain.targets(Some(&config.subscriber))?;
     let mut schedule = detect::Schedule::new(queries, args.retrain.rule(), targets);
     schedule.lateness = args.detect_lateness;
+    schedule.horizon = chrono::TimeDelta::from_std(args.detect_horizon)?;
     let detection = tokio::spawn(detect::run_schedule(
         schedule,
         Arc::new(query::session_at(&location, None).await?),
@@ -596,7 +609,7 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
     let lake = LakeWriter::open_at(&location, &args.data_dir)?;
     maintenance::backfill_edges(&lake);
     let ctx = query::session_at(&location, None).await?;
-    let at = match args.at {
+    let latest = match args.at {
         Some(at) => at,
         None => match detect::latest_event_time(&ctx).await? {
             Some(t) => t,
@@ -611,18 +624,19 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
             println!(
                 "-- {}\n{};\n",
                 d.name,
-                detect::render(d, &d.periods(at)).trim_end()
+                detect::render(d, &d.periods(latest)).trim_end()
             );
         }
         return Ok(());
     }
-    // One run as of `at`, or with --since every period of each detector
-    // from `since` to `until`, in order.
+    // One run as of --at; with --since every period of each detector from
+    // `since` to `until`, in order; otherwise every complete period since
+    // each detector's last recorded one (or over the horizon).
     let mut runs: Vec<(Vec<detect::Detector>, chrono::DateTime<chrono::Utc>)> = Vec::new();
-    match args.since {
-        None => runs.push((detectors.clone(), at)),
-        Some(since) => {
-            let until = args.until.unwrap_or(at);
+    match (args.since, args.at) {
+        (None, Some(at)) => runs.push((detectors.clone(), at)),
+        (Some(since), _) => {
+            let until = args.until.unwrap_or(latest);
             for d in &detectors {
                 let step = chrono::TimeDelta::from_std(d.current)?;
                 let mut end = d.periods(since).current_end;
@@ -634,11 +648,40 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
                     end += step;
                 }
             }
-            runs.sort_by_key(|(_, end)| *end);
+        }
+        (None, None) => {
+            let horizon = chrono::TimeDelta::from_std(args.detect_horizon)?;
+            let lateness = chrono::TimeDelta::from_std(args.detect_lateness)?;
+            for d in &detectors {
+                let step = chrono::TimeDelta::from_std(d.current)?;
+                let newest = d.periods(latest).current_end;
+                let mut end = detect::resume_from(&ctx, d, latest, horizon).await?;
+                while end <= newest {
+                    let (expected, present) = detect::reporting(&ctx, &d.periods(end)).await?;
+                    if present < expected && chrono::Utc::now() - end < lateness {
+                        println!(
+                            "{}: period ending {end} waits for {} of {expected} devices (--detect-lateness)",
+                            d.name,
+                            expected - present
+                        );
+                        break;
+                    }
+                    runs.push((vec![d.clone()], end));
+                    end += step;
+                }
+            }
         }
     }
+    // Detectors due at the same period end run together.
+    let mut by_end: std::collections::BTreeMap<_, Vec<detect::Detector>> = Default::default();
+    for (ds, end) in runs {
+        by_end.entry(end).or_default().extend(ds);
+    }
+    if by_end.is_empty() {
+        println!("every detector is up to date as of {latest}: nothing new to evaluate");
+    }
     let targets = args.retrain.targets(None)?;
-    for (detectors, at) in runs {
+    for (at, detectors) in by_end {
         detect_once(&ctx, &lake, &detectors, at, &args.retrain.rule(), &targets).await?;
     }
     Ok(())

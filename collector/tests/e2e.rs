@@ -1943,32 +1943,54 @@ fn a_period_waits_for_its_late_devices_up_to_the_lateness_bound() {
     // Twelve devices for seven periods; the eighth so far from six only.
     write_periods(&lake, base, 0..7, 0..12);
     write_periods(&lake, base, 7..8, 0..6);
-    let runs = || query(data.path(), "SELECT count(*) FROM detector_runs")[0][0].clone();
+    // The newest evaluated period of error_rate, and the devices it
+    // expected and found.
+    let newest = |dir: &Path| {
+        query(
+            dir,
+            "SELECT replace(CAST(current_end AS VARCHAR), ' ', 'T') AS t, devices_expected, \
+             devices_present FROM detector_runs WHERE detector = 'error_rate' \
+             ORDER BY current_end DESC LIMIT 1",
+        )
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+    };
+    let at = |p: i32| {
+        (base + TimeDelta::minutes(15 * i64::from(p)))
+            .format("%Y-%m-%dT%H:%M:%S")
+            .to_string()
+    };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let tick = |schedule: &mut Schedule| tick_once(&rt, data.path(), &lake, schedule);
     let mut waiting = Schedule::new(queries.clone(), Default::default(), Default::default());
     waiting.lateness = Duration::from_secs(3600);
     tick(&mut waiting);
-    assert_eq!(
-        runs(),
-        "0",
-        "nothing is evaluated while six devices are missing"
+    let first = newest(data.path());
+    assert!(
+        first[0].starts_with(&at(7)) && first[1..] == ["12", "12"],
+        "the complete periods are evaluated, the one six devices are missing from waits: {first:?}"
     );
     // The late devices arrive: the period is complete and evaluated.
     write_periods(&lake, base, 7..8, 6..12);
     tick(&mut waiting);
-    let after = runs();
-    assert_ne!(after, "0");
-    // With a lateness of zero an incomplete period is evaluated at once.
+    let after = newest(data.path());
+    assert!(
+        after[0].starts_with(&at(8)) && after[1..] == ["12", "12"],
+        "{after:?}"
+    );
+    // With a lateness of zero an incomplete period is evaluated at once,
+    // and the run records who was missing.
     let (other, other_lake, other_queries) = detection_lake();
     write_periods(&other_lake, base, 0..7, 0..12);
     write_periods(&other_lake, base, 7..8, 0..6);
     let mut eager = Schedule::new(other_queries, Default::default(), Default::default());
     eager.lateness = Duration::ZERO;
     tick_once(&rt, other.path(), &other_lake, &mut eager);
-    assert_ne!(
-        query(other.path(), "SELECT count(*) FROM detector_runs")[0][0],
-        "0"
+    let eager = newest(other.path());
+    assert!(
+        eager[0].starts_with(&at(8)) && eager[1..] == ["12", "6"],
+        "{eager:?}"
     );
 }
 
@@ -2003,17 +2025,18 @@ fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
     write(0..8);
     let mut first = Schedule::new(queries.clone(), Default::default(), Default::default());
     tick_until_idle(&mut first);
-    // A first start evaluates the newest complete period only.
+    // A first start evaluates every complete period since the lake's first
+    // window (the first has no reference data, so no row): seven.
     let once = evaluated(data.path());
-    assert_eq!(once.len(), 1, "{once:?}");
+    assert_eq!(once.len(), 7, "{once:?}");
     // The collector is down while two more hours arrive; a new process
     // resumes after the last recorded period and evaluates all eight.
     drop(first);
     write(8..16);
-    let mut restarted = Schedule::new(queries, Default::default(), Default::default());
+    let mut restarted = Schedule::new(queries.clone(), Default::default(), Default::default());
     tick_until_idle(&mut restarted);
     let all = evaluated(data.path());
-    assert_eq!(all.len(), 9, "{all:?}");
+    assert_eq!(all.len(), 15, "{all:?}");
     let ends: Vec<DateTime<Utc>> = all
         .iter()
         .map(|t| {
@@ -2022,12 +2045,12 @@ fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
                 .and_utc()
         })
         .collect();
-    assert_eq!(ends[0], base + period * 8);
+    assert_eq!(ends[0], base + period * 2);
     assert!(ends.windows(2).all(|w| w[1] - w[0] == period), "{all:?}");
-    assert_eq!(ends[8], base + period * 16);
+    assert_eq!(ends[14], base + period * 16);
 
-    // `detect --since` evaluates the earlier periods on demand, in order;
-    // run twice, it records nothing twice.
+    // `detect --since` re-evaluates a range on demand; what is recorded
+    // already is not recorded twice.
     let rfc = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let range = [
         "detect",
@@ -2036,13 +2059,32 @@ fn detection_resumes_after_a_restart_and_evaluates_every_missed_period() {
         "--until",
         &rfc(base + period * 16),
     ];
-    collector_cli(&range, data.path());
-    let history = evaluated(data.path());
-    assert!(history.len() > all.len(), "{history:?}");
-    assert!(history.len() <= 16, "{history:?}");
     let runs = "SELECT count(*) FROM detector_runs";
     let recorded = query(data.path(), runs);
     collector_cli(&range, data.path());
+    assert_eq!(query(data.path(), runs), recorded);
+
+    // A detector added later: `detect` evaluates it over the lake's
+    // history, in order, and a second `detect` has nothing left to do.
+    let text = std::fs::read_to_string(queries.join("error_rate.sql")).expect("detector");
+    std::fs::write(
+        queries.join("error_rate_v2.sql"),
+        text.replace("-- name: error_rate", "-- name: error_rate_v2"),
+    )
+    .expect("new detector");
+    collector_cli(&["detect"], data.path());
+    let added = query(
+        data.path(),
+        "SELECT count(DISTINCT current_end) AS n, replace(CAST(min(current_end) AS VARCHAR), ' ', 'T') \
+         AS first FROM detector_runs WHERE detector = 'error_rate_v2'",
+    );
+    assert_eq!(added[0][0], "15", "{added:?}");
+    let first = (base + period * 2).format("%Y-%m-%dT%H:%M:%S").to_string();
+    assert!(added[0][1].starts_with(&first), "{added:?}");
+    // (Detectors that produce no rows on this lake leave no progress to
+    // resume from, so they run again over the horizon: idempotently.)
+    let recorded = query(data.path(), runs);
+    collector_cli(&["detect"], data.path());
     assert_eq!(query(data.path(), runs), recorded);
 }
 

@@ -571,6 +571,9 @@ pub fn evaluations() -> SchemaRef {
         Field::new("fired", DataType::Boolean, false),
         Field::new("severity", DataType::Utf8, true),
         Field::new("query_file", DataType::Utf8, false),
+        // Added later: older files lack them (null).
+        Field::new("devices_expected", DataType::Int64, true),
+        Field::new("devices_present", DataType::Int64, true),
     ]))
 }
 
@@ -597,6 +600,11 @@ pub struct Evaluation {
     /// `warning` or `critical` when fired.
     pub severity: Option<String>,
     pub query_file: String,
+    /// Devices that reported in the reference period (the watermark waits
+    /// for them), and how many of them had reported past the current
+    /// period's end when it was evaluated.
+    pub devices_expected: Option<i64>,
+    pub devices_present: Option<i64>,
 }
 
 /// One batch of evaluations.
@@ -616,6 +624,7 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
     let mut fired = BooleanBuilder::new();
     let mut severity = StringBuilder::new();
     let mut file = StringBuilder::new();
+    let (mut expected, mut present) = (Int64Builder::new(), Int64Builder::new());
     for e in rows {
         detected_at.append_value(micros(e.detected_at));
         for (b, v) in
@@ -638,6 +647,8 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
         fired.append_value(e.fired);
         severity.append_option(e.severity.as_deref());
         file.append_value(&e.query_file);
+        expected.append_option(e.devices_expected);
+        present.append_option(e.devices_present);
     }
     let mut text = text.into_iter();
     let mut next_text = || -> ArrayRef {
@@ -666,6 +677,8 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
         Arc::new(fired.finish()),
         Arc::new(severity.finish()),
         Arc::new(file.finish()),
+        Arc::new(expected.finish()),
+        Arc::new(present.finish()),
     ];
     RecordBatch::try_new(evaluations(), columns)
 }
