@@ -13,7 +13,11 @@ use driftline_agent::window::{ModelKey, ModelSpec, Windower};
 
 fn record(c: &mut Criterion) {
     let mut windower = Windower::new(60, Utc::now());
-    let labels = ModelSpec::default().with_labels(["billing", "cancel", "support", "other"]);
+    // No cap, so that every call counts (the window never closes here; with
+    // the default cap all but the first 10 calls would return early).
+    let labels = ModelSpec::default()
+        .with_labels(["billing", "cancel", "support", "other"])
+        .with_max_events_per_window(u32::MAX);
     let model = windower.register(ModelKey::new("intent", "1.0.0"), &labels);
     let events: Vec<InferenceEvent<'static>> = (0..64)
         .map(|i| InferenceEvent {
