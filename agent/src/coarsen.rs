@@ -96,23 +96,40 @@ pub fn merge(a: &WindowReport, b: &WindowReport) -> Option<WindowReport> {
             )
         })
         .collect();
+    // Post-processing of two released windows: it spends nothing more.
+    // The merged message declares what its parts cost together (pure
+    // epsilons and rhos add; a Gaussian epsilon is that of the summed rho)
+    // and the events both may hold; when that count does not fit the
+    // wire's bound the pair stays unmerged.
+    let sum = |x: Option<f64>, y: Option<f64>| x.zip(y).map(|(x, y)| x + y);
+    let rho = sum(a.privacy.rho, b.privacy.rho);
+    let delta = max(a.privacy.delta, b.privacy.delta);
+    let epsilon = match mechanism {
+        Mechanism::Gaussian => rho
+            .zip(delta)
+            .and_then(|(r, d)| crate::accountant::zcdp_epsilon(r, d).ok())
+            .filter(|_| a.privacy.epsilon.is_some()),
+        _ => sum(a.privacy.epsilon, b.privacy.epsilon),
+    };
+    let max_events_per_window = match (
+        a.privacy.max_events_per_window,
+        b.privacy.max_events_per_window,
+    ) {
+        (Some(x), Some(y)) => Some(
+            x.checked_add(y)
+                .filter(|k| *k <= wire::MAX_EVENTS_PER_WINDOW)?,
+        ),
+        _ => None,
+    };
     Some(WindowReport {
         window_secs: a.window_secs * 2,
-        // Post-processing of two released windows: it spends nothing. The
-        // per-window figures are those of the parts; the merged window
-        // holds the events of both.
         privacy: wire::Privacy {
             mechanism,
-            epsilon: max(a.privacy.epsilon, b.privacy.epsilon),
-            delta: max(a.privacy.delta, b.privacy.delta),
-            rho: max(a.privacy.rho, b.privacy.rho),
+            epsilon,
+            delta,
+            rho,
             noise_scale,
-            // The merged message counts the events of both windows.
-            max_events_per_window: a
-                .privacy
-                .max_events_per_window
-                .zip(b.privacy.max_events_per_window)
-                .map(|(x, y)| x.saturating_add(y).min(wire::MAX_EVENTS_PER_WINDOW)),
+            max_events_per_window,
             device_day_epsilon: max(a.privacy.device_day_epsilon, b.privacy.device_day_epsilon),
             device_day_delta: max(a.privacy.device_day_delta, b.privacy.device_day_delta),
         },
@@ -243,7 +260,12 @@ pub(crate) mod tests {
             m.categories["label"]["a"],
             a.categories["label"]["a"] + b.categories["label"]["a"]
         );
-        assert_eq!(m.privacy.epsilon, a.privacy.epsilon);
+        // Two releases of epsilon 1: the merged message declares both.
+        assert_eq!(m.privacy.epsilon, Some(2.0));
+        assert_eq!(
+            m.privacy.max_events_per_window,
+            a.privacy.max_events_per_window.map(|k| 2 * k)
+        );
         let (sa, sm) = (
             a.privacy.noise_scale["latency_ms"],
             m.privacy.noise_scale["latency_ms"],

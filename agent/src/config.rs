@@ -220,18 +220,24 @@ fn resolve_privacy(
         ));
     }
     let period = p.budget_period.unwrap_or(Duration::from_secs(86_400));
+    // A shorter period would make `device_day_epsilon` a guarantee for less
+    // than a day while every message calls it one.
     let period = TimeDelta::from_std(period)
         .ok()
-        .filter(|d| *d > TimeDelta::zero())
-        .ok_or_else(|| invalid("privacy.budget_period", "must be a positive duration"))?;
+        .filter(|d| *d >= TimeDelta::days(1))
+        .ok_or_else(|| invalid("privacy.budget_period", "must be at least 1d"))?;
     let budget = Budget {
         epsilon: Some(device_day),
         delta,
         rho: p.budget_rho,
         period,
+        window: TimeDelta::seconds(i64::from(window_secs)),
     };
     let windows = windows_per_period(period, window_secs, models);
-    let calibrated = |laplace| crate::accountant::calibrate(laplace, windows, device_day, delta);
+    // A hair under the budget: the ledger charges what OpenDP's privacy map
+    // reports, which may round the configured figure up.
+    let target = device_day * (1.0 - 1e-9);
+    let calibrated = |laplace| crate::accountant::calibrate(laplace, windows, target, delta);
     let mechanism = match p.mechanism.as_deref().unwrap_or("gaussian") {
         "laplace" => MechanismConfig::Laplace {
             epsilon: match p.epsilon {
@@ -285,11 +291,13 @@ fn resolve_privacy(
     Ok((mechanism, budget))
 }
 
-/// Windows of all `models` that close within one rolling `period`.
+/// Windows of all `models` that the events of one `period` can fall into:
+/// `ceil(period / window) + 1` per model, since a period that does not
+/// start on a window boundary touches one window more.
 pub fn windows_per_period(period: TimeDelta, window_secs: u32, models: usize) -> u64 {
     let period = u64::try_from(period.num_seconds()).unwrap_or(0);
-    let per_model = period.div_ceil(u64::from(window_secs.max(1)));
-    per_model.max(1) * models as u64
+    let per_model = period.div_ceil(u64::from(window_secs.max(1))) + 1;
+    per_model * models as u64
 }
 
 /// Where the agent keeps its ledger, sequence number and buffer unless
@@ -497,7 +505,11 @@ mod tests {
         let c = AgentConfig::resolve(file, Overrides::default()).expect("valid");
         let r = crate::guarantee::Report::of(c.mechanism, &c.budget, c.window_secs, &c.models)
             .expect("report");
-        assert_eq!(r.windows_per_day, 2 * 96, "two models, 15-minute windows");
+        assert_eq!(
+            r.windows_per_day,
+            2 * 97,
+            "two models, 15-minute windows, 96 + 1"
+        );
         assert_eq!(
             r.budget.windows_granted, r.windows_per_day,
             "no window withheld"

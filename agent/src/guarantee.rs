@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::accountant::{zcdp_epsilon, Spent};
+use crate::accountant::{zcdp_epsilon, Cost, Spent};
 use crate::ledger::Budget;
 use crate::privacy::{
     l1_sensitivity, l2_sensitivity, per_event_sensitivity, MechanismConfig, PrivacyError,
@@ -93,7 +93,6 @@ impl Report {
         models: &[(ModelKey, ModelSpec)],
     ) -> Result<Self, PrivacyError> {
         let privatizer = Privatizer::new(mechanism)?;
-        let cost = privatizer.cost();
         let delta = budget.delta;
         let windows = crate::config::windows_per_period(budget.period, window_secs, models.len());
         let per_model: Vec<ModelReport> = models
@@ -121,6 +120,21 @@ impl Report {
             .map(|m| m.max_events_per_window)
             .min()
             .unwrap_or(1);
+        // What the ledger charges per window: OpenDP's map, the largest
+        // over the models (they differ by rounding only).
+        let mut cost = privatizer.cost();
+        for (_, spec) in models {
+            let c = privatizer.cost_for(per_event_sensitivity(spec), spec.max_events_per_window)?;
+            cost = match (cost, c) {
+                (Cost::Laplace { epsilon: a }, Cost::Laplace { epsilon: b }) => {
+                    Cost::Laplace { epsilon: a.max(b) }
+                }
+                (Cost::Gaussian { rho: a }, Cost::Gaussian { rho: b }) => {
+                    Cost::Gaussian { rho: a.max(b) }
+                }
+                (_, c) => c,
+            };
+        }
 
         let all = Spent::repeated(cost, windows);
         let (composed, accountant) = all.epsilon(delta)?;

@@ -29,13 +29,14 @@
 //!                   uptime (microseconds, i64 LE), value (f64 LE)
 //! ```
 //!
-//! On open, a short or CRC-failing **last** record is a torn write (its spend
-//! never returned) and is dropped. A bad record anywhere else means the file
-//! was damaged: the ledger then assumes the whole budget was spent at the
-//! time of opening, which is safe. The file is rewritten (temporary file,
-//! fsync, rename) with only the live entries when it has grown stale. A
-//! version 1 file (`DLLEDG01`: wall time and zCDP rho, no uptime) is read as
-//! Gaussian spends made at uptime zero and rewritten as version 2.
+//! On open, a short **last** record is a torn write (its spend never
+//! returned) and is dropped. A whole record that fails its CRC, a file
+//! shorter than its header and one record (the ledger always writes an
+//! uptime checkpoint when it opens), or a version 1 file (`DLLEDG01`, whose
+//! spends were per event) means the spends are unknown: the ledger then
+//! assumes the whole budget was spent at the time of opening, which is
+//! safe. The file is rewritten (temporary file, fsync, rename) with only the
+//! live entries when it has grown stale.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -49,8 +50,8 @@ use crate::privacy::PrivacyError;
 
 const MAGIC: &[u8; 8] = b"DLLEDG02";
 const RECORD: usize = 32;
+/// Version 1 (per-event spends, no cap): read as damaged.
 const MAGIC_V1: &[u8; 8] = b"DLLEDG01";
-const RECORD_V1: usize = 20;
 
 /// Budget per rolling period.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,7 +62,14 @@ pub struct Budget {
     pub delta: f64,
     /// An optional second bound, on the zCDP rho of one period.
     pub rho: Option<f64>,
+    /// The span the guarantee covers (a day by default).
     pub period: TimeDelta,
+    /// The window length. The events of one `period` can fall into windows
+    /// whose closes span `period` inclusive (one more window per model than
+    /// `period / window`), so a spend counts for `period + window / 2`: a
+    /// half-window of slack for the jitter of the agent's tick, never a
+    /// whole window. Zero for simulated devices, whose spends are exact.
+    pub window: TimeDelta,
 }
 
 impl Budget {
@@ -71,7 +79,7 @@ impl Budget {
     pub fn rho_equivalent(&self) -> Option<f64> {
         let from_epsilon = self.epsilon.map(|e| {
             let (mut lo, mut hi) = (0.0f64, e);
-            for _ in 0..100 {
+            while hi - lo > 1e-9 * hi {
                 let mid = (lo + hi) / 2.0;
                 match accountant::zcdp_epsilon(mid, self.delta) {
                     Ok(x) if x <= e => lo = mid,
@@ -136,8 +144,8 @@ struct Entry {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetState {
     budget: Budget,
-    /// [`Budget::rho_equivalent`], computed once.
-    rho_budget: Option<f64>,
+    /// [`Budget::rho_equivalent`], computed when first needed.
+    rho_budget: std::sync::OnceLock<Option<f64>>,
     /// In the order spent.
     entries: VecDeque<Entry>,
 }
@@ -146,7 +154,7 @@ impl BudgetState {
     pub fn new(budget: Budget) -> Self {
         BudgetState {
             budget,
-            rho_budget: budget.rho_equivalent(),
+            rho_budget: std::sync::OnceLock::new(),
             entries: VecDeque::new(),
         }
     }
@@ -155,17 +163,23 @@ impl BudgetState {
         self.budget
     }
 
+    /// How long a spend counts: the period, plus half a window (see
+    /// [`Budget::window`]).
+    fn span(&self) -> TimeDelta {
+        self.budget.period + self.budget.window / 2
+    }
+
     /// Whether `e` still counts at `now`: until both the wall clock and
-    /// the uptime say a period has passed since it.
+    /// the uptime say a span has passed since it.
     fn counts(&self, e: &Entry, now: Now) -> bool {
-        e.wall > now.wall - self.budget.period || e.up > now.up - self.budget.period
+        e.wall > now.wall - self.span() || e.up > now.up - self.span()
     }
 
     /// When `e` stops counting, on the wall clock, if both clocks advance
     /// together from `now`.
     fn expires(&self, e: &Entry, now: Now) -> DateTime<Utc> {
-        let by_wall = e.wall + self.budget.period;
-        let by_up = now.wall + (e.up + self.budget.period - now.up);
+        let by_wall = e.wall + self.span();
+        let by_up = now.wall + (e.up + self.span() - now.up);
         by_wall.max(by_up)
     }
 
@@ -192,19 +206,23 @@ impl BudgetState {
     /// zCDP rho still available at `now` (see [`Budget::rho_equivalent`]).
     pub fn remaining_rho(&self, now: Now) -> Option<f64> {
         let rho = self.spent(now).rho();
-        self.rho_budget.map(|b| (b - rho).max(0.0))
+        self.rho_budget().map(|b| (b - rho).max(0.0))
+    }
+
+    fn rho_budget(&self) -> Option<f64> {
+        *self.rho_budget.get_or_init(|| self.budget.rho_equivalent())
     }
 
     fn fits(&self, spent: &Spent) -> Result<bool, LedgerError> {
         if let Some(rho) = self.budget.rho {
-            if spent.rho() > rho * (1.0 + 1e-12) {
+            if spent.rho() > rho {
                 return Ok(false);
             }
         }
         Ok(match self.budget.epsilon {
             // Basic composition first: when it fits, the tight one does.
             Some(eps) if spent.pure_sum().is_some_and(|sum| sum <= eps) => true,
-            Some(eps) => spent.epsilon(self.budget.delta)?.0 <= eps * (1.0 + 1e-12),
+            Some(eps) => spent.epsilon(self.budget.delta)?.0 <= eps,
             None => true,
         })
     }
@@ -267,9 +285,9 @@ impl BudgetState {
     /// so an entry the uptime has released never counts again.
     pub fn prune(&mut self, now: Now) -> usize {
         let before = self.entries.len();
-        let period = self.budget.period;
+        let span = self.span();
         self.entries
-            .retain(|e| e.wall > now.wall - period || e.up > now.up - period);
+            .retain(|e| e.wall > now.wall - span || e.up > now.up - span);
         before - self.entries.len()
     }
 }
@@ -313,41 +331,61 @@ impl Ledger {
                 .map_err(io)?;
         }
         let mut up = TimeDelta::zero();
-        if !bytes.is_empty() {
-            let (size, decode): (usize, Decoder) = match bytes.get(..MAGIC.len()) {
-                Some(m) if m == MAGIC => (RECORD, decode_record),
-                Some(m) if m == MAGIC_V1 => (RECORD_V1, decode_record_v1),
-                _ => {
-                    return Err(LedgerError::NotALedger {
-                        path: path.to_path_buf(),
-                    })
-                }
-            };
-            let records: Vec<&[u8]> = bytes[MAGIC.len()..].chunks(size).collect();
-            let last = records.len().saturating_sub(1);
-            let mut damaged = false;
-            for (i, record) in records.iter().enumerate() {
-                match decode(record) {
-                    Some(r) => {
-                        up = up.max(r.up);
-                        if let Some(cost) = r.cost {
-                            state.entries.push_back(Entry {
-                                wall: r.wall,
-                                up: r.up,
-                                cost,
-                            });
+        // A ledger this code wrote holds at least its header and one
+        // record (the uptime checkpoint written on open). Anything less,
+        // including an empty file, lost its spends.
+        let mut damaged = path.exists() && bytes.len() < MAGIC.len() + RECORD;
+        match bytes.get(..MAGIC.len()) {
+            Some(m) if m == MAGIC => {
+                let records: Vec<&[u8]> = bytes[MAGIC.len()..].chunks(RECORD).collect();
+                let last = records.len().saturating_sub(1);
+                for (i, record) in records.iter().enumerate() {
+                    match decode_record(record) {
+                        Some(r) => {
+                            up = up.max(r.up);
+                            if let Some(cost) = r.cost {
+                                state.entries.push_back(Entry {
+                                    wall: r.wall,
+                                    up: r.up,
+                                    cost,
+                                });
+                            }
                         }
+                        // A short last record is a torn write: that spend
+                        // never returned. A whole record that fails its
+                        // check may have been granted: damage.
+                        None if i == last && record.len() < RECORD => {}
+                        None => damaged = true,
                     }
-                    // A torn last write: that spend never returned.
-                    None if i == last => {}
-                    None => damaged = true,
                 }
             }
-            if damaged {
-                tracing::error!(path = %path.display(), "damaged privacy ledger; assuming the whole budget is spent");
-                if let Some(rho) = state.rho_budget {
-                    state.commit(Now { wall, up }, Cost::Gaussian { rho });
-                }
+            Some(m) if m == MAGIC_V1 => {
+                // Version 1 counted one event per window with no cap: its
+                // spends say nothing about whole device-windows.
+                tracing::warn!(path = %path.display(), "a version 1 privacy ledger: its spends cannot be converted; the budget counts as spent for one period");
+                damaged = true;
+            }
+            Some(_) => {
+                return Err(LedgerError::NotALedger {
+                    path: path.to_path_buf(),
+                })
+            }
+            None => {}
+        }
+        if damaged {
+            tracing::error!(path = %path.display(), "damaged privacy ledger; assuming the whole budget is spent");
+            // Twice each bound: more than any budget holds.
+            let now = Now { wall, up };
+            if let Some(epsilon) = budget.epsilon {
+                state.commit(
+                    now,
+                    Cost::Laplace {
+                        epsilon: 2.0 * epsilon,
+                    },
+                );
+            }
+            if let Some(rho) = budget.rho {
+                state.commit(now, Cost::Gaussian { rho: 2.0 * rho });
             }
         }
         let now = Now { wall, up };
@@ -442,9 +480,6 @@ impl Ledger {
     }
 }
 
-/// Decodes one record of a given format version.
-type Decoder = fn(&[u8]) -> Option<Record>;
-
 /// A decoded record: a spend, or (no cost) an uptime checkpoint.
 struct Record {
     wall: DateTime<Utc>,
@@ -493,26 +528,6 @@ fn decode_record(bytes: &[u8]) -> Option<Record> {
     })
 }
 
-/// A version 1 record: wall time and zCDP rho; its uptime is unknown, so
-/// it counts as spent at uptime zero.
-fn decode_record_v1(bytes: &[u8]) -> Option<Record> {
-    if bytes.len() != RECORD_V1 {
-        return None;
-    }
-    let crc = u32::from_le_bytes(bytes[..4].try_into().ok()?);
-    if crc != crc32fast::hash(&bytes[4..]) {
-        return None;
-    }
-    let wall = DateTime::from_timestamp_micros(i64::from_le_bytes(bytes[4..12].try_into().ok()?))?;
-    let rho = f64::from_le_bytes(bytes[12..20].try_into().ok()?);
-    let cost = Cost::Gaussian { rho };
-    cost.is_valid().then_some(Record {
-        wall,
-        up: TimeDelta::zero(),
-        cost: Some(cost),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,6 +551,7 @@ mod tests {
             delta: 1e-6,
             rho: None,
             period: TimeDelta::days(1),
+            window: TimeDelta::zero(),
         }
     }
 
@@ -652,26 +668,58 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_ledger_is_read_and_upgraded() {
+    fn files_whose_spends_are_unknown_count_as_fully_spent() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("budget.ledger");
-        let mut v1 = MAGIC_V1.to_vec();
-        let mut record = [0u8; RECORD_V1];
-        record[4..12].copy_from_slice(&t0().timestamp_micros().to_le_bytes());
-        record[12..20].copy_from_slice(&0.5f64.to_le_bytes());
-        let crc = crc32fast::hash(&record[4..]);
-        record[..4].copy_from_slice(&crc.to_le_bytes());
-        v1.extend_from_slice(&record);
-        std::fs::write(&path, &v1).expect("write");
-        let l = Ledger::open(&path, day(8.0), at(1).wall).expect("open v1");
-        assert!((l.state().spent(at(1)).rho() - 0.5).abs() < 1e-12);
-        assert_eq!(&std::fs::read(&path).expect("read")[..8], MAGIC);
-        // Spent at uptime zero: it counts for a day of uptime.
-        let wall_later = Now {
-            wall: t0() + TimeDelta::days(3),
-            up: TimeDelta::hours(2),
+        let spent_at_open = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).expect("write");
+            let l = Ledger::open(&path, day(1.0), at(0).wall).expect("open");
+            l.state().remaining_epsilon(at(1)).expect("eps")
         };
-        assert!(l.state().spent(wall_later).rho() > 0.0);
+        // Empty, header only, a version 1 file, a whole last record that
+        // fails its check.
+        assert_eq!(spent_at_open(b""), Some(0.0));
+        assert_eq!(spent_at_open(MAGIC), Some(0.0));
+        assert_eq!(spent_at_open(b"DLLEDG01"), Some(0.0));
+        let mut bad_last = MAGIC.to_vec();
+        bad_last.extend_from_slice(&encode_record(t0(), TimeDelta::zero(), None));
+        bad_last.extend_from_slice(&[0u8; RECORD]);
+        assert_eq!(spent_at_open(&bad_last), Some(0.0));
+        // A short last record is a torn write: nothing was granted.
+        let mut torn = MAGIC.to_vec();
+        torn.extend_from_slice(&encode_record(t0(), TimeDelta::zero(), None));
+        torn.extend_from_slice(&[0u8; 7]);
+        assert_eq!(spent_at_open(&torn), Some(1.0));
+        // No file at all: a fresh budget.
+        std::fs::remove_file(&path).expect("remove");
+        let l = Ledger::open(&path, day(1.0), t0()).expect("fresh");
+        assert_eq!(l.state().remaining_epsilon(at(0)).expect("eps"), Some(1.0));
+    }
+
+    #[test]
+    fn a_spend_counts_half_a_window_past_the_period() {
+        // Daily budget, hourly windows: the events of one day can touch 25
+        // windows whose closes span exactly a day; all of them count
+        // together, and the 26th (a day and an hour after the first) does
+        // not meet the first.
+        // (A rho bound, so that the count is exact.)
+        let budget = Budget {
+            epsilon: None,
+            rho: Some(25.0),
+            window: TimeDelta::hours(1),
+            ..day(1.0)
+        };
+        let one = Cost::Gaussian { rho: 1.0 };
+        let mut l = Ledger::in_memory(budget);
+        for h in 0..=24 {
+            l.try_spend(at(h), one).expect("25 windows fit 25");
+        }
+        assert!(
+            l.state().check(at(24), one).is_err(),
+            "the first still counts a day later"
+        );
+        l.try_spend(at(25), one)
+            .expect("25 hours later the first no longer counts");
     }
 
     #[derive(Debug, Clone)]
@@ -704,7 +752,7 @@ mod tests {
         fn never_overspends_across_crashes_and_clock_changes(ops in proptest::collection::vec(op(), 1..120)) {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("budget.ledger");
-            let budget = Budget { epsilon: Some(1.0), delta: 1e-6, rho: None, period: TimeDelta::hours(1) };
+            let budget = Budget { epsilon: Some(1.0), delta: 1e-6, rho: None, period: TimeDelta::hours(1), window: TimeDelta::zero() };
             // Real elapsed time, the wall clock, and the ledger's uptime
             // (which loses the time since its last record at each crash).
             let (mut real, mut wall) = (TimeDelta::zero(), t0());

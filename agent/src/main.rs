@@ -372,6 +372,7 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
             delta: args.delta,
             rho: Some(args.budget_rho),
             period: TimeDelta::days(1),
+            window: TimeDelta::zero(),
         },
         max_events_per_window: args.max_events_per_window,
         credentials: args

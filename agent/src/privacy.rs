@@ -111,7 +111,8 @@ impl Privatizer {
         self.mechanism
     }
 
-    /// What one window costs, for the budget ledger and its accountant.
+    /// What one window costs as configured (OpenDP's privacy map may round
+    /// it up by a hair: the ledger charges [`Privatizer::cost_of`]).
     pub fn cost(&self) -> Cost {
         match self.mechanism {
             MechanismConfig::Laplace { epsilon } => Cost::Laplace { epsilon },
@@ -127,6 +128,48 @@ impl Privatizer {
             MechanismConfig::Laplace { epsilon } => l1_sensitivity(per_event, k) / epsilon,
             MechanismConfig::Gaussian { rho, .. } => {
                 l2_sensitivity(per_event, k) / (2.0 * rho).sqrt()
+            }
+        }
+    }
+
+    /// What releasing `window` costs, as OpenDP's privacy map reports it
+    /// for the window's sensitivity: what the ledger charges before the
+    /// window is noised.
+    pub fn cost_of(&self, window: &ClosedWindow) -> Result<Cost, PrivacyError> {
+        let spec = &window.counts.spec;
+        self.cost_for(per_event_sensitivity(spec), spec.max_events_per_window)
+    }
+
+    /// OpenDP's privacy map of the mechanism for a window of `k` events
+    /// that move `per_event` counts each.
+    pub fn cost_for(&self, per_event: i64, k: u32) -> Result<Cost, PrivacyError> {
+        let scale = self.scale_for(per_event, k);
+        match self.mechanism {
+            MechanismConfig::Laplace { .. } => {
+                let m = make_laplace::<_, _, MaxDivergence>(
+                    VectorDomain::new(AtomDomain::<i64>::default()),
+                    L1Distance::<i64>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(opendp_error("Laplace measurement"))?;
+                let epsilon = m
+                    .map(&(i64::from(k) * per_event))
+                    .map_err(opendp_error("privacy map"))?;
+                Ok(Cost::Laplace { epsilon })
+            }
+            MechanismConfig::Gaussian { .. } => {
+                let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+                    VectorDomain::new(AtomDomain::<i64>::default()),
+                    L2Distance::<f64>::default(),
+                    scale,
+                    None,
+                )
+                .map_err(opendp_error("Gaussian measurement"))?;
+                let rho = m
+                    .map(&l2_sensitivity(per_event, k))
+                    .map_err(opendp_error("privacy map"))?;
+                Ok(Cost::Gaussian { rho })
             }
         }
     }

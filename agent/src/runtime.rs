@@ -222,7 +222,6 @@ impl Loop {
 
     /// Closes due windows: spend, noise, stamp, queue.
     fn close_windows(&mut self, wall: DateTime<Utc>) -> Result<(), AgentError> {
-        let cost = self.privatizer.cost();
         let now = self.now(wall);
         let due = self.windower.close_due(wall);
         if due.is_empty() {
@@ -230,7 +229,11 @@ impl Loop {
         }
         let _span = tracing::info_span!("close_windows", windows = due.len()).entered();
         for window in due {
-            match self.ledger.try_spend(now, cost) {
+            // The spend is dated at the window's end, so that the windows of
+            // one day are always the same set, whatever the tick's jitter.
+            let end = window.window_start + TimeDelta::seconds(i64::from(window.window_secs));
+            let cost = self.privatizer.cost_of(&window)?;
+            match self.ledger.try_spend(Now { wall: end, ..now }, cost) {
                 Ok(()) => {
                     self.exhausted_until = None;
                     let private = self.privatizer.privatize(window)?;
@@ -245,7 +248,10 @@ impl Loop {
                 }
                 Err(LedgerError::Exhausted { resumes_at, .. }) => {
                     self.withheld += 1;
-                    self.ledger.checkpoint(now)?;
+                    // Only the uptime is lost if this fails: conservative.
+                    if let Err(e) = self.ledger.checkpoint(now) {
+                        tracing::warn!(error = %e, "could not persist the uptime");
+                    }
                     if self.exhausted_until.is_none() {
                         tracing::warn!(%resumes_at, "privacy budget exhausted; withholding windows");
                     }

@@ -281,7 +281,8 @@ impl DeviceSim {
                 wall: end,
                 up: end - self.start,
             };
-            if self.ledger.try_spend(now, self.privatizer.cost()).is_err() {
+            let cost = self.privatizer.cost_of(&closed)?;
+            if self.ledger.try_spend(now, cost).is_err() {
                 self.withheld += 1;
                 continue;
             }

@@ -465,9 +465,49 @@ impl Windower {
     /// Closes every window that ended at or before `now`: one per
     /// registered model and period, empty periods included. The counts
     /// recorded so far go to the oldest of them.
+    ///
+    /// The clock may jump (a device that boots at 1970 and then gets its
+    /// time, a suspended laptop, a clock set back). When `now` is more than
+    /// a day of windows past the open window, the open window closes alone
+    /// and the periods in between are skipped: their empty windows would
+    /// only spend budget (and, after a jump of years, memory). When `now`
+    /// is more than a window before it, the open window moves back to
+    /// `now`'s, keeping its counts. Both depend on the clock, never on
+    /// events.
     pub fn close_due(&mut self, now: DateTime<Utc>) -> Vec<ClosedWindow> {
         let current = align(now, self.window_secs).timestamp();
         let length = i64::from(self.window_secs);
+        let open = self.shared.open.load(Ordering::Relaxed);
+        if open > current + length {
+            tracing::warn!(
+                open,
+                now = current,
+                "the clock went back; the open window follows it"
+            );
+            self.shared.open.store(current, Ordering::Relaxed);
+            return Vec::new();
+        }
+        let day = (86_400 / length).max(1);
+        if (current - open) / length > day {
+            tracing::warn!(
+                open,
+                now = current,
+                "the clock jumped ahead; skipping the windows in between"
+            );
+            let window_start = DateTime::from_timestamp(open, 0).unwrap_or_default();
+            let closed = self
+                .models
+                .iter()
+                .map(|(model, cells)| ClosedWindow {
+                    model: model.clone(),
+                    window_start,
+                    window_secs: self.window_secs,
+                    counts: cells.drain(),
+                })
+                .collect();
+            self.shared.open.store(current, Ordering::Relaxed);
+            return closed;
+        }
         let mut closed = Vec::new();
         let mut first = true;
         loop {
@@ -722,5 +762,27 @@ mod tests {
         }
         close(&mut w, minute);
         assert_eq!(counted as u64 + w.capped_events(), 20_000);
+    }
+
+    #[test]
+    fn a_clock_that_jumps_closes_one_window_not_millions() {
+        let mut w = Windower::new(60, t("1970-01-01T00:00:30Z"));
+        let m = w.register(ModelKey::new("m", "1"), &ModelSpec::default());
+        m.record(&event(12.0, None));
+        // NTP sets the clock 56 years ahead: the open window closes alone.
+        let closed = w.close_due(t("2026-11-27T10:00:30Z"));
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].window_start, t("1970-01-01T00:00:00Z"));
+        assert_eq!(closed[0].counts.inference_count, 1);
+        assert_eq!(w.open_window(), t("2026-11-27T10:00:00Z"));
+        // Set back by an hour: nothing closes, the open window follows.
+        m.record(&event(12.0, None));
+        assert!(w.close_due(t("2026-11-27T09:00:30Z")).is_empty());
+        assert_eq!(w.open_window(), t("2026-11-27T09:00:00Z"));
+        let closed = w.close_due(t("2026-11-27T09:01:00Z"));
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].counts.inference_count, 1, "the counts stayed");
+        // A gap within a day still closes every period, empty ones too.
+        assert_eq!(w.close_due(t("2026-11-27T09:11:00Z")).len(), 10);
     }
 }

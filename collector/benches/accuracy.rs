@@ -340,6 +340,7 @@ fn run_fleet(
             delta: 1e-6,
             rho: None,
             period: TimeDelta::days(1),
+            window: TimeDelta::zero(),
         },
         max_events_per_window: 60,
         credentials: None,

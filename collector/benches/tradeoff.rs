@@ -243,7 +243,12 @@ fn run_cell(
     trials: usize,
     rng: &mut ChaCha8Rng,
 ) -> Result<Outcome, Box<dyn std::error::Error>> {
-    let windows_per_day = MODELS * u64::from(86_400 / window_secs);
+    // The windows one day's events can touch, as the agent calibrates.
+    let windows_per_day = driftline_agent::config::windows_per_period(
+        chrono::TimeDelta::days(1),
+        window_secs,
+        MODELS as usize,
+    );
     let rho = accountant::calibrate(false, windows_per_day, epsilon, 1e-6)?;
     let sigma = f64::from(K) * PER_EVENT.sqrt() / (2.0 * rho).sqrt();
     let period_secs = window_secs.max(900);

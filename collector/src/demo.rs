@@ -169,6 +169,7 @@ pub async fn run(
             delta: 1e-6,
             rho: None,
             period: TimeDelta::days(1),
+            window: TimeDelta::zero(),
         },
         max_events_per_window: DEMO_MAX_EVENTS_PER_WINDOW,
         credentials: None,

@@ -39,7 +39,7 @@ enum Command {
     /// Merge small files and apply retention once, then exit.
     Compact(CompactArgs),
     /// Run every detector once, record drift events and retraining jobs.
-    Detect(DetectArgs),
+    Detect(Box<DetectArgs>),
     /// Record a retraining job's state reported by the training system.
     JobStatus(JobStatusArgs),
 }
@@ -115,6 +115,10 @@ struct RetrainArgs {
     /// Least time (event time) between two jobs of one model.
     #[arg(long, env = "DRIFTLINE_RETRAIN_COOLDOWN", default_value = "6h", value_parser = humantime::parse_duration)]
     retrain_cooldown: Duration,
+    /// A job whose drifted period ended longer ago than this (a backfill,
+    /// a catch-up after an outage) is recorded as `stale`, not dispatched.
+    #[arg(long, env = "DRIFTLINE_RETRAIN_MAX_AGE", default_value = "1d", value_parser = humantime::parse_duration)]
+    retrain_max_age: Duration,
     /// Lowest severity that counts: warning or critical.
     #[arg(
         long,
@@ -131,6 +135,7 @@ impl RetrainArgs {
             min_severity: self.retrain_min_severity.clone(),
             consecutive: self.retrain_consecutive,
             cooldown: self.retrain_cooldown,
+            max_age: self.retrain_max_age,
         }
     }
 
@@ -422,7 +427,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => serve_command(*args).await,
         Command::Query(args) => query_command(args).await,
         Command::Compact(args) => compact_command(args),
-        Command::Detect(args) => detect_command(args).await,
+        Command::Detect(args) => detect_command(*args).await,
         Command::JobStatus(args) => job_status_command(args).await,
     }
 }

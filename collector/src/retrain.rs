@@ -39,6 +39,10 @@ pub struct RetrainRule {
     pub min_severity: String,
     pub consecutive: u32,
     pub cooldown: Duration,
+    /// A job for a period that ended longer ago than this (wall clock) is
+    /// recorded as `stale` and not dispatched: a backfill of old history
+    /// must not retrain today.
+    pub max_age: Duration,
 }
 
 impl Default for RetrainRule {
@@ -48,6 +52,7 @@ impl Default for RetrainRule {
             min_severity: "warning".into(),
             consecutive: 2,
             cooldown: Duration::from_secs(6 * 3600),
+            max_age: Duration::from_secs(86_400),
         }
     }
 }
@@ -231,9 +236,21 @@ pub async fn after_run(
         if targets.is_empty() {
             continue;
         }
-        let (status, detail) = match dispatch(targets, &job_id, body).await {
-            Ok(detail) => ("dispatched", detail),
-            Err(detail) => ("failed", detail),
+        let age = Utc::now() - end;
+        let max_age = chrono::TimeDelta::from_std(rule.max_age).unwrap_or(chrono::TimeDelta::MAX);
+        let (status, detail) = if age > max_age {
+            (
+                "stale",
+                format!(
+                    "not dispatched: the period ended {} ago, more than --retrain-max-age",
+                    humantime::format_duration(age.to_std().unwrap_or_default())
+                ),
+            )
+        } else {
+            match dispatch(targets, &job_id, body).await {
+                Ok(detail) => ("dispatched", detail),
+                Err(detail) => ("failed", detail),
+            }
         };
         let next = JobEvent {
             status: status.into(),
@@ -511,5 +528,73 @@ mod tests {
             ),
             "6d2d1d54a39c7d8f48da3e91e0502411f2e271a9ff34486469edf13b877a9ffc"
         );
+    }
+
+    fn drift(end: chrono::DateTime<Utc>) -> Evaluation {
+        Evaluation {
+            detected_at: Utc::now(),
+            detector: "error_rate".into(),
+            model_id: "m".into(),
+            model_version: "1".into(),
+            statistic: "error_rate_increase".into(),
+            value: Some(0.2),
+            threshold: 0.01,
+            p_value: Some(1e-9),
+            alpha: 0.001,
+            reference_start: end - chrono::TimeDelta::minutes(75),
+            reference_end: end - chrono::TimeDelta::minutes(15),
+            current_start: end - chrono::TimeDelta::minutes(15),
+            current_end: end,
+            devices: 30,
+            events: 900,
+            epsilon: Some(1.0),
+            fired: true,
+            severity: Some("critical".into()),
+            query_file: "error_rate.sql".into(),
+            devices_expected: Some(30),
+            devices_present: Some(30),
+        }
+    }
+
+    /// Two drifted periods in a row, `ago` before now, recorded and handed
+    /// to the rule; returns the status of the job's last event.
+    fn job_status(ago: chrono::TimeDelta, max_age: Duration) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lake = LakeWriter::open(dir.path()).expect("lake");
+        let end = chrono::DateTime::from_timestamp((Utc::now() - ago).timestamp() / 900 * 900, 0)
+            .expect("ts");
+        let events = [drift(end - chrono::TimeDelta::minutes(15)), drift(end)];
+        let batch = schema::evaluations_batch(&events).expect("batch");
+        lake.append(
+            crate::lake::DRIFT_EVENTS,
+            &end.format("%Y-%m-%d").to_string(),
+            &batch,
+        )
+        .expect("append");
+        let rule = RetrainRule {
+            max_age,
+            ..RetrainRule::default()
+        };
+        // Nothing listens there: a dispatch attempt fails.
+        let targets = Targets {
+            webhook: Some("http://127.0.0.1:9/jobs".into()),
+            ..Targets::default()
+        };
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let jobs = rt.block_on(async {
+            let ctx = crate::query::session(dir.path()).await.expect("session");
+            after_run(&ctx, &lake, &rule, &targets, &events[1..])
+                .await
+                .expect("rule")
+        });
+        jobs.last().map(|j| j.status.clone()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_job_for_an_old_period_is_recorded_stale_not_dispatched() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(job_status(chrono::TimeDelta::days(3), day), "stale");
+        // A recent one is dispatched (and fails here: nobody listens).
+        assert_eq!(job_status(chrono::TimeDelta::hours(1), day), "failed");
     }
 }

@@ -808,6 +808,7 @@ fn sim_config(broker: BrokerUrl, devices: u32, models: u32, windows: u64, seed: 
             delta: 1e-6,
             rho: None,
             period: TimeDelta::days(1),
+            window: TimeDelta::zero(),
         },
         max_events_per_window: 60,
         credentials: None,
