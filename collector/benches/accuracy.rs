@@ -379,7 +379,7 @@ fn run_fleet(
         for minute in (75..=150).step_by(15) {
             let at = start + TimeDelta::minutes(minute);
             for d in &detectors {
-                out.extend(detect::evaluate(&ctx, d, at).await?);
+                out.extend(detect::evaluate(&ctx, d, at, 0).await?);
             }
         }
         Ok(out)

@@ -280,10 +280,13 @@ pub fn render(detector: &Detector, p: &Periods) -> String {
 
 /// Runs one detector for the period ending at or before `at`.
 #[tracing::instrument(name = "detector", skip_all, fields(detector = %detector.name, %at))]
+/// `revision` is 0 for a period's first evaluation, n for its n-th after
+/// late data.
 pub async fn evaluate(
     ctx: &SessionContext,
     detector: &Detector,
     at: DateTime<Utc>,
+    revision: i64,
 ) -> Result<Vec<Evaluation>, DetectError> {
     let periods = detector.periods(at);
     let sql = render(detector, &periods);
@@ -296,7 +299,7 @@ pub async fn evaluate(
     let reporting = reporting(ctx, &periods).await.map_err(failed)?;
     let mut out = Vec::new();
     for batch in &batches {
-        out.extend(rows(detector, &periods, batch, reporting)?);
+        out.extend(rows(detector, &periods, batch, reporting, revision)?);
     }
     Ok(out)
 }
@@ -305,7 +308,8 @@ fn rows(
     detector: &Detector,
     p: &Periods,
     batch: &RecordBatch,
-    (expected, present): (u64, u64),
+    seen: Reporting,
+    revision: i64,
 ) -> Result<Vec<Evaluation>, DetectError> {
     let missing = |column: &str| DetectError::Column {
         detector: detector.name.clone(),
@@ -382,8 +386,10 @@ fn rows(
                     .and_then(|n| n.to_str())
                     .unwrap_or_default()
                     .to_owned(),
-                devices_expected: i64::try_from(expected).ok(),
-                devices_present: i64::try_from(present).ok(),
+                devices_expected: i64::try_from(seen.expected).ok(),
+                devices_present: i64::try_from(seen.present).ok(),
+                revision,
+                rows_seen: i64::try_from(seen.rows).ok(),
             }
         })
         .collect())
@@ -405,10 +411,11 @@ pub async fn run_all(
     lake: &LakeWriter,
     detectors: &[Detector],
     at: DateTime<Utc>,
+    revision: i64,
 ) -> Result<RunSummary, DetectError> {
     let mut summary = RunSummary::default();
     for detector in detectors {
-        let evaluations = evaluate(ctx, detector, at).await?;
+        let evaluations = evaluate(ctx, detector, at, revision).await?;
         metrics::counter!("driftline_detector_runs_total", "detector" => detector.name.clone())
             .increment(1);
         summary.evaluations.extend(evaluations);
@@ -466,21 +473,34 @@ pub async fn latest_event_time(ctx: &SessionContext) -> Result<Option<DateTime<U
         .map(|start| start + TimeDelta::seconds(if s.is_null(0) { 0 } else { s.value(0) })))
 }
 
-/// How many devices reported in the reference period of `periods`
-/// (expected), and how many of those have reported a window that ends at
-/// or after the end of its current period (present).
-pub async fn reporting(ctx: &SessionContext, periods: &Periods) -> Result<(u64, u64), QueryError> {
+/// Who and what a period's evaluation sees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reporting {
+    /// Devices that reported in the reference period.
+    pub expected: u64,
+    /// Of those, the ones that reported a window ending at or after the end
+    /// of the current period.
+    pub present: u64,
+    /// `metrics` rows in the reference and current periods: when it grows
+    /// after an evaluation, late data arrived and the period is revised.
+    pub rows: u64,
+}
+
+/// [`Reporting`] of `periods`, from the lake as it is now.
+pub async fn reporting(ctx: &SessionContext, periods: &Periods) -> Result<Reporting, QueryError> {
     let ts = |t: DateTime<Utc>| format!("TIMESTAMP '{}'", t.format("%Y-%m-%dT%H:%M:%SZ"));
     let sql = format!(
-        "SELECT CAST(count(*) AS BIGINT) AS expected, \
-                CAST(sum(CASE WHEN last_end_us >= {end_us} THEN 1 ELSE 0 END) AS BIGINT) AS present \
+        "SELECT CAST(sum(in_reference) AS BIGINT) AS expected, \
+                CAST(sum(CASE WHEN in_reference = 1 AND last_end_us >= {end_us} THEN 1 ELSE 0 END) AS BIGINT) AS present, \
+                CAST(sum(rows_in) AS BIGINT) AS rows_in \
          FROM (SELECT device_id, \
                       max(CAST(window_start AS BIGINT) + CAST(window_secs AS BIGINT) * 1000000) AS last_end_us, \
-                      max(CASE WHEN window_start < {current_start} THEN 1 ELSE 0 END) AS in_reference \
-               FROM metrics WHERE window_start >= {reference_start} GROUP BY device_id) d \
-         WHERE in_reference = 1",
+                      max(CASE WHEN window_start < {current_start} THEN 1 ELSE 0 END) AS in_reference, \
+                      sum(CASE WHEN window_start < {current_end} THEN 1 ELSE 0 END) AS rows_in \
+               FROM metrics WHERE window_start >= {reference_start} GROUP BY device_id) d",
         end_us = periods.current_end.timestamp_micros(),
         current_start = ts(periods.current_start),
+        current_end = ts(periods.current_end),
         reference_start = ts(periods.reference_start),
     );
     let batches = query::run(ctx, &sql).await?;
@@ -499,7 +519,11 @@ pub async fn reporting(ctx: &SessionContext, periods: &Periods) -> Result<(u64, 
             })
             .unwrap_or(0)
     };
-    Ok((value("expected"), value("present")))
+    Ok(Reporting {
+        expected: value("expected"),
+        present: value("present"),
+        rows: value("rows_in"),
+    })
 }
 
 /// The start of the oldest window in the lake (event time), if any.
@@ -546,6 +570,95 @@ pub async fn resume_from(
         None => newest,
     };
     Ok(first.max(newest - horizon).min(newest))
+}
+
+/// The periods of `detector` within `horizon` of `latest` that gained
+/// `metrics` rows (in their reference or current period) since their last
+/// evaluation, each with the revision to record next. Evaluations from
+/// before `rows_seen` existed are not revised.
+pub async fn revisions(
+    ctx: &SessionContext,
+    detector: &Detector,
+    latest: DateTime<Utc>,
+    horizon: TimeDelta,
+) -> Result<Vec<(DateTime<Utc>, i64)>, QueryError> {
+    let ts = |t: DateTime<Utc>| format!("TIMESTAMP '{}'", t.format("%Y-%m-%dT%H:%M:%SZ"));
+    let since = latest - horizon;
+    let runs = query::run(
+        ctx,
+        &format!(
+            "SELECT CAST(current_end AS BIGINT) AS end_us, max(coalesce(revision, 0)) AS revision, \
+                    max(rows_seen) AS rows_seen \
+             FROM detector_runs WHERE detector = '{}' AND current_end > {} AND rows_seen IS NOT NULL \
+             GROUP BY current_end ORDER BY current_end",
+            detector.name.replace('\'', "''"),
+            ts(since)
+        ),
+    )
+    .await?;
+    let step = TimeDelta::from_std(detector.current).unwrap_or(TimeDelta::hours(1));
+    let reference = TimeDelta::from_std(detector.reference).unwrap_or(TimeDelta::hours(1));
+    // Rows per aligned step of window_start (Unix seconds) since the
+    // oldest reference.
+    let counts = query::run(
+        ctx,
+        &format!(
+            "SELECT to_unixtime(date_bin(INTERVAL '{} seconds', window_start, TIMESTAMP '1970-01-01T00:00:00Z')) AS bucket, \
+                    count(*) AS n \
+             FROM metrics WHERE window_start >= {} GROUP BY 1",
+            step.num_seconds().max(1),
+            ts(since - reference - step)
+        ),
+    )
+    .await?;
+    let column = |batch: &RecordBatch, name: &str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| cast(c, &DataType::Int64).ok())
+    };
+    let mut buckets = std::collections::BTreeMap::new();
+    for batch in &counts {
+        if let (Some(b), Some(n)) = (column(batch, "bucket"), column(batch, "n")) {
+            let (b, n) = (b.as_primitive::<Int64Type>(), n.as_primitive::<Int64Type>());
+            for i in 0..batch.num_rows() {
+                if !b.is_null(i) && !n.is_null(i) {
+                    buckets.insert(b.value(i), n.value(i));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for batch in &runs {
+        let (Some(end), Some(rev), Some(seen)) = (
+            column(batch, "end_us"),
+            column(batch, "revision"),
+            column(batch, "rows_seen"),
+        ) else {
+            continue;
+        };
+        let (end, rev, seen) = (
+            end.as_primitive::<Int64Type>(),
+            rev.as_primitive::<Int64Type>(),
+            seen.as_primitive::<Int64Type>(),
+        );
+        for i in 0..batch.num_rows() {
+            if end.is_null(i) || seen.is_null(i) {
+                continue;
+            }
+            let Some(end_t) = DateTime::from_timestamp_micros(end.value(i)) else {
+                continue;
+            };
+            let p = detector.periods(end_t);
+            let now: i64 = buckets
+                .range(p.reference_start.timestamp()..p.current_end.timestamp())
+                .map(|(_, n)| n)
+                .sum();
+            if now > seen.value(i) {
+                out.push((end_t, if rev.is_null(i) { 0 } else { rev.value(i) } + 1));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Default of how far back a detector that never ran is evaluated.
@@ -753,7 +866,7 @@ impl Schedule {
             return Ok(Tick::default());
         };
         let mut tick = Tick::default();
-        let mut complete: std::collections::HashMap<(DateTime<Utc>, DateTime<Utc>), (u64, u64)> =
+        let mut complete: std::collections::HashMap<(DateTime<Utc>, DateTime<Utc>), Reporting> =
             Default::default();
         for detector in &detectors {
             let newest = detector.periods(latest).current_end;
@@ -783,7 +896,9 @@ impl Schedule {
                 // its end, or once it has waited `lateness` for them.
                 let periods = detector.periods(next);
                 let key = (periods.reference_start, periods.current_end);
-                let (expected, present) = match complete.get(&key) {
+                let Reporting {
+                    expected, present, ..
+                } = match complete.get(&key) {
                     Some(counts) => *counts,
                     None => {
                         let counts = reporting(ctx, &periods).await.map_err(|source| {
@@ -809,7 +924,7 @@ impl Schedule {
                     tracing::warn!(detector = detector.name, period_end = %next, expected, present, "evaluating a period with devices missing after the lateness bound");
                 }
                 self.waiting.remove(&(detector.name.clone(), next));
-                let summary = run_all(ctx, lake, std::slice::from_ref(detector), next).await?;
+                let summary = run_all(ctx, lake, std::slice::from_ref(detector), next, 0).await?;
                 let fired: Vec<Evaluation> = summary
                     .evaluations
                     .into_iter()
@@ -826,6 +941,36 @@ impl Schedule {
                 metrics::gauge!("driftline_detect_watermark_seconds", "detector" => detector.name.clone())
                     .set(next.timestamp() as f64);
                 next += step;
+                done += 1;
+            }
+            // Late data: periods evaluated before more of their rows
+            // arrived are evaluated again, as a new revision.
+            let late = revisions(ctx, detector, latest, self.horizon)
+                .await
+                .map_err(|source| DetectError::Query {
+                    detector: detector.name.clone(),
+                    file: self.queries.clone(),
+                    source,
+                })?;
+            for (end, revision) in late {
+                if shutdown.is_cancelled() || done >= self.max_periods_per_tick {
+                    break;
+                }
+                tracing::info!(detector = detector.name, period_end = %end, revision, "late data: evaluating the period again");
+                let summary =
+                    run_all(ctx, lake, std::slice::from_ref(detector), end, revision).await?;
+                let fired: Vec<Evaluation> = summary
+                    .evaluations
+                    .into_iter()
+                    .filter(|e| e.fired)
+                    .collect();
+                let jobs = crate::retrain::after_run(ctx, lake, &self.rule, &self.targets, &fired)
+                    .await
+                    .map_err(|e| DetectError::Retrain(e.to_string()))?;
+                if summary.new_events > 0 {
+                    tick.events.extend(fired);
+                }
+                tick.jobs.extend(jobs);
                 done += 1;
             }
             // Periods complete in the lake but not evaluated yet.

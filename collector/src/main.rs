@@ -662,7 +662,9 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
                 let newest = d.periods(latest).current_end;
                 let mut end = detect::resume_from(&ctx, d, latest, horizon).await?;
                 while end <= newest {
-                    let (expected, present) = detect::reporting(&ctx, &d.periods(end)).await?;
+                    let detect::Reporting {
+                        expected, present, ..
+                    } = detect::reporting(&ctx, &d.periods(end)).await?;
                     if present < expected && chrono::Utc::now() - end < lateness {
                         println!(
                             "{}: period ending {end} waits for {} of {expected} devices (--detect-lateness)",
@@ -687,7 +689,41 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
     }
     let targets = args.retrain.targets(None)?;
     for (at, detectors) in by_end {
-        detect_once(&ctx, &lake, &detectors, at, &args.retrain.rule(), &targets).await?;
+        detect_once(
+            &ctx,
+            &lake,
+            &detectors,
+            at,
+            0,
+            &args.retrain.rule(),
+            &targets,
+        )
+        .await?;
+    }
+    // Late data: periods that gained rows since their last evaluation are
+    // evaluated again, as a new revision.
+    if args.since.is_none() && args.at.is_none() {
+        let horizon = chrono::TimeDelta::from_std(args.detect_horizon)?;
+        let ctx = query::session_at(&location, None).await?;
+        for d in &detectors {
+            for (end, revision) in detect::revisions(&ctx, d, latest, horizon).await? {
+                println!(
+                    "{}: late data for the period ending {end}: revision {revision}",
+                    d.name
+                );
+                let one = std::slice::from_ref(d);
+                detect_once(
+                    &ctx,
+                    &lake,
+                    one,
+                    end,
+                    revision,
+                    &args.retrain.rule(),
+                    &targets,
+                )
+                .await?;
+            }
+        }
     }
     Ok(())
 }
@@ -698,10 +734,11 @@ async fn detect_once(
     lake: &LakeWriter,
     detectors: &[detect::Detector],
     at: chrono::DateTime<chrono::Utc>,
+    revision: i64,
     rule: &retrain::RetrainRule,
     targets: &retrain::Targets,
 ) -> anyhow::Result<()> {
-    let summary = detect::run_all(ctx, lake, detectors, at).await?;
+    let summary = detect::run_all(ctx, lake, detectors, at, revision).await?;
     let fired: Vec<_> = summary
         .evaluations
         .iter()

@@ -108,6 +108,7 @@ pub async fn session_at(
     lake::register(&ctx, location).await?;
     ctx.sql(DEVICES_VIEW).await?;
     ctx.sql(PRIVACY_VIEW).await?;
+    ctx.sql(DETECTOR_RESULTS_VIEW).await?;
     ctx.sql(RETRAIN_JOBS_VIEW).await?;
     ctx.sql(HISTOGRAM_EDGES_VIEW).await?;
     datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
@@ -365,6 +366,20 @@ SELECT fleet, device_id, model_id, model_version, mechanism,
 FROM metrics
 GROUP BY fleet, device_id, model_id, model_version, mechanism, epsilon, rho, delta,
          max_events_per_window, device_day_epsilon, device_day_delta, window_secs
+";
+
+/// `detector_results`: the current result of every evaluation, the latest
+/// revision of each detector, model version, statistic and period
+/// (`detector_runs` keeps every revision: a period evaluated again after
+/// late data has one row per revision).
+pub const DETECTOR_RESULTS_VIEW: &str = "
+CREATE VIEW detector_results AS
+SELECT * EXCLUDE (rn) FROM (
+    SELECT *, row_number() OVER (
+        PARTITION BY detector, model_id, model_version, statistic, current_start
+        ORDER BY coalesce(revision, 0) DESC) AS rn
+    FROM detector_runs
+) WHERE rn = 1
 ";
 
 /// Runs one read-only statement: DDL, DML and `SET`-like statements are

@@ -553,6 +553,8 @@ mod tests {
             query_file: "error_rate.sql".into(),
             devices_expected: Some(30),
             devices_present: Some(30),
+            revision: 0,
+            rows_seen: Some(150),
         }
     }
 

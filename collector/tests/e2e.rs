@@ -1985,13 +1985,38 @@ fn a_period_waits_for_its_late_devices_up_to_the_lateness_bound() {
     let (other, other_lake, other_queries) = detection_lake();
     write_periods(&other_lake, base, 0..7, 0..12);
     write_periods(&other_lake, base, 7..8, 0..6);
-    let mut eager = Schedule::new(other_queries, Default::default(), Default::default());
-    eager.lateness = Duration::ZERO;
-    tick_once(&rt, other.path(), &other_lake, &mut eager);
+    let mut eager_schedule = Schedule::new(other_queries, Default::default(), Default::default());
+    eager_schedule.lateness = Duration::ZERO;
+    tick_once(&rt, other.path(), &other_lake, &mut eager_schedule);
     let eager = newest(other.path());
     assert!(
         eager[0].starts_with(&at(8)) && eager[1..] == ["12", "6"],
         "{eager:?}"
+    );
+    // The six arrive after all: that period is evaluated again, once, as
+    // revision 1, which supersedes revision 0 in `detector_results`.
+    write_periods(&other_lake, base, 7..8, 6..12);
+    tick_once(&rt, other.path(), &other_lake, &mut eager_schedule);
+    tick_once(&rt, other.path(), &other_lake, &mut eager_schedule);
+    let revisions = |table: &str| {
+        query(
+            other.path(),
+            &format!(
+                "SELECT revision, devices_present FROM {table} WHERE detector = 'error_rate' \
+                 AND replace(CAST(current_end AS VARCHAR), ' ', 'T') LIKE '{}%' ORDER BY revision",
+                at(8)
+            ),
+        )
+    };
+    assert_eq!(revisions("detector_runs"), [["0", "6"], ["1", "12"]]);
+    assert_eq!(revisions("detector_results"), [["1", "12"]]);
+    // No other period was revised.
+    assert_eq!(
+        query(
+            other.path(),
+            "SELECT count(*) FROM detector_runs WHERE revision > 0 AND detector = 'error_rate'"
+        ),
+        [["1"]]
     );
 }
 

@@ -574,6 +574,11 @@ pub fn evaluations() -> SchemaRef {
         // Added later: older files lack them (null).
         Field::new("devices_expected", DataType::Int64, true),
         Field::new("devices_present", DataType::Int64, true),
+        // 0 for the first evaluation of a period, n for the n-th after
+        // late data (null in older files: 0).
+        Field::new("revision", DataType::Int64, true),
+        // `metrics` rows in the reference and current periods when it ran.
+        Field::new("rows_seen", DataType::Int64, true),
     ]))
 }
 
@@ -605,6 +610,8 @@ pub struct Evaluation {
     /// period's end when it was evaluated.
     pub devices_expected: Option<i64>,
     pub devices_present: Option<i64>,
+    pub revision: i64,
+    pub rows_seen: Option<i64>,
 }
 
 /// One batch of evaluations.
@@ -625,6 +632,7 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
     let mut severity = StringBuilder::new();
     let mut file = StringBuilder::new();
     let (mut expected, mut present) = (Int64Builder::new(), Int64Builder::new());
+    let (mut revision, mut rows_seen) = (Int64Builder::new(), Int64Builder::new());
     for e in rows {
         detected_at.append_value(micros(e.detected_at));
         for (b, v) in
@@ -649,6 +657,8 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
         file.append_value(&e.query_file);
         expected.append_option(e.devices_expected);
         present.append_option(e.devices_present);
+        revision.append_value(e.revision);
+        rows_seen.append_option(e.rows_seen);
     }
     let mut text = text.into_iter();
     let mut next_text = || -> ArrayRef {
@@ -679,6 +689,8 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
         Arc::new(file.finish()),
         Arc::new(expected.finish()),
         Arc::new(present.finish()),
+        Arc::new(revision.finish()),
+        Arc::new(rows_seen.finish()),
     ];
     RecordBatch::try_new(evaluations(), columns)
 }

@@ -56,12 +56,14 @@ pub fn key_columns(table: &str) -> &'static [&'static str] {
         ],
         QUARANTINE => &["received_at", "topic", "payload"],
         STATUS => &["device_id", "at", "state"],
+        // A late arrival re-evaluates a period as a new revision.
         DETECTOR_RUNS | DRIFT_EVENTS => &[
             "detector",
             "model_id",
             "model_version",
             "statistic",
             "current_start",
+            "revision",
         ],
         JOB_EVENTS => &["job_id", "status"],
         EDGE_SETS => &schema::EDGE_SET_COLUMNS,
@@ -609,14 +611,25 @@ impl LakeWriter {
     /// The key of every row of `batch`: a 128-bit hash of its key columns.
     fn keys(&self, table: &'static str, batch: &RecordBatch) -> Result<Vec<u128>, LakeError> {
         let arrow = |source| LakeError::Arrow { table, source };
+        // A file written before a nullable key column existed keys it as
+        // null, as compaction and SQL read it.
+        let schema = super::table_schema(table);
         let columns: Vec<ArrayRef> = key_columns(table)
             .iter()
-            .map(|name| {
-                batch.column_by_name(name).cloned().ok_or_else(|| {
-                    arrow(datafusion::arrow::error::ArrowError::SchemaError(format!(
-                        "key column {name} missing"
-                    )))
-                })
+            .map(|name| match batch.column_by_name(name) {
+                Some(c) => Ok(c.clone()),
+                None => schema
+                    .as_ref()
+                    .and_then(|s| s.field_with_name(name).ok())
+                    .filter(|f| f.is_nullable())
+                    .map(|f| {
+                        datafusion::arrow::array::new_null_array(f.data_type(), batch.num_rows())
+                    })
+                    .ok_or_else(|| {
+                        arrow(datafusion::arrow::error::ArrowError::SchemaError(format!(
+                            "key column {name} missing"
+                        )))
+                    }),
             })
             .collect::<Result<_, _>>()?;
         let fields = columns
