@@ -2184,3 +2184,137 @@ fn a_lake_from_before_the_device_day_columns_compacts_and_reads() {
     );
     assert_eq!(privacy.trim(), "device_id,max_events_per_window,device_day_epsilon,windows\nnew-agent,10,8.0,1\nold-agent,,,1");
 }
+
+/// An HTTP server that answers 200 to every request and counts them.
+fn counting_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            let mut len = 0usize;
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let l = line.trim_end().to_lowercase();
+                if l.is_empty() {
+                    break;
+                }
+                if let Some(v) = l.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let mut body = vec![0; len];
+            let _ = reader.read_exact(&mut body);
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (port, hits)
+}
+
+/// Store-and-forward after an outage. A fleet of 40 devices reports an
+/// hour; the collector goes down; the next hour, with a drift from its
+/// start, arrives as one unordered backlog when it is back. Every period
+/// of the outage is evaluated once, with all 40 devices present, the drift
+/// is found where it starts, and the signed webhook fires once.
+#[test]
+fn a_backlog_after_an_outage_is_evaluated_period_by_period_and_retrains_once() {
+    use driftline_agent::simulate::{Drift, DriftKind};
+    let broker = Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), UNBOUNDED_QUEUE);
+    let data = tempfile::tempdir().expect("tempdir");
+    let (port, hits) = counting_server();
+    let webhook = format!("http://127.0.0.1:{port}/jobs");
+    // One drifted period opens a job (the next periods' references already
+    // hold drifted data, so the input shift is seen once).
+    let flags = [
+        "--detect-interval",
+        "1s",
+        "--retrain-consecutive",
+        "1",
+        "--retrain-webhook",
+        &webhook,
+        "--retrain-secret",
+        "k",
+    ];
+    let devices = 40u32;
+    let start = recent_window_start(900, 9);
+    let outage = start + TimeDelta::minutes(60);
+    let last_end = start + TimeDelta::minutes(120);
+    let ts = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let evaluated_up_to = |end: DateTime<Utc>| {
+        let sql = format!(
+            "SELECT count(*) FROM detector_runs WHERE detector = 'input_drift' \
+             AND replace(CAST(current_end AS VARCHAR), ' ', 'T') LIKE '{}%'",
+            ts(end)
+        );
+        let until = Instant::now() + Duration::from_secs(180);
+        while query(data.path(), &sql) == [["0"]] {
+            assert!(Instant::now() < until, "detection did not reach {end}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+
+    // The first hour, while the collector runs.
+    let collector = Collector::serve_with(&broker.url(), data.path(), "e2e-outage", &flags);
+    let mut before = sim_config(broker.url(), devices, 1, 60, 21);
+    before.start = start;
+    simulate_in_background(before).join().expect("simulator");
+    evaluated_up_to(outage);
+    collector.terminate();
+
+    // The second hour arrives while it is down, input size +50 %.
+    let mut during = sim_config(broker.url(), devices, 1, 60, 22);
+    during.start = outage;
+    during.drift = Some(Drift {
+        at: 0,
+        model_id: "model-0".into(),
+        kind: DriftKind::Input,
+        size: 0.5,
+    });
+    let summary = simulate_in_background(during).join().expect("simulator");
+    assert_eq!(summary.acknowledged, u64::from(devices) * 60);
+    let collector = Collector::serve_with(&broker.url(), data.path(), "e2e-outage", &flags);
+    evaluated_up_to(last_end);
+    std::thread::sleep(Duration::from_secs(3));
+    collector.terminate();
+
+    // Every period of the outage once, each with all 40 devices present.
+    let runs = query(
+        data.path(),
+        &format!(
+            "SELECT count(*) AS runs, count(DISTINCT current_end) AS periods, \
+                    min(devices_present) AS least, max(revision) AS revision \
+             FROM detector_runs WHERE detector = 'input_drift' \
+             AND current_end > TIMESTAMP '{}Z'",
+            ts(outage)
+        ),
+    );
+    assert_eq!(runs, [["4", "4", &devices.to_string(), "0"]]);
+    // The drift is found in its first period, and not before.
+    let first = query(
+        data.path(),
+        "SELECT replace(CAST(min(current_start) AS VARCHAR), ' ', 'T') AS t FROM drift_events \
+         WHERE detector = 'input_drift'",
+    );
+    assert!(first[0][0].starts_with(&ts(outage)), "{first:?}");
+    let events = query(
+        data.path(),
+        "SELECT detector, CAST(current_end AS VARCHAR) AS e, severity, revision FROM drift_events ORDER BY 2",
+    );
+    // One job, dispatched once.
+    assert_eq!(
+        query(
+            data.path(),
+            "SELECT count(*) AS jobs, max(status) AS status FROM retrain_jobs"
+        ),
+        [["1", "dispatched"]],
+        "{events:?}"
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
