@@ -476,7 +476,9 @@ pub async fn latest_event_time(ctx: &SessionContext) -> Result<Option<DateTime<U
 /// Who and what a period's evaluation sees.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reporting {
-    /// Devices that reported in the reference period.
+    /// Devices that reported any window since the reference period began
+    /// (in it, in the current period, or later: a backlog that is still
+    /// arriving shows each device's first windows early).
     pub expected: u64,
     /// Of those, the ones that reported a window ending at or after the end
     /// of the current period.
@@ -490,16 +492,14 @@ pub struct Reporting {
 pub async fn reporting(ctx: &SessionContext, periods: &Periods) -> Result<Reporting, QueryError> {
     let ts = |t: DateTime<Utc>| format!("TIMESTAMP '{}'", t.format("%Y-%m-%dT%H:%M:%SZ"));
     let sql = format!(
-        "SELECT CAST(sum(in_reference) AS BIGINT) AS expected, \
-                CAST(sum(CASE WHEN in_reference = 1 AND last_end_us >= {end_us} THEN 1 ELSE 0 END) AS BIGINT) AS present, \
+        "SELECT CAST(count(*) AS BIGINT) AS expected, \
+                CAST(sum(CASE WHEN last_end_us >= {end_us} THEN 1 ELSE 0 END) AS BIGINT) AS present, \
                 CAST(sum(rows_in) AS BIGINT) AS rows_in \
          FROM (SELECT device_id, \
                       max(CAST(window_start AS BIGINT) + CAST(window_secs AS BIGINT) * 1000000) AS last_end_us, \
-                      max(CASE WHEN window_start < {current_start} THEN 1 ELSE 0 END) AS in_reference, \
                       sum(CASE WHEN window_start < {current_end} THEN 1 ELSE 0 END) AS rows_in \
                FROM metrics WHERE window_start >= {reference_start} GROUP BY device_id) d",
         end_us = periods.current_end.timestamp_micros(),
-        current_start = ts(periods.current_start),
         current_end = ts(periods.current_end),
         reference_start = ts(periods.reference_start),
     );
@@ -892,8 +892,9 @@ impl Schedule {
                     return Ok(tick);
                 }
                 // The watermark: a period is evaluated once every device
-                // that reported in its reference period has reported past
-                // its end, or once it has waited `lateness` for them.
+                // that reported since its reference period began has
+                // reported past its end, or once it has waited `lateness`
+                // for them.
                 let periods = detector.periods(next);
                 let key = (periods.reference_start, periods.current_end);
                 let Reporting {
