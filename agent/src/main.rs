@@ -375,6 +375,7 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
             window: TimeDelta::zero(),
         },
         max_events_per_window: args.max_events_per_window,
+        first_device: 0,
         credentials: args
             .mqtt_username
             .map(|u| (u, args.mqtt_password.unwrap_or_default())),

@@ -100,6 +100,9 @@ pub struct SimConfig {
     pub budget: Budget,
     /// Most events each device counts per model and window.
     pub max_events_per_window: u32,
+    /// Index of the first device: devices are `sim-{first_device}` on, so
+    /// that two runs can simulate two parts of one fleet.
+    pub first_device: u32,
     /// Broker login (username, password) shared by the virtual devices.
     pub credentials: Option<(String, String)>,
 }
@@ -224,7 +227,7 @@ impl DeviceSim {
             .collect();
         Ok(DeviceSim {
             identity: DeviceIdentity {
-                device_id: device_id(index),
+                device_id: device_id(config.first_device.saturating_add(index)),
                 fleet: config.fleet.clone(),
                 agent_version: crate::AGENT_VERSION.to_owned(),
             },
@@ -300,7 +303,7 @@ async fn run_device(
 ) -> Result<SimSummary, SimError> {
     let mut sim = DeviceSim::new(index, config)?;
     let publish_error = |source| SimError::Publish {
-        device: device_id(index),
+        device: device_id(config.first_device.saturating_add(index)),
         source,
     };
     let mut publisher = Publisher::connect(

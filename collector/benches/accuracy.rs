@@ -343,6 +343,7 @@ fn run_fleet(
             window: TimeDelta::zero(),
         },
         max_events_per_window: 60,
+        first_device: 0,
         credentials: None,
     };
     // Devices noise their windows on every core.

@@ -172,6 +172,7 @@ pub async fn run(
             window: TimeDelta::zero(),
         },
         max_events_per_window: DEMO_MAX_EVENTS_PER_WINDOW,
+        first_device: 0,
         credentials: None,
     };
     let guarantee = driftline_agent::guarantee::Report::of(

@@ -957,6 +957,27 @@ impl Schedule {
                 if shutdown.is_cancelled() || done >= self.max_periods_per_tick {
                     break;
                 }
+                // A revision waits for the late devices like a first
+                // evaluation does, so that a backlog still arriving is
+                // evaluated once, complete.
+                let seen = reporting(ctx, &detector.periods(end))
+                    .await
+                    .map_err(|source| DetectError::Query {
+                        detector: detector.name.clone(),
+                        file: self.queries.clone(),
+                        source,
+                    })?;
+                let key = (format!("{}#revision", detector.name), end);
+                if seen.present < seen.expected {
+                    let since = *self
+                        .waiting
+                        .entry(key.clone())
+                        .or_insert_with(std::time::Instant::now);
+                    if since.elapsed() < self.lateness {
+                        continue;
+                    }
+                }
+                self.waiting.remove(&key);
                 tracing::info!(detector = detector.name, period_end = %end, revision, "late data: evaluating the period again");
                 let summary =
                     run_all(ctx, lake, std::slice::from_ref(detector), end, revision).await?;

@@ -811,6 +811,7 @@ fn sim_config(broker: BrokerUrl, devices: u32, models: u32, windows: u64, seed: 
             window: TimeDelta::zero(),
         },
         max_events_per_window: 60,
+        first_device: 0,
         credentials: None,
     }
 }
@@ -2216,6 +2217,105 @@ fn counting_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
         }
     });
     (port, hits)
+}
+
+/// One site of a fleet delivers its two hours two hours late, and only its
+/// devices drifted. The periods, first evaluated without it, are evaluated
+/// again once each when it arrives; the drift, visible only in the late
+/// data, is found in a revision and opens a job.
+#[test]
+fn a_site_two_hours_late_revises_each_period_once_and_its_drift_is_found() {
+    use driftline_agent::simulate::{Drift, DriftKind};
+    let broker = Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), UNBOUNDED_QUEUE);
+    let data = tempfile::tempdir().expect("tempdir");
+    let (port, hits) = counting_server();
+    let webhook = format!("http://127.0.0.1:{port}/jobs");
+    let collector = Collector::serve_with(
+        &broker.url(),
+        data.path(),
+        "e2e-late-site",
+        &[
+            "--detect-interval",
+            "1s",
+            "--detect-lateness",
+            "20s",
+            "--retrain-consecutive",
+            "1",
+            "--retrain-webhook",
+            &webhook,
+            "--retrain-secret",
+            "k",
+        ],
+    );
+    let start = recent_window_start(900, 9);
+    let last_end = start + TimeDelta::minutes(120);
+    let runs_at_end = format!(
+        "SELECT count(*) FROM detector_runs WHERE detector = 'input_drift' \
+         AND replace(CAST(current_end AS VARCHAR), ' ', 'T') LIKE '{}%'",
+        last_end.format("%Y-%m-%dT%H:%M:%S")
+    );
+    let wait_until = |sql: &str, not: &str| {
+        let until = Instant::now() + Duration::from_secs(180);
+        while query(data.path(), sql)[0][0] == not {
+            assert!(Instant::now() < until, "timed out on {sql}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    // Site A: 20 devices, on time, steady.
+    let mut site_a = sim_config(broker.url(), 20, 1, 120, 31);
+    site_a.start = start;
+    simulate_in_background(site_a).join().expect("simulator");
+    wait_until(&runs_at_end, "0");
+    assert_eq!(
+        query(data.path(), "SELECT count(*) FROM drift_events"),
+        [["0"]]
+    );
+    // Site B: 20 other devices, the same two hours, input +100 % from the
+    // second hour, delivered now.
+    let mut site_b = sim_config(broker.url(), 20, 1, 120, 32);
+    site_b.start = start;
+    site_b.first_device = 20;
+    site_b.drift = Some(Drift {
+        at: 60,
+        model_id: "model-0".into(),
+        kind: DriftKind::Input,
+        size: 1.0,
+    });
+    simulate_in_background(site_b).join().expect("simulator");
+    wait_until(&format!("{runs_at_end} AND revision = 1"), "0");
+    std::thread::sleep(Duration::from_secs(3));
+    collector.terminate();
+    // Each period: revision 0 with site A's 20 devices, then exactly one
+    // revision with all 40.
+    assert_eq!(
+        query(
+            data.path(),
+            "SELECT revision, count(*) AS runs, min(devices_present) AS least, \
+                    max(devices_present) AS most \
+             FROM detector_runs WHERE detector = 'input_drift' GROUP BY revision ORDER BY revision"
+        ),
+        [["0", "8", "20", "20"], ["1", "8", "40", "40"]]
+    );
+    // The drift is found in a revision, from the second hour on, and the
+    // rule opens one job for it.
+    let found = query(
+        data.path(),
+        "SELECT min(revision) AS revision, replace(CAST(min(current_start) AS VARCHAR), ' ', 'T') AS t \
+         FROM drift_events WHERE detector = 'input_drift'",
+    );
+    assert_eq!(found[0][0], "1", "{found:?}");
+    let drift_start = (start + TimeDelta::minutes(60))
+        .format("%Y-%m-%dT%H:%M:%S")
+        .to_string();
+    assert!(found[0][1].starts_with(&drift_start), "{found:?}");
+    assert_eq!(
+        query(
+            data.path(),
+            "SELECT count(*) AS jobs, max(status) AS status FROM retrain_jobs"
+        ),
+        [["1", "dispatched"]]
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
 /// A cold start on a replayed backlog: two hours of 40 devices arrive at
