@@ -661,6 +661,50 @@ pub async fn revisions(
     Ok(out)
 }
 
+/// Each fleet's watermark: how far in event time every one of its devices
+/// that reported since `since` has reported (the earliest of their latest
+/// window ends).
+pub async fn fleet_watermarks(
+    ctx: &SessionContext,
+    since: DateTime<Utc>,
+) -> Result<Vec<(String, DateTime<Utc>)>, QueryError> {
+    let batches = query::run(
+        ctx,
+        &format!(
+            "SELECT fleet, min(last_end_us) AS mark FROM ( \
+                 SELECT fleet, device_id, \
+                        max(CAST(window_start AS BIGINT) + CAST(window_secs AS BIGINT) * 1000000) AS last_end_us \
+                 FROM metrics WHERE window_start >= TIMESTAMP '{}' GROUP BY fleet, device_id) d \
+             GROUP BY fleet",
+            since.format("%Y-%m-%dT%H:%M:%SZ")
+        ),
+    )
+    .await?;
+    let mut out = Vec::new();
+    for batch in &batches {
+        let (Some(fleet), Some(mark)) = (
+            batch
+                .column_by_name("fleet")
+                .and_then(|c| cast(c, &DataType::Utf8).ok()),
+            batch
+                .column_by_name("mark")
+                .and_then(|c| cast(c, &DataType::Int64).ok()),
+        ) else {
+            continue;
+        };
+        let (fleet, mark) = (fleet.as_string::<i32>(), mark.as_primitive::<Int64Type>());
+        for i in 0..batch.num_rows() {
+            if fleet.is_null(i) || mark.is_null(i) {
+                continue;
+            }
+            if let Some(t) = DateTime::from_timestamp_micros(mark.value(i)) {
+                out.push((fleet.value(i).to_owned(), t));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Default of how far back a detector that never ran is evaluated.
 pub const DEFAULT_HORIZON: TimeDelta = TimeDelta::days(1);
 
@@ -866,6 +910,15 @@ impl Schedule {
             return Ok(Tick::default());
         };
         let mut tick = Tick::default();
+        match fleet_watermarks(ctx, latest - self.horizon).await {
+            Ok(marks) => {
+                for (fleet, mark) in marks {
+                    metrics::gauge!("driftline_detect_watermark_seconds", "fleet" => fleet)
+                        .set(mark.timestamp() as f64);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "fleet watermarks"),
+        }
         let mut complete: std::collections::HashMap<(DateTime<Utc>, DateTime<Utc>), Reporting> =
             Default::default();
         for detector in &detectors {
@@ -939,7 +992,7 @@ impl Schedule {
                 }
                 tick.jobs.extend(jobs);
                 self.last_end.insert(detector.name.clone(), next);
-                metrics::gauge!("driftline_detect_watermark_seconds", "detector" => detector.name.clone())
+                metrics::gauge!("driftline_detect_evaluated_until_seconds", "detector" => detector.name.clone())
                     .set(next.timestamp() as f64);
                 next += step;
                 done += 1;
