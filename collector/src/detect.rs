@@ -869,6 +869,10 @@ pub struct Schedule {
 pub struct Tick {
     pub events: Vec<Evaluation>,
     pub jobs: Vec<schema::JobEvent>,
+    /// Periods evaluated (first evaluations and revisions), all detectors.
+    pub evaluated: usize,
+    /// Complete periods still to evaluate after this tick, all detectors.
+    pub behind: usize,
 }
 
 impl Schedule {
@@ -1056,6 +1060,8 @@ impl Schedule {
             };
             metrics::gauge!("driftline_detect_lag_periods", "detector" => detector.name.clone())
                 .set(behind as f64);
+            tick.evaluated += done;
+            tick.behind += usize::try_from(behind).unwrap_or(0);
         }
         Ok(tick)
     }
@@ -1239,6 +1245,14 @@ pub async fn run_schedule(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let say = |line: String| {
+        if print {
+            println!("  {line}");
+        } else {
+            tracing::info!("{line}");
+        }
+    };
+    let mut catching_up = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -1246,6 +1260,19 @@ pub async fn run_schedule(
         }
         match schedule.tick(&ctx, &lake, &shutdown).await {
             Ok(tick) => {
+                if tick.behind > 0 && !catching_up {
+                    catching_up = true;
+                    say(format!(
+                        "detection: catching up, {} periods evaluated, {} to go",
+                        tick.evaluated, tick.behind
+                    ));
+                } else if tick.behind == 0 && catching_up {
+                    catching_up = false;
+                    say(format!(
+                        "detection: caught up ({} periods evaluated in the last round)",
+                        tick.evaluated
+                    ));
+                }
                 for e in &tick.events {
                     let line = format!(
                         "drift: {} {} {} {} = {:.3} (threshold {}, p {:.1e}, {} devices) in {} .. {}",

@@ -2339,7 +2339,8 @@ fn a_site_two_hours_late_revises_each_period_once_and_its_drift_is_found() {
 
 /// A cold start on a replayed backlog: two hours of 40 devices arrive at
 /// once, each device at its own pace, to a collector that has never seen
-/// them. Every period is evaluated once, with all 40 present.
+/// them. Every period is evaluated once, with all 40 present, and the
+/// drift of the second hour is found where it starts.
 #[test]
 fn a_replayed_history_is_evaluated_once_per_period_with_every_device() {
     let broker = Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), UNBOUNDED_QUEUE);
@@ -2353,6 +2354,13 @@ fn a_replayed_history_is_evaluated_once_per_period_with_every_device() {
     let devices = 40u32;
     let mut config = sim_config(broker.url(), devices, 1, 120, 23);
     config.start = recent_window_start(900, 9);
+    config.drift = Some(driftline_agent::simulate::Drift {
+        at: 60,
+        model_id: "model-0".into(),
+        kind: driftline_agent::simulate::DriftKind::Input,
+        size: 0.5,
+    });
+    let start = config.start;
     let last_end = config.start + TimeDelta::minutes(120);
     simulate_in_background(config).join().expect("simulator");
     let sql = format!(
@@ -2378,6 +2386,16 @@ fn a_replayed_history_is_evaluated_once_per_period_with_every_device() {
         ),
         [["8", "8", &devices.to_string(), "0"]]
     );
+    // The drift (input +50 % from the second hour) is found where it starts.
+    let found = query(
+        data.path(),
+        "SELECT replace(CAST(min(current_start) AS VARCHAR), ' ', 'T') AS t FROM drift_events \
+         WHERE detector = 'input_drift'",
+    );
+    let drift_start = (start + TimeDelta::minutes(60))
+        .format("%Y-%m-%dT%H:%M:%S")
+        .to_string();
+    assert!(found[0][0].starts_with(&drift_start), "{found:?}");
 }
 
 /// Store-and-forward after an outage. A fleet of 40 devices reports an
