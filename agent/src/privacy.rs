@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use driftline_core::wire::{self, Histogram, Mechanism, Privacy, WindowReport};
 use opendp::combinators::make_zCDP_to_approxDP;
+use opendp::core::Measurement;
 use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::{make_gaussian, make_laplace};
 use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
@@ -144,31 +145,18 @@ impl Privatizer {
     /// that move `per_event` counts each.
     pub fn cost_for(&self, per_event: i64, k: u32) -> Result<Cost, PrivacyError> {
         let scale = self.scale_for(per_event, k);
+        let map = opendp_error("privacy map");
         match self.mechanism {
             MechanismConfig::Laplace { .. } => {
-                let m = make_laplace::<_, _, MaxDivergence>(
-                    VectorDomain::new(AtomDomain::<i64>::default()),
-                    L1Distance::<i64>::default(),
-                    scale,
-                    None,
-                )
-                .map_err(opendp_error("Laplace measurement"))?;
-                let epsilon = m
+                let epsilon = laplace(scale)?
                     .map(&(i64::from(k) * per_event))
-                    .map_err(opendp_error("privacy map"))?;
+                    .map_err(map)?;
                 Ok(Cost::Laplace { epsilon })
             }
             MechanismConfig::Gaussian { .. } => {
-                let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-                    VectorDomain::new(AtomDomain::<i64>::default()),
-                    L2Distance::<f64>::default(),
-                    scale,
-                    None,
-                )
-                .map_err(opendp_error("Gaussian measurement"))?;
-                let rho = m
+                let rho = gaussian(scale)?
                     .map(&l2_sensitivity(per_event, k))
-                    .map_err(opendp_error("privacy map"))?;
+                    .map_err(map)?;
                 Ok(Cost::Gaussian { rho })
             }
         }
@@ -187,13 +175,7 @@ impl Privatizer {
         let (device_day_epsilon, device_day_delta) = self.device_day.unzip();
         match self.mechanism {
             MechanismConfig::Laplace { .. } => {
-                let m = make_laplace::<_, _, MaxDivergence>(
-                    VectorDomain::new(AtomDomain::<i64>::default()),
-                    L1Distance::<i64>::default(),
-                    scale,
-                    None,
-                )
-                .map_err(opendp_error("Laplace measurement"))?;
+                let m = laplace(scale)?;
                 let l1 = i64::from(k) * per_event;
                 let epsilon = m.map(&l1).map_err(opendp_error("privacy map"))?;
                 let noised = m
@@ -213,13 +195,7 @@ impl Privatizer {
             }
             MechanismConfig::Gaussian { delta, .. } => {
                 let l2 = l2_sensitivity(per_event, k);
-                let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-                    VectorDomain::new(AtomDomain::<i64>::default()),
-                    L2Distance::<f64>::default(),
-                    scale,
-                    None,
-                )
-                .map_err(opendp_error("Gaussian measurement"))?;
+                let m = gaussian(scale)?;
                 let rho = m.map(&l2).map_err(opendp_error("privacy map"))?;
                 let noised = m
                     .invoke(&counts.to_vec())
@@ -305,6 +281,36 @@ impl Privatizer {
         })
     }
 }
+
+/// The window vector with discrete Laplace noise of scale `scale`.
+fn laplace(
+    scale: f64,
+) -> Result<Measurement<Counts, L1Distance<i64>, MaxDivergence, Vec<i64>>, PrivacyError> {
+    make_laplace(
+        Counts::new(AtomDomain::default()),
+        L1Distance::default(),
+        scale,
+        None,
+    )
+    .map_err(opendp_error("Laplace measurement"))
+}
+
+/// The window vector with discrete Gaussian noise of scale `scale`.
+fn gaussian(
+    scale: f64,
+) -> Result<Measurement<Counts, L2Distance<f64>, ZeroConcentratedDivergence, Vec<i64>>, PrivacyError>
+{
+    make_gaussian(
+        Counts::new(AtomDomain::default()),
+        L2Distance::default(),
+        scale,
+        None,
+    )
+    .map_err(opendp_error("Gaussian measurement"))
+}
+
+/// OpenDP's domain of a window's counts.
+type Counts = VectorDomain<AtomDomain<i64>>;
 
 /// How many counts one event moves by one (module docs): the L1
 /// sensitivity of a window to one event.

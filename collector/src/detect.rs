@@ -530,11 +530,17 @@ pub async fn reporting(ctx: &SessionContext, periods: &Periods) -> Result<Report
 pub async fn earliest_event_time(
     ctx: &SessionContext,
 ) -> Result<Option<DateTime<Utc>>, QueryError> {
-    let batches = query::run(
+    time_of(
         ctx,
         "SELECT CAST(min(window_start) AS BIGINT) AS t FROM metrics",
     )
-    .await?;
+    .await
+}
+
+/// The time in column `t` (Unix microseconds) of the first row `sql`
+/// returns, if any.
+async fn time_of(ctx: &SessionContext, sql: &str) -> Result<Option<DateTime<Utc>>, QueryError> {
+    let batches = query::run(ctx, sql).await?;
     let Some(t) = batches.first().and_then(|b| b.column_by_name("t")) else {
         return Ok(None);
     };
@@ -714,25 +720,14 @@ pub async fn last_evaluated(
     ctx: &SessionContext,
     detector: &str,
 ) -> Result<Option<DateTime<Utc>>, QueryError> {
-    let batches = query::run(
+    time_of(
         ctx,
         &format!(
             "SELECT CAST(max(current_end) AS BIGINT) AS t FROM detector_runs WHERE detector = '{}'",
             detector.replace('\'', "''")
         ),
     )
-    .await?;
-    let Some(t) = batches.first().and_then(|b| b.column_by_name("t")) else {
-        return Ok(None);
-    };
-    let Ok(t) = cast(t, &DataType::Int64) else {
-        return Ok(None);
-    };
-    let t = t.as_primitive::<Int64Type>();
-    if t.is_empty() || t.is_null(0) {
-        return Ok(None);
-    }
-    Ok(DateTime::from_timestamp_micros(t.value(0)))
+    .await
 }
 
 #[cfg(test)]

@@ -2219,6 +2219,24 @@ fn counting_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
     (port, hits)
 }
 
+/// Waits (up to 3 minutes) until `input_drift` has a run, matching
+/// `condition` (SQL, or "true"), for the period ending at `end`.
+fn wait_for_input_drift_run(data_dir: &Path, end: DateTime<Utc>, condition: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM detector_runs WHERE detector = 'input_drift' AND {condition} \
+         AND replace(CAST(current_end AS VARCHAR), ' ', 'T') LIKE '{}%'",
+        end.format("%Y-%m-%dT%H:%M:%S")
+    );
+    let until = Instant::now() + Duration::from_secs(180);
+    while query(data_dir, &sql) == [["0"]] {
+        assert!(
+            Instant::now() < until,
+            "detection did not reach {end}: {sql}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// One site of a fleet delivers its two hours two hours late, and only its
 /// devices drifted. The periods, first evaluated without it, are evaluated
 /// again once each when it arrives; the drift, visible only in the late
@@ -2253,23 +2271,11 @@ fn a_site_two_hours_late_revises_each_period_once_and_its_drift_is_found() {
     );
     let start = recent_window_start(900, 9);
     let last_end = start + TimeDelta::minutes(120);
-    let runs_at_end = format!(
-        "SELECT count(*) FROM detector_runs WHERE detector = 'input_drift' \
-         AND replace(CAST(current_end AS VARCHAR), ' ', 'T') LIKE '{}%'",
-        last_end.format("%Y-%m-%dT%H:%M:%S")
-    );
-    let wait_until = |sql: &str, not: &str| {
-        let until = Instant::now() + Duration::from_secs(180);
-        while query(data.path(), sql)[0][0] == not {
-            assert!(Instant::now() < until, "timed out on {sql}");
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    };
     // Site A: 20 devices, on time, steady.
     let mut site_a = sim_config(broker.url(), 20, 1, 120, 31);
     site_a.start = start;
     simulate_in_background(site_a).join().expect("simulator");
-    wait_until(&runs_at_end, "0");
+    wait_for_input_drift_run(data.path(), last_end, "true");
     assert_eq!(
         query(data.path(), "SELECT count(*) FROM drift_events"),
         [["0"]]
@@ -2286,7 +2292,7 @@ fn a_site_two_hours_late_revises_each_period_once_and_its_drift_is_found() {
         size: 1.0,
     });
     simulate_in_background(site_b).join().expect("simulator");
-    wait_until(&format!("{runs_at_end} AND revision = 1"), "0");
+    wait_for_input_drift_run(data.path(), last_end, "revision = 1");
     std::thread::sleep(Duration::from_secs(3));
     // Every device of the fleet has reported up to the end: so says the
     // fleet's watermark.
@@ -2363,16 +2369,7 @@ fn a_replayed_history_is_evaluated_once_per_period_with_every_device() {
     let start = config.start;
     let last_end = config.start + TimeDelta::minutes(120);
     simulate_in_background(config).join().expect("simulator");
-    let sql = format!(
-        "SELECT count(*) FROM detector_runs WHERE detector = 'input_drift' \
-         AND replace(CAST(current_end AS VARCHAR), ' ', 'T') LIKE '{}%'",
-        last_end.format("%Y-%m-%dT%H:%M:%S")
-    );
-    let until = Instant::now() + Duration::from_secs(180);
-    while query(data.path(), &sql) == [["0"]] {
-        assert!(Instant::now() < until, "detection did not reach {last_end}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_for_input_drift_run(data.path(), last_end, "true");
     std::thread::sleep(Duration::from_secs(3));
     collector.terminate();
     // Eight periods end within the two hours: each evaluated once, every
@@ -2427,25 +2424,13 @@ fn a_backlog_after_an_outage_is_evaluated_period_by_period_and_retrains_once() {
     let outage = start + TimeDelta::minutes(60);
     let last_end = start + TimeDelta::minutes(120);
     let ts = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%S").to_string();
-    let evaluated_up_to = |end: DateTime<Utc>| {
-        let sql = format!(
-            "SELECT count(*) FROM detector_runs WHERE detector = 'input_drift' \
-             AND replace(CAST(current_end AS VARCHAR), ' ', 'T') LIKE '{}%'",
-            ts(end)
-        );
-        let until = Instant::now() + Duration::from_secs(180);
-        while query(data.path(), &sql) == [["0"]] {
-            assert!(Instant::now() < until, "detection did not reach {end}");
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    };
 
     // The first hour, while the collector runs.
     let collector = Collector::serve_with(&broker.url(), data.path(), "e2e-outage", &flags);
     let mut before = sim_config(broker.url(), devices, 1, 60, 21);
     before.start = start;
     simulate_in_background(before).join().expect("simulator");
-    evaluated_up_to(outage);
+    wait_for_input_drift_run(data.path(), outage, "true");
     collector.terminate();
 
     // The second hour arrives while it is down, input size +50 %.
@@ -2460,7 +2445,7 @@ fn a_backlog_after_an_outage_is_evaluated_period_by_period_and_retrains_once() {
     let summary = simulate_in_background(during).join().expect("simulator");
     assert_eq!(summary.acknowledged, u64::from(devices) * 60);
     let collector = Collector::serve_with(&broker.url(), data.path(), "e2e-outage", &flags);
-    evaluated_up_to(last_end);
+    wait_for_input_drift_run(data.path(), last_end, "true");
     std::thread::sleep(Duration::from_secs(3));
     collector.terminate();
 
