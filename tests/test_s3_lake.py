@@ -84,15 +84,24 @@ def test_two_collectors_write_one_s3_lake_exactly_once(tmp_path, s3, broker):
                 assert time.time() < deadline, "collector never subscribed"
                 time.sleep(0.2)
 
-        # The whole fleet publishes its windows twice (same keys, new noise).
+        # The whole fleet publishes its first 3 windows, which are stored;
+        # then all 5 (the first 3 again: same keys, new noise). The second
+        # flush holds new rows, so the partition has at least two files,
+        # whatever the flush timing.
         devices, models, windows = 6, 2, 5
-        for _ in range(2):
+        for n in (3, windows):
             sim = subprocess.run(
                 [str(AGENT), "simulate", "--broker", f"mqtt://127.0.0.1:{broker}",
-                 "--devices", str(devices), "--models", str(models), "--windows", str(windows),
+                 "--devices", str(devices), "--models", str(models), "--windows", str(n),
                  "--start", "2026-11-20T10:00:00Z", "--fleet", "s3"],
                 env=env, capture_output=True, text=True, timeout=120)
             assert sim.returncode == 0, sim.stderr
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                rows = query(env, "SELECT count(*) AS n FROM metrics")
+                if rows and rows[0]["n"] >= devices * models * n:
+                    break
+                time.sleep(0.5)
         bad = subprocess.run(["mosquitto_pub", "-p", str(broker), "-q", "1",
                               "-t", "driftline/v1/s3/sim-00000/metrics", "-m", "{not json"],
                              capture_output=True, timeout=30)
