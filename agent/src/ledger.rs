@@ -697,6 +697,24 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_keeps_the_uptime_across_a_restart_without_spends() {
+        // An exhausted agent publishes nothing, but checkpoints: after a
+        // restart its uptime goes on from there, so its budget comes back.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("budget.ledger");
+        let mut l = Ledger::open(&path, day(1.0), t0()).expect("open");
+        l.try_spend(at(0), lap(1.0)).expect("whole budget");
+        l.checkpoint(at(20)).expect("checkpoint");
+        drop(l);
+        let l = Ledger::open(&path, day(1.0), at(20).wall).expect("reopen");
+        assert_eq!(l.recovered_uptime(), TimeDelta::hours(20));
+        // Four more hours of uptime after the restart: a day since the spend.
+        l.state()
+            .check(at(24), lap(0.5))
+            .expect("the spend left the period");
+    }
+
+    #[test]
     fn a_spend_counts_half_a_window_past_the_period() {
         // Daily budget, hourly windows: the events of one day can touch 25
         // windows whose closes span exactly a day; all of them count
