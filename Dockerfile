@@ -7,6 +7,12 @@ COPY . .
 RUN cargo build --release --locked -p driftline-collector -p driftline-agent \
     && strip target/release/driftline-collector target/release/driftline-agent
 
+# docker-compose.yml's `secrets` service: openssl and mosquitto_passwd for
+# deploy/mosquitto/secrets.sh.
+FROM debian:bookworm-slim AS secrets
+RUN apt-get update && apt-get install -y --no-install-recommends openssl mosquitto \
+    && rm -rf /var/lib/apt/lists/*
+
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends libssl3 ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 driftline \

@@ -1,11 +1,19 @@
-"""Driftline ingest benchmark: messages/s from a publisher through Mosquitto
-into queryable Parquet, against the ceiling of the same broker delivering
-the same payloads to a subscriber that only counts (mosquitto_sub); then a
-backlog drain (the collector away while the messages queue) with its peak
-RSS; and bytes on disk per stored window. Writes BENCHMARKS.md.
+"""Driftline ingest benchmark: messages/s from one strong publisher through
+Mosquitto into queryable Parquet, against the ceiling of the same broker
+delivering the same messages from the same publisher to a subscriber that
+only counts; then a backlog drain (the collector away while the messages
+queue) with its peak RSS; and bytes on disk per stored window. Writes
+BENCHMARKS.md.
 
-    python3 bench/ingest.py            # 200,000 messages
-    python3 bench/ingest.py --quick    # 20,000
+The messages are real: `driftline-agent simulate` publishes them once to a
+broker while `mosquitto_sub -v` captures them (noise, histograms, seq and
+all). The publisher is `collector/examples/mqtt_replay.rs`: one rumqttc
+connection with an in-flight window of 1000, so the ceiling is the
+broker's, not the publishers'.
+
+    python3 bench/ingest.py            # 240,000 messages (200 devices x 2 models x 600 windows)
+    python3 bench/ingest.py --quick    # 24,000
+    python3 bench/ingest.py --profile  # also `perf record` the collector during sustained ingest
 """
 
 import argparse
@@ -18,58 +26,66 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 from procs import cpu_seconds, free_port, peak_rss_kib, wait_port
 from report import write_block
-import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
                                       pathlib.Path.home() / ".cache/driftline/release-target"))
 COLLECTOR = pathlib.Path(os.environ.get("DRIFTLINE_COLLECTOR", RELEASE / "release" / "driftline-collector"))
+AGENT = RELEASE / "release" / "driftline-agent"
+REPLAY = RELEASE / "release" / "examples" / "mqtt_replay"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 BEGIN, END = "<!-- bench:ingest:begin -->", "<!-- bench:ingest:end -->"
+PROFILE_BEGIN, PROFILE_END = "<!-- bench:ingest-profile:begin -->", "<!-- bench:ingest-profile:end -->"
+INFLIGHT = 1000
 
 
-def payloads(n, path):
-    """n distinct valid messages (the documented example on 50 devices),
-    one per line, for `mosquitto_pub -l`; returns the mean payload size."""
-    example = json.loads((ROOT / "core/tests/fixtures/v1/valid/laplace.json").read_text())
-    now = datetime.datetime.now(datetime.timezone.utc).replace(second=0, microsecond=0)
-    total = 0
-    with open(path, "w") as out:
-        for i in range(n):
-            device, window = i % 50, i // 50
-            m = dict(example)
-            m["device_id"] = f"bench-{device:04d}"
-            m["window_start"] = (now - datetime.timedelta(minutes=window + 5)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            m["seq"] = window
-            line = json.dumps(m, separators=(",", ":"))
-            total += len(line)
-            out.write(line + "\n")
-    return total / n
+def broker(work):
+    """A Mosquitto for the run: no persistence, unbounded queue, the same
+    in-flight window as the shipped configuration."""
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"max_queued_messages 0\nmax_inflight_messages {INFLIGHT}\nmessage_size_limit 65536\n")
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
 
 
-def publish(port, path):
-    """All lines of `path` as QoS 1 messages, each on its device's topic."""
-    # mosquitto_pub -l takes one topic and the collector checks the topic
-    # against the payload: one publisher process per device, concurrently.
-    lines = pathlib.Path(path).read_text().splitlines()
-    by_device = {}
-    for line in lines:
-        d = json.loads(line)["device_id"]
-        by_device.setdefault(d, []).append(line)
-    procs = []
-    for d, msgs in by_device.items():
-        p = subprocess.Popen(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-l",
-                              "-i", f"pub-{d}", "-t", f"driftline/v1/eu-kiosks/{d}/metrics"],
-                             stdin=subprocess.PIPE, text=True)
-        procs.append((p, "\n".join(msgs) + "\n"))
-    for p, text in procs:
-        p.stdin.write(text)
-        p.stdin.close()
-    for p, _ in procs:
-        p.wait()
+def capture(port, devices, windows, path):
+    """What `simulate` publishes for `devices` x 2 models x `windows`
+    one-minute windows ending now, as `topic payload` lines."""
+    n = devices * 2 * windows
+    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-v",
+                            "-t", "driftline/v1/+/+/metrics", "-C", str(n)], stdout=open(path, "w"))
+    time.sleep(0.5)
+    subprocess.run([str(AGENT), "simulate", "--broker", f"mqtt://127.0.0.1:{port}", "--devices", str(devices),
+                    "--models", "2", "--windows", str(windows), "--window-secs", "60", "--seed", "7",
+                    "--fleet", "bench"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sub.wait(timeout=600)
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == n, f"captured {len(lines)} of {n} messages"
+    return sum(len(line.split(b" ", 1)[1]) for line in lines) / n
+
+
+def renamed(src, dst, prefix):
+    """The messages of `src` as other devices' (device ids prefixed), so
+    that they are new windows to the lake."""
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        for line in f:
+            out.write(line.replace(b"/sim-", b"/" + prefix + b"-").replace(
+                b'"device_id":"sim-', b'"device_id":"' + prefix + b"-"))
+
+
+def replay(port, path):
+    """Publishes every message of `path` (QoS 1) and returns once all are
+    acknowledged: the seconds it took."""
+    out = subprocess.run([str(REPLAY), "127.0.0.1", str(port), str(path), str(INFLIGHT)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["seconds"]
 
 
 def stored(metrics_port):
@@ -83,9 +99,9 @@ def stored(metrics_port):
     return 0
 
 
-def serve(port, lake, metrics_port):
+def serve(port, lake, metrics_port, flush):
     p = subprocess.Popen([str(COLLECTOR), "serve", "--broker", f"mqtt://127.0.0.1:{port}",
-                          "--client-id", "bench", "--data-dir", str(lake), "--flush-interval", "1s",
+                          "--client-id", "bench", "--data-dir", str(lake), "--flush-interval", flush,
                           "--metrics-listen", f"127.0.0.1:{metrics_port}", "--queries", str(lake.parent / "none")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(200):
@@ -97,93 +113,154 @@ def serve(port, lake, metrics_port):
     return p
 
 
+def wait_stored(metrics_port, n, pid=None):
+    """Waits until the collector has stored `n` windows; the peak RSS seen."""
+    peak = 0.0
+    while stored(metrics_port) < n:
+        if pid:
+            peak = max(peak, peak_rss_kib(pid) / 1024)
+        time.sleep(0.02)
+    return peak
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="perf record the collector during sustained ingest")
+    ap.add_argument("--flush", default="2s", help="the collector's --flush-interval (default 2s)")
     args = ap.parse_args()
-    n = 20_000 if args.quick else 200_000
-    if not COLLECTOR.exists():
-        raise SystemExit(f"build the release collector first (CARGO_TARGET_DIR={RELEASE})")
+    devices, windows = (20, 600) if args.quick else (200, 600)
+    n = devices * 2 * windows
+    for binary in (COLLECTOR, AGENT, REPLAY):
+        if not binary.exists():
+            raise SystemExit(f"missing {binary}: cargo build --release -p driftline-collector -p driftline-agent "
+                             f"--bins --example mqtt_replay (CARGO_TARGET_DIR={RELEASE})")
     work = pathlib.Path(tempfile.mkdtemp(prefix="driftline-ingest-"))
     (work / "none").mkdir()
     try:
-        port = free_port()
-        conf = work / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 0\nmax_inflight_messages 1000\nmessage_size_limit 16777216\n")
-        broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(port)
-        lines = work / "messages.txt"
-        size = payloads(n, lines)
+        proc, port = broker(work)
+        messages = work / "messages.txt"
+        size = capture(port, devices, windows, messages)
 
-        # Ceiling: the broker to a subscriber that only counts.
+        # Ceiling: the publisher to the broker to a subscriber that only counts.
         sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-q", "1",
-                                "-t", "driftline/v1/+/+/metrics", "-C", str(n)],
-                               stdout=subprocess.DEVNULL)
+                                "-t", "driftline/v1/+/+/metrics", "-C", str(n)], stdout=subprocess.DEVNULL)
         time.sleep(0.5)
         t = time.perf_counter()
-        publish(port, lines)
+        published = replay(port, messages)
         sub.wait()
-        ceiling = n / (time.perf_counter() - t)
+        ceiling_seconds = time.perf_counter() - t
+        ceiling = n / ceiling_seconds
 
-        # Driftline: publisher to queryable Parquet.
+        # Driftline: the same publisher to queryable Parquet.
         lake, metrics_port = work / "lake", free_port()
-        collector = serve(port, lake, metrics_port)
+        collector = serve(port, lake, metrics_port, args.flush)
+        perf = None
+        if args.profile:
+            perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(collector.pid),
+                                     "-o", str(work / "perf.data")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
         cpu0 = cpu_seconds(collector.pid)
         t = time.perf_counter()
-        publish(port, lines)
-        while stored(metrics_port) < n:
-            time.sleep(0.05)
+        published_live = replay(port, messages)
+        wait_stored(metrics_port, n)
         elapsed = time.perf_counter() - t
         live = n / elapsed
         cpu = cpu_seconds(collector.pid) - cpu0
         live_rss = peak_rss_kib(collector.pid) / 1024
+        if perf:
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
         collector.send_signal(signal.SIGTERM)
         collector.wait()
 
-        # Backlog: the same number of new messages queue while the collector
-        # is away, then it drains them.
-        shifted = work / "backlog.txt"
-        with open(shifted, "w") as out:
-            for line in lines.read_text().splitlines():
-                m = json.loads(line)
-                m["seq"] += 100_000
-                out.write(json.dumps(m, separators=(",", ":")) + "\n")
-        publish(port, shifted)
-        collector = serve(port, lake, metrics_port)
+        # Backlog: as many new windows queue while the collector is away,
+        # then it drains them.
+        backlog = work / "backlog.txt"
+        renamed(messages, backlog, b"bak")
+        replay(port, backlog)
+        collector = serve(port, lake, metrics_port, args.flush)
         t = time.perf_counter()
-        peak = 0.0
-        while stored(metrics_port) < n:
-            peak = max(peak, peak_rss_kib(collector.pid) / 1024)
-            time.sleep(0.05)
+        peak = wait_stored(metrics_port, n, collector.pid)
         drain = n / (time.perf_counter() - t)
         peak = max(peak, peak_rss_kib(collector.pid) / 1024)
         collector.send_signal(signal.SIGTERM)
         collector.wait()
-        broker.terminate()
-        broker.wait()
+        proc.terminate()
+        proc.wait()
 
         disk = sum(f.stat().st_size for f in (lake / "_driftline" / "gens" / "metrics").rglob("*.parquet"))
         per_window = disk / (2 * n)
-        print(f"ceiling {ceiling:,.0f} msg/s; driftline {live:,.0f} msg/s ({live / ceiling:.0%}); "
-              f"backlog drain {drain:,.0f} msg/s, peak RSS {peak:.0f} MiB; {per_window:.0f} B/window "
-              f"vs {size:.0f} B JSON")
-        write(n, ceiling, live, drain, peak, per_window, size, cpu, elapsed, live_rss)
+        print(f"ceiling {ceiling:,.0f} msg/s (publisher alone {n / published:,.0f}); driftline {live:,.0f} msg/s "
+              f"({live / ceiling:.2f}; publisher done after {published_live:.1f} s of {elapsed:.1f} s); "
+              f"backlog drain {drain:,.0f} msg/s, peak RSS {peak:.0f} MiB; {per_window:.0f} B/window vs {size:.0f} B JSON")
+        write(n, size, ceiling, live, drain, peak, per_window, cpu, elapsed, live_rss, args.flush)
+        if perf:
+            profile(work / "perf.data")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def write(n, ceiling, live, drain, peak, per_window, size, cpu, elapsed, live_rss):
+def profile(data):
+    """The collector's CPU by component, from `perf report` of the
+    sustained-ingest run (self time per symbol, grouped by crate/module)."""
+    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "symbol",
+                             "--stdio", "-q", "--percent-limit", "0.3"],
+                            capture_output=True, text=True).stdout
+    rows = []
+    for line in report.splitlines():
+        line = line.strip()
+        if not line or not line[0].isdigit() or "%" not in line:
+            continue
+        percent, rest = line.split("%", 1)
+        symbol = rest.split("]", 1)[-1].strip()
+        rows.append((float(percent), symbol))
+    groups = {}
+    for percent, symbol in rows:
+        groups[component(symbol)] = groups.get(component(symbol), 0.0) + percent
+    lines = [f"`python3 bench/ingest.py --profile`: `perf record -F 999 -g` of the collector during sustained "
+             f"ingest, self time by component (symbols of at least 0.3 %; the rest is spread thinner).", "",
+             "| component | share of the collector's CPU |", "|---|---:|"]
+    for name, percent in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {name} | {percent:.1f} % |")
+    lines += ["", "Top symbols:", "", "| symbol | self |", "|---|---:|"]
+    for percent, symbol in rows[:15]:
+        lines.append(f"| `{symbol[:100]}` | {percent:.1f} % |")
+    write_block(PROFILE_BEGIN, PROFILE_END, lines, "Ingest profile")
+
+
+COMPONENTS = [
+    ("JSON decode and validation", ["serde_json", "driftline_core::wire", "serde::", "wire::accept", "Deserialize"]),
+    ("write-ahead log (write, fsync)", ["wal::", "fsync", "fdatasync", "sync_file_range", "ext4_", "jbd2"]),
+    ("Parquet encode and compression", ["parquet::", "zstd", "ZSTD_", "arrow_"]),
+    ("key index (hashing)", ["lake::writer", "hash", "Hash", "RowConverter", "arrow_row"]),
+    ("MQTT (rumqttc, TLS, sockets)", ["rumqttc", "tcp_", "sock_", "__sys_", "recv", "send", "mqttbytes"]),
+    ("memory allocation", ["malloc", "free", "realloc", "memcpy", "memmove", "_int_", "alloc::"]),
+    ("async runtime", ["tokio::"]),
+]
+
+
+def component(symbol):
+    for name, needles in COMPONENTS:
+        if any(n in symbol for n in needles):
+            return name
+    return "other (kernel, libc, unresolved)"
+
+
+def write(n, size, ceiling, live, drain, peak, per_window, cpu, elapsed, live_rss, flush):
     lines = [
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `python3 bench/ingest.py`, "
-        f"{n:,} messages of {size:.0f} B, Mosquitto on loopback (in-flight window 1000), release collector, "
-        f"{os.cpu_count()} cores shared by broker, publishers and collector.",
+        f"{n:,} real simulator messages (mean {size:.0f} B) replayed by one publisher with an in-flight window of "
+        f"{INFLIGHT} (`collector/examples/mqtt_replay.rs`), Mosquitto on loopback, release collector with "
+        f"`--flush-interval {flush}`, {os.cpu_count()} cores shared by broker, publisher and collector.",
         "",
         "| measure | value | reference | ratio |",
         "|---|---:|---:|---:|",
         f"| sustained ingest, publish to queryable Parquet (WAL fsync before ack) | {live:,.0f} msg/s | "
-        f"ceiling: same broker to a counting `mosquitto_sub`, {ceiling:,.0f} msg/s | {live / ceiling:.2f} |",
-        f"| collector CPU during sustained ingest | {cpu / elapsed:.2f} cores ({1e6 * cpu / n:.0f} us per message) | "
+        f"ceiling: the same publisher through the same broker to a counting `mosquitto_sub`, {ceiling:,.0f} msg/s | "
+        f"{live / ceiling:.2f} |",
+        f"| collector CPU during sustained ingest | {cpu / elapsed:.2f} cores ({1e6 * cpu / n:.1f} us per message) | "
         f"{os.cpu_count()} cores on the machine | |",
         f"| peak RSS of the collector during sustained ingest | {live_rss:.0f} MiB | | |",
         f"| backlog drain ({n:,} queued while the collector was away) | {drain:,.0f} msg/s | ceiling {ceiling:,.0f} msg/s | {drain / ceiling:.2f} |",

@@ -232,7 +232,8 @@ def main():
     preflight(parts)
     started = time.time()
     if not args.skip_build:
-        cargo("build", "--release", "--locked", "-p", "driftline-agent", "-p", "driftline-collector", "--bins")
+        cargo("build", "--release", "--locked", "-p", "driftline-agent", "-p", "driftline-collector", "--bins",
+              "--example", "mqtt_replay")
     build_done = time.time()
     spent = {}
     for part in parts:

@@ -5,8 +5,13 @@
 //! is unchanged.
 //!
 //! Windows `[t, t+w)` and `[t+w, t+2w)` merge when `t` is a multiple of
-//! `2w` (the result stays UTC-aligned), everything but the counts is equal,
-//! and `2w` is at most a day; merged windows can merge again (4w, 8w, ...).
+//! `2w` (the result stays UTC-aligned), everything but the counts is equal
+//! (the privacy block included: windows from before and after a change of
+//! the budget stay apart), and `2w` is at most a day; merged windows can
+//! merge again (4w, 8w, ...). So a message merged from `m` windows has the
+//! noise scales the collector's consistency rule expects: `s0` (Gaussian)
+//! or at most `sqrt(m) s0` (Laplace), `s0` the scale its summed budget and
+//! `K` imply (docs/wire-format.md).
 //! Counts are summed. The noise of a merged count is the sum of two draws;
 //! its `noise_scale` is the scale of a single draw with the same variance:
 //! exact for Gaussian (`sqrt(s1^2 + s2^2)`), variance-equivalent for
@@ -53,11 +58,7 @@ pub fn merge(a: &WindowReport, b: &WindowReport) -> Option<WindowReport> {
         && a.model_id == b.model_id
         && a.model_version == b.model_version
         && a.window_secs == b.window_secs
-        && a.privacy.mechanism == b.privacy.mechanism
-        && a.privacy
-            .noise_scale
-            .keys()
-            .eq(b.privacy.noise_scale.keys())
+        && a.privacy == b.privacy
         && b.window_start == a.window_start + TimeDelta::seconds(w)
         && a.window_start.timestamp().rem_euclid(2 * w) == 0
         && 2 * w <= i64::from(wire::MAX_WINDOW_SECS)
@@ -300,6 +301,129 @@ pub(crate) mod tests {
         let m = merge(&ws[0], &ws[2]).expect("mergeable");
         let s = ws[0].privacy.noise_scale["confidence"];
         assert!((m.privacy.noise_scale["confidence"] - s * 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    /// Every message the agent writes, one window or coarsened as far as a
+    /// day allows, passes the collector's decoder, and in particular its
+    /// privacy consistency rule (docs/wire-format.md), whatever the
+    /// mechanism, budget, `K`, window and features.
+    #[test]
+    fn the_collector_accepts_every_window_and_every_coarsening_of_it() {
+        use crate::event::InferenceEvent;
+        use crate::privacy::per_event_sensitivity;
+        use driftline_core::topic;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20_261_127);
+        let start: DateTime<Utc> = "2026-11-26T00:00:00Z".parse().expect("ts");
+        let bounds = wire::TimeBounds {
+            now: start + TimeDelta::days(1) + TimeDelta::minutes(1),
+            max_age: TimeDelta::days(30),
+            max_future: TimeDelta::hours(1),
+        };
+        let device = DeviceIdentity {
+            device_id: "d".into(),
+            fleet: "f".into(),
+            agent_version: "0".into(),
+        };
+        let topic = topic::metrics_topic("f", "d");
+        for case in 0..16u32 {
+            let mechanism = if case % 2 == 0 {
+                MechanismConfig::Laplace {
+                    epsilon: rng.random_range(0.01..50.0),
+                }
+            } else {
+                MechanismConfig::Gaussian {
+                    rho: rng.random_range(0.0005..20.0),
+                    delta: 1e-6,
+                }
+            };
+            let window_secs = [1, 15, 60, 75, 900, 3600, 7200, 86_400][(case / 2) as usize];
+            let k = rng.random_range(1..=300);
+            let mut spec = ModelSpec::default().with_max_events_per_window(k);
+            if case % 3 != 0 {
+                spec = spec.with_labels(["a", "b", "c"]);
+            }
+            for c in 0..case % 4 {
+                spec = spec.with_custom(format!("f{c}"), &[0.0, 0.5, 1.0]);
+            }
+            let mut w = Windower::new(window_secs, start);
+            let m = w.register(ModelKey::new("m", "1"), &spec);
+            let p = Privatizer::new(mechanism)
+                .expect("privatizer")
+                .with_device_day(8.0, 1e-6);
+            // Up to 64 windows: six rounds of coarsening where a day allows.
+            let n = (86_400 / window_secs).clamp(1, 64);
+            let mut payloads = Vec::new();
+            for i in 0..n {
+                for _ in 0..rng.random_range(0..=k) {
+                    m.record(&InferenceEvent {
+                        latency_ms: rng.random_range(0.0..500.0),
+                        confidence: Some(rng.random()),
+                        error: rng.random_bool(0.1),
+                        label: Some("b"),
+                        custom: &[0.7, 0.2, 0.9],
+                        ..InferenceEvent::default()
+                    });
+                }
+                let end = start + TimeDelta::seconds(i64::from(window_secs) * i64::from(i + 1));
+                for closed in w.close_due(end) {
+                    let report = p
+                        .privatize(closed)
+                        .expect("noise")
+                        .into_report(&device, u64::from(i));
+                    payloads.push(report.encode().expect("encode"));
+                }
+            }
+            let mut merges = 0;
+            loop {
+                for payload in &payloads {
+                    let r = wire::accept(&topic, payload, &bounds).unwrap_or_else(|e| {
+                        panic!("case {case} ({mechanism:?}, K {k}), {merges} rounds: {e}")
+                    });
+                    assert_eq!(
+                        r.per_event_sensitivity(),
+                        per_event_sensitivity(&spec) as u64,
+                        "the collector counts the agent's sensitivity"
+                    );
+                }
+                let next = coarsen_payloads(payloads.clone());
+                if next.len() == payloads.len() {
+                    break;
+                }
+                payloads = next;
+                merges += 1;
+            }
+            // Rounds until the day's windows (at most 64) are merged into
+            // windows that are no longer aligned in pairs to their double
+            // (86400 s is 128 x 675: 3840 s windows do not pair up).
+            let expected = match window_secs {
+                1 | 15 | 75 => 6,
+                60 | 900 => 5,
+                3600 => 3,
+                7200 => 2,
+                _ => 0,
+            };
+            assert_eq!(merges, expected, "case {case}, {window_secs} s");
+        }
+    }
+
+    #[test]
+    fn windows_of_different_budgets_stay_apart() {
+        let a = windows(
+            MechanismConfig::Laplace { epsilon: 1.0 },
+            "2026-11-27T10:00:00Z",
+            2,
+        );
+        let b = windows(
+            MechanismConfig::Laplace { epsilon: 2.0 },
+            "2026-11-27T10:00:00Z",
+            2,
+        );
+        assert!(merge(&a[0], &a[2]).is_some());
+        // m0 at 10:00 under epsilon 1, at 10:01 under epsilon 2 (a restart
+        // with another budget): merging would declare a scale no budget
+        // implies.
+        assert!(merge(&a[0], &b[2]).is_none());
     }
 
     #[test]

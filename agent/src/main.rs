@@ -15,6 +15,7 @@ use driftline_agent::guarantee::Report;
 use driftline_agent::ledger::Budget;
 use driftline_agent::privacy::MechanismConfig;
 use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
+use driftline_agent::tls::TlsFiles;
 use driftline_agent::{runtime, window};
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
@@ -111,11 +112,22 @@ struct SimulateArgs {
     /// Broker address, mqtt://host:port.
     #[arg(long, env = "DRIFTLINE_BROKER")]
     broker: BrokerUrl,
-    /// Broker login shared by the virtual devices.
+    /// Broker login of the virtual devices. `{fleet}` and `{device}` become
+    /// each device's own, so `{fleet}/{device}` logs every device in as
+    /// itself (the username scheme of deploy/mosquitto's ACL).
     #[arg(long, env = "DRIFTLINE_MQTT_USERNAME")]
     mqtt_username: Option<String>,
     #[arg(long, env = "DRIFTLINE_MQTT_PASSWORD", hide_env_values = true)]
     mqtt_password: Option<String>,
+    /// CA certificates (PEM) for an mqtts:// broker. Default: the system's roots.
+    #[arg(long, env = "DRIFTLINE_TLS_CA_FILE")]
+    tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that require one.
+    #[arg(long, env = "DRIFTLINE_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert.
+    #[arg(long, env = "DRIFTLINE_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
     /// Number of virtual devices.
     #[arg(long, env = "DRIFTLINE_DEVICES", default_value_t = 10)]
     devices: u32,
@@ -379,6 +391,11 @@ async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {
         credentials: args
             .mqtt_username
             .map(|u| (u, args.mqtt_password.unwrap_or_default())),
+        tls: TlsFiles {
+            ca_file: args.tls_ca_file,
+            client_cert: args.tls_client_cert,
+            client_key: args.tls_client_key,
+        },
     };
     let progress = Arc::new(SimProgress::default());
     let cancel = CancellationToken::new();

@@ -87,6 +87,7 @@ impl Publisher {
         device: DeviceIdentity,
         first_seq: u64,
         credentials: Option<(String, String)>,
+        tls: &crate::tls::TlsFiles,
     ) -> Result<Self, PublishError> {
         let client_id = format!("driftline-{}-{}", device.fleet, device.device_id);
         let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
@@ -107,11 +108,7 @@ impl Publisher {
             QoS::AtLeastOnce,
             true,
         ));
-        // The simulator trusts the system's roots for mqtts://.
-        options.set_transport(crate::tls::transport(
-            broker,
-            &crate::tls::TlsFiles::default(),
-        )?);
+        options.set_transport(crate::tls::transport(broker, tls)?);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         // QoS 0: its acknowledgement would count as a window's.
         let _ = client.try_publish(

@@ -28,6 +28,7 @@ use crate::guarantee::Report;
 use crate::ledger::{Budget, Ledger, Now};
 use crate::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, PrivateWindow, Privatizer};
 use crate::publish::{PublishError, Publisher};
+use crate::tls::TlsFiles;
 use crate::window::{ModelHandle, ModelKey, ModelSpec, Windower};
 
 /// Labels of the simulated models' `label` feature.
@@ -103,8 +104,13 @@ pub struct SimConfig {
     /// Index of the first device: devices are `sim-{first_device}` on, so
     /// that two runs can simulate two parts of one fleet.
     pub first_device: u32,
-    /// Broker login (username, password) shared by the virtual devices.
+    /// Broker login (username, password) of the virtual devices; `{fleet}`
+    /// and `{device}` in the username become each device's own, so that
+    /// every device logs in as itself (`{fleet}/{device}` matches the
+    /// broker ACL of deploy/mosquitto).
     pub credentials: Option<(String, String)>,
+    /// TLS files for an mqtts:// broker.
+    pub tls: TlsFiles,
 }
 
 /// What a run did.
@@ -122,7 +128,7 @@ pub enum SimError {
     #[error("device {device}: {source}")]
     Publish {
         device: String,
-        source: PublishError,
+        source: Box<PublishError>,
     },
     #[error(transparent)]
     Privacy(#[from] PrivacyError),
@@ -302,17 +308,19 @@ async fn run_device(
     cancel: &CancellationToken,
 ) -> Result<SimSummary, SimError> {
     let mut sim = DeviceSim::new(index, config)?;
-    let publish_error = |source| SimError::Publish {
+    let publish_error = |source: PublishError| SimError::Publish {
         device: device_id(config.first_device.saturating_add(index)),
-        source,
+        source: Box::new(source),
     };
-    let mut publisher = Publisher::connect(
-        &config.broker,
-        sim.identity().clone(),
-        0,
-        config.credentials.clone(),
-    )
-    .map_err(publish_error)?;
+    let identity = sim.identity().clone();
+    let login = config.credentials.as_ref().map(|(user, password)| {
+        let user = user
+            .replace("{fleet}", &identity.fleet)
+            .replace("{device}", &identity.device_id);
+        (user, password.clone())
+    });
+    let mut publisher = Publisher::connect(&config.broker, identity, 0, login, &config.tls)
+        .map_err(publish_error)?;
     let mut w: u64 = 0;
     let mut live = false;
     while config.windows.is_none_or(|n| w < n) && !cancel.is_cancelled() {

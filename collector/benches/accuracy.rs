@@ -11,7 +11,7 @@
 //!   nothing drifted, over many seeds.
 //!
 //! `cargo bench -p driftline-collector --bench accuracy -- [--quick]
-//! [--only utility|detection] [--out DIR]` prints markdown tables and, with
+//! [--only utility|detection] [--seeds N] [--out DIR]` prints markdown tables and, with
 //! `--out`, writes them to `DIR/utility.md` and `DIR/detection.md`
 //! (`bench/suite.py` puts them into BENCHMARKS.md). Accuracy does not
 //! depend on the build profile; only the run time does.
@@ -43,6 +43,8 @@ type Message = (String, Vec<u8>, DateTime<Utc>);
 struct Options {
     quick: bool,
     only: Option<String>,
+    /// Fleets simulated per drift in `detection` (default 4, 1 if quick).
+    seeds: Option<u64>,
     out: Option<PathBuf>,
 }
 
@@ -50,6 +52,7 @@ fn options() -> Result<Options, Error> {
     let mut o = Options {
         quick: false,
         only: None,
+        seeds: None,
         out: None,
     };
     let mut args = std::env::args().skip(1);
@@ -58,6 +61,7 @@ fn options() -> Result<Options, Error> {
             "--quick" => o.quick = true,
             "--only" => o.only = args.next(),
             "--out" => o.out = args.next().map(PathBuf::from),
+            "--seeds" => o.seeds = Some(args.next().ok_or("--seeds needs a number")?.parse()?),
             // cargo bench passes --bench to every harness.
             "--bench" => {}
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -75,7 +79,8 @@ fn main() -> Result<(), Error> {
         blocks.push(("utility", utility(o.quick)?));
     }
     if wanted("detection") {
-        blocks.push(("detection", detection(o.quick)?));
+        let seeds = o.seeds.unwrap_or(if o.quick { 1 } else { 4 });
+        blocks.push(("detection", detection(seeds)?));
     }
     for (name, text) in &blocks {
         println!("{text}");
@@ -345,6 +350,7 @@ fn run_fleet(
         max_events_per_window: 60,
         first_device: 0,
         credentials: None,
+        tls: Default::default(),
     };
     // Devices noise their windows on every core.
     let messages: Vec<Message> = on_every_core(|t, threads| {
@@ -387,15 +393,38 @@ fn run_fleet(
     })
 }
 
+/// `k/n` with its exact (Clopper-Pearson) 95 % interval.
+fn rate_interval(k: u64, n: u64) -> String {
+    use statrs::distribution::{Beta, ContinuousCDF};
+    if n == 0 {
+        return "-".into();
+    }
+    let (kf, nf) = (k as f64, n as f64);
+    let quantile = |a: f64, b: f64, q: f64| Beta::new(a, b).map_or(f64::NAN, |d| d.inverse_cdf(q));
+    let lower = if k == 0 {
+        0.0
+    } else {
+        quantile(kf, nf - kf + 1.0, 0.025)
+    };
+    let upper = if k == n {
+        1.0
+    } else {
+        quantile(kf + 1.0, nf - kf, 0.975)
+    };
+    format!("{:.4} ({lower:.4}-{upper:.4})", kf / nf)
+}
+
 #[derive(Default)]
 struct Tally {
     evaluations: u64,
     fired: u64,
+    /// Times two consecutive periods fired: what would open a retraining
+    /// job under the default rule (`--retrain-consecutive 2`).
+    consecutive: u64,
     alpha: f64,
 }
 
-fn detection(quick: bool) -> Result<String, Error> {
-    let seeds: u64 = if quick { 1 } else { 4 };
+fn detection(seeds: u64) -> Result<String, Error> {
     let rt = tokio::runtime::Runtime::new()?;
     let onset = Utc
         .with_ymd_and_hms(2026, 11, 1, 0, 0, 0)
@@ -408,6 +437,9 @@ fn detection(quick: bool) -> Result<String, Error> {
         for seed in 0..seeds {
             let evaluations = run_fleet(&rt, kind, size, 7919 * seed + 17)?;
             let mut first: Option<i64> = None;
+            // Whether the previous period of (detector, model) fired
+            // without drift.
+            let mut previous: BTreeMap<(String, String), bool> = BTreeMap::new();
             for e in &evaluations {
                 let drifted =
                     e.detector == detector && e.model_id == "model-0" && e.current_end > onset;
@@ -423,6 +455,8 @@ fn detection(quick: bool) -> Result<String, Error> {
                     t.evaluations += 1;
                     t.fired += u64::from(e.fired);
                     t.alpha = e.alpha;
+                    let before = previous.insert((e.detector.clone(), e.model_id.clone()), e.fired);
+                    t.consecutive += u64::from(e.fired && before == Some(true));
                 }
             }
             eprintln!("{name} drift +{size}, seed {seed}: first alarm {first:?} min after onset");
@@ -460,16 +494,33 @@ fn detection(quick: bool) -> Result<String, Error> {
         ));
     }
     lines.push(String::new());
-    lines.push("| detector | evaluations without drift | false alarms | rate | alpha |".to_owned());
-    lines.push("|---|---|---|---|---|".to_owned());
+    lines.push(
+        "| detector | evaluations without drift | false alarms | rate (95% interval) | alpha | two in a row (a job) |"
+            .to_owned(),
+    );
+    lines.push("|---|---|---|---|---|---|".to_owned());
+    let mut total = Tally::default();
     for (detector, t) in &quiet {
         lines.push(format!(
-            "| {detector} | {} | {} | {:.3} | {} |",
+            "| {detector} | {} | {} | {} | {} | {} |",
             t.evaluations,
             t.fired,
-            t.fired as f64 / t.evaluations.max(1) as f64,
-            t.alpha
+            rate_interval(t.fired, t.evaluations),
+            t.alpha,
+            t.consecutive
         ));
+        total.evaluations += t.evaluations;
+        total.fired += t.fired;
+        total.consecutive += t.consecutive;
+        total.alpha = t.alpha;
     }
+    lines.push(format!(
+        "| all | {} | {} | {} | {} | {} |",
+        total.evaluations,
+        total.fired,
+        rate_interval(total.fired, total.evaluations),
+        total.alpha,
+        total.consecutive
+    ));
     Ok(lines.join("\n"))
 }

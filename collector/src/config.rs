@@ -45,6 +45,9 @@ pub struct ServeFile {
     /// How far in the future a window may end (clock skew).
     #[serde(default, with = "humantime_serde")]
     pub max_future_skew: Option<Duration>,
+    /// Quarantine rows kept per device and hour; further refused messages
+    /// of that device and hour are counted only.
+    pub quarantine_quota: Option<u32>,
     /// CA certificates (PEM) for mqtts:// (default: the system's roots).
     pub tls_ca_file: Option<PathBuf>,
     /// Client certificate (PEM), for brokers that require one.
@@ -131,6 +134,7 @@ impl ServeFile {
             flush_rows: over.flush_rows.or(self.flush_rows),
             max_event_age: over.max_event_age.or(self.max_event_age),
             max_future_skew: over.max_future_skew.or(self.max_future_skew),
+            quarantine_quota: over.quarantine_quota.or(self.quarantine_quota),
             tls_ca_file: over.tls_ca_file.or(self.tls_ca_file),
             tls_client_cert: over.tls_client_cert.or(self.tls_client_cert),
             tls_client_key: over.tls_client_key.or(self.tls_client_key),
@@ -220,6 +224,7 @@ impl ServeConfig {
                 Some(d) => delta(d, "max_future_skew")?,
                 None => defaults.max_future_skew,
             },
+            quarantine_quota: layers.quarantine_quota.unwrap_or(defaults.quarantine_quota),
         };
         let client_id = layers
             .client_id

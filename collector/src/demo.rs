@@ -174,6 +174,7 @@ pub async fn run(
         max_events_per_window: DEMO_MAX_EVENTS_PER_WINDOW,
         first_device: 0,
         credentials: None,
+        tls: Default::default(),
     };
     let guarantee = driftline_agent::guarantee::Report::of(
         sim.mechanism,

@@ -12,6 +12,7 @@
 //! -- threshold: 0.2        (the effect size that matters: value > threshold)
 //! -- alpha: 0.001          (the false-alarm rate per evaluation: p_value < alpha)
 //! -- min_devices: 10
+//! -- device_cap: 10        (no device weighs more than 10 median devices)
 //! SELECT model_id, model_version, 'mean_latency_increase' AS statistic,
 //!        ... AS value, ... AS p_value, devices, events, epsilon FROM ...
 //! ```
@@ -22,6 +23,15 @@
 //! `p_value < alpha`: the p-values come from the noise-aware tests of
 //! [`crate::query::stats`], so alpha is the false-alarm rate whatever the
 //! privacy noise. Placeholders: see [`render`] and `queries/README.md`.
+//!
+//! **Robust fleet sums.** Where the body reads `FROM metrics`, it reads the
+//! period's rows with a `device_weight` per device and period: 1, or for a
+//! device whose inferences in the period exceed `device_cap` times the
+//! median device's (of its model version), the factor that brings it down
+//! to that cap. The sum placeholders multiply every count by it (and its
+//! noise variance by its square), so one device, whatever counts it sends,
+//! weighs at most `device_cap` median devices in a fleet sum. How many
+//! devices were capped is recorded in `detector_runs.devices_capped`.
 //!
 //! Files are read at every run: a new or edited detector is picked up
 //! without a restart. Evaluations are keyed by (detector, model_id,
@@ -55,6 +65,8 @@ pub struct Detector {
     pub threshold: f64,
     pub alpha: f64,
     pub min_devices: u64,
+    /// Most a device weighs in a period, in median devices (0: no cap).
+    pub device_cap: f64,
 }
 
 /// Errors of detection.
@@ -150,7 +162,11 @@ pub fn parse(file: &Path, text: &str) -> Result<Detector, String> {
         threshold: number("threshold", None)?,
         alpha: number("alpha", Some(0.001))?,
         min_devices: number("min_devices", Some(10.0))? as u64,
+        device_cap: number("device_cap", Some(DEFAULT_DEVICE_CAP))?,
     };
+    if !(detector.device_cap == 0.0 || detector.device_cap >= 1.0) {
+        return Err("device_cap must be 0 (no cap) or at least 1".into());
+    }
     if detector.current.is_zero() || detector.reference.is_zero() {
         return Err("current and reference must be longer than 0s".into());
     }
@@ -193,6 +209,83 @@ impl Detector {
     }
 }
 
+/// Default `device_cap`: a device weighs at most 10 median devices.
+pub const DEFAULT_DEVICE_CAP: f64 = 10.0;
+
+/// Each device's weight in the reference and current periods of `p`
+/// (`in_current` tells which): columns `device_id`, `model_id`,
+/// `model_version`, `in_current`, `device_weight`. A device's inferences
+/// in a period (noised, so floored at 0) above `cap` times the median
+/// device's are scaled down to that; nobody is capped below one inference.
+fn device_weights(p: &Periods, cap: f64) -> String {
+    let cap = if cap > 0.0 { cap } else { f64::INFINITY };
+    format!(
+        "SELECT device_id, model_id, model_version, in_current, \
+                CASE WHEN n > limit_n THEN limit_n / n ELSE 1.0 END AS device_weight \
+         FROM (SELECT device_id, model_id, model_version, in_current, n, \
+                      {cap:?} * greatest(median(n) OVER (PARTITION BY model_id, model_version, in_current), 1.0) AS limit_n \
+               FROM (SELECT device_id, model_id, model_version, window_start >= {cur} AS in_current, \
+                            CAST(greatest(sum(inference_count), 0) AS DOUBLE) AS n \
+                     FROM metrics WHERE window_start >= {start} AND window_start < {end} \
+                     GROUP BY device_id, model_id, model_version, window_start >= {cur}))",
+        cur = literal(p.current_start),
+        start = literal(p.reference_start),
+        end = literal(p.current_end),
+    )
+}
+
+/// The rows of `metrics` in the periods of `p`, each with its device's
+/// `device_weight`: what a detector's `FROM metrics` reads.
+fn weighted_metrics(p: &Periods, cap: f64) -> String {
+    format!(
+        "(SELECT m.*, w.device_weight FROM metrics m JOIN ({weights}) w \
+          ON m.device_id = w.device_id AND m.model_id = w.model_id \
+             AND m.model_version = w.model_version \
+             AND (m.window_start >= {cur}) = w.in_current \
+          WHERE m.window_start >= {start} AND m.window_start < {end}) AS metrics",
+        weights = device_weights(p, cap),
+        cur = literal(p.current_start),
+        start = literal(p.reference_start),
+        end = literal(p.current_end),
+    )
+}
+
+/// `body` with its `FROM metrics` (any case and spacing) reading
+/// [`weighted_metrics`]; whether there was one.
+fn weigh_metrics(body: &str, p: &Periods, cap: f64) -> (String, bool) {
+    let lower = body.to_ascii_lowercase();
+    let mut out = String::with_capacity(body.len());
+    let mut rest = 0;
+    let mut found = false;
+    let mut search = 0;
+    while let Some(at) = lower[search..].find("from").map(|i| i + search) {
+        search = at + 4;
+        let before_ok = at == 0 || !is_word(lower.as_bytes()[at - 1]);
+        let after = &lower[at + 4..];
+        let spaces = after.len() - after.trim_start().len();
+        let table = &after[spaces..];
+        let ends = table
+            .as_bytes()
+            .get("metrics".len())
+            .is_none_or(|b| !is_word(*b));
+        if before_ok && spaces > 0 && table.starts_with("metrics") && ends {
+            let end = at + 4 + spaces + "metrics".len();
+            out.push_str(&body[rest..at]);
+            out.push_str("FROM ");
+            out.push_str(&weighted_metrics(p, cap));
+            rest = end;
+            search = end;
+            found = true;
+        }
+    }
+    out.push_str(&body[rest..]);
+    (out, found)
+}
+
+fn is_word(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
 fn literal(t: DateTime<Utc>) -> String {
     format!("TIMESTAMP '{}'", t.format("%Y-%m-%dT%H:%M:%SZ"))
 }
@@ -221,7 +314,16 @@ fn scale_of(field: &str) -> String {
 /// - `{ref_sum:c}`, `{cur_sum:c}`: noised count `c` summed over the period;
 /// - `{ref_noise:f}`, `{cur_noise:f}`: the noise variance of such a sum (of
 ///   each bucket, for a histogram).
+///
+/// Sums are weighted by `device_weight` where the body reads `FROM metrics`
+/// (see the module's "Robust fleet sums").
 pub fn render(detector: &Detector, p: &Periods) -> String {
+    let (body, weighted) = weigh_metrics(&detector.body, p, detector.device_cap);
+    let (w, w2) = if weighted {
+        (" * device_weight", " * device_weight * device_weight")
+    } else {
+        ("", "")
+    };
     let in_reference = format!(
         "(window_start >= {} AND window_start < {})",
         literal(p.reference_start),
@@ -232,11 +334,11 @@ pub fn render(detector: &Detector, p: &Periods) -> String {
         literal(p.current_start),
         literal(p.current_end)
     );
-    let mut sql = detector.body.clone();
+    let mut sql = body;
     for (tag, cond) in [("ref", &in_reference), ("cur", &in_current)] {
         for h in crate::lake::schema::HISTOGRAMS {
             let buckets: Vec<String> = (0..MAX_BUCKETS)
-                .map(|i| format!("sum(CASE WHEN {cond} THEN {h}_b{i:02} END)"))
+                .map(|i| format!("sum(CASE WHEN {cond} THEN {h}_b{i:02}{w} END)"))
                 .collect();
             sql = sql.replace(
                 &format!("{{{tag}_hist:{h}}}"),
@@ -251,7 +353,7 @@ pub fn render(detector: &Detector, p: &Periods) -> String {
             let field = sql[start + tag.len() + 6..start + len].to_owned();
             sql.replace_range(
                 start..=start + len,
-                &format!("sum(CASE WHEN {cond} THEN {field} ELSE 0 END)"),
+                &format!("sum(CASE WHEN {cond} THEN {field}{w} ELSE 0 END)"),
             );
         }
         while let Some(start) = sql.find(&format!("{{{tag}_noise:")) {
@@ -262,7 +364,7 @@ pub fn render(detector: &Detector, p: &Periods) -> String {
             sql.replace_range(
                 start..=start + len,
                 &format!(
-                    "sum(CASE WHEN {cond} THEN noise_var(mechanism, {}) ELSE 0 END)",
+                    "sum(CASE WHEN {cond} THEN noise_var(mechanism, {}){w2} ELSE 0 END)",
                     scale_of(&field)
                 ),
             );
@@ -297,9 +399,64 @@ pub async fn evaluate(
     };
     let batches = query::run(ctx, &sql).await.map_err(failed)?;
     let reporting = reporting(ctx, &periods).await.map_err(failed)?;
+    let capped = if weigh_metrics(&detector.body, &periods, detector.device_cap).1 {
+        Some(
+            devices_capped(ctx, &periods, detector.device_cap)
+                .await
+                .map_err(failed)?,
+        )
+    } else {
+        None
+    };
     let mut out = Vec::new();
     for batch in &batches {
-        out.extend(rows(detector, &periods, batch, reporting, revision)?);
+        let mut evaluations = rows(detector, &periods, batch, reporting, revision)?;
+        for e in &mut evaluations {
+            e.devices_capped = capped.as_ref().map(|c| {
+                c.get(&(e.model_id.clone(), e.model_version.clone()))
+                    .copied()
+                    .unwrap_or(0)
+            });
+        }
+        out.extend(evaluations);
+    }
+    Ok(out)
+}
+
+/// Devices whose weight was capped in the current period of `p`, per
+/// model and version.
+async fn devices_capped(
+    ctx: &SessionContext,
+    p: &Periods,
+    cap: f64,
+) -> Result<HashMap<(String, String), i64>, QueryError> {
+    let sql = format!(
+        "SELECT model_id, model_version, count(*) AS capped FROM ({}) \
+         WHERE in_current AND device_weight < 1.0 GROUP BY model_id, model_version",
+        device_weights(p, cap)
+    );
+    let mut out = HashMap::new();
+    for batch in query::run(ctx, &sql).await? {
+        let (Some(model), Some(version), Some(capped)) = (
+            batch.column_by_name("model_id"),
+            batch.column_by_name("model_version"),
+            batch.column_by_name("capped"),
+        ) else {
+            continue;
+        };
+        let (model, version) = (
+            cast(model, &DataType::Utf8)?,
+            cast(version, &DataType::Utf8)?,
+        );
+        let capped = cast(capped, &DataType::Int64)?;
+        let (model, version) = (model.as_string::<i32>(), version.as_string::<i32>());
+        let capped = capped.as_primitive::<Int64Type>();
+        for i in 0..batch.num_rows() {
+            out.insert(
+                (model.value(i).to_owned(), version.value(i).to_owned()),
+                capped.value(i),
+            );
+        }
     }
     Ok(out)
 }
@@ -390,6 +547,7 @@ fn rows(
                 devices_present: i64::try_from(seen.present).ok(),
                 revision,
                 rows_seen: i64::try_from(seen.rows).ok(),
+                devices_capped: None,
             }
         })
         .collect())

@@ -5,7 +5,7 @@
 //! Plain state without I/O of its own (the lake writer is passed in), so
 //! tests drive it directly; [`crate::subscriber`] drives it from MQTT.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +26,10 @@ pub struct IngestLimits {
     pub max_event_age: TimeDelta,
     /// How far a window's end may lie past reception (clock skew).
     pub max_future_skew: TimeDelta,
+    /// Quarantine rows kept per device (the topic's fleet and device) and
+    /// hour of reception; the device's further refused messages in that
+    /// hour are counted, not kept. 0: no limit.
+    pub quarantine_quota: u32,
 }
 
 impl Default for IngestLimits {
@@ -33,6 +37,7 @@ impl Default for IngestLimits {
         IngestLimits {
             max_event_age: TimeDelta::days(30),
             max_future_skew: TimeDelta::hours(1),
+            quarantine_quota: 1000,
         }
     }
 }
@@ -58,6 +63,9 @@ pub struct Counters {
     pub flush_errors: AtomicU64,
     /// Messages replayed from the write-ahead log at start-up.
     pub replayed: AtomicU64,
+    /// Refused messages not kept because their device had used its
+    /// quarantine quota for the hour.
+    pub over_quota: AtomicU64,
     quarantined_by_reason: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -84,9 +92,26 @@ pub const INVALID_STATUS: &str = "invalid_status";
 /// Reason code of an accepted message that could not be turned into a lake
 /// row (a bug or a schema change, never expected).
 pub const UNSTORABLE: &str = "unstorable";
+/// Reason code of a window the lake holds already under another `seq`: one
+/// window of a device, model and version counts once, and the first kept
+/// wins (docs/wire-format.md).
+pub const DUPLICATE_WINDOW: &str = "duplicate_window";
+
+/// Reason code of the last quarantine row a device gets in an hour: the
+/// quota is used up, and its further refused messages are counted only.
+pub const QUARANTINE_QUOTA: &str = "quarantine_quota";
 
 /// How much of a payload over the size limit a `quarantine` row keeps.
 pub const QUARANTINE_KEPT_BYTES: usize = 4096;
+
+/// Where a quarantine row stands against its device's hourly quota.
+enum Quota {
+    Within,
+    /// This row is the last kept: the quota is `.0`.
+    Reached(u32),
+    /// Counted, not kept.
+    Exceeded,
+}
 
 /// What happened to one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +130,9 @@ pub struct Ingest {
     quarantine: BTreeMap<String, Vec<QuarantinedMessage>>,
     status: BTreeMap<String, Vec<StoredStatus>>,
     pending: usize,
+    /// Quarantine rows kept this hour (`quota_hour`), per device.
+    quota_used: HashMap<String, u32>,
+    quota_hour: i64,
 }
 
 impl Ingest {
@@ -116,6 +144,8 @@ impl Ingest {
             quarantine: BTreeMap::new(),
             status: BTreeMap::new(),
             pending: 0,
+            quota_used: HashMap::new(),
+            quota_hour: 0,
         }
     }
 
@@ -182,6 +212,20 @@ impl Ingest {
         reason: &'static str,
         detail: String,
     ) -> Outcome {
+        let (reason, detail) = match self.charge_quota(topic, received_at) {
+            Quota::Within => (reason, detail),
+            Quota::Reached(quota) => (
+                QUARANTINE_QUOTA,
+                format!(
+                    "{reason}: {detail}; this device's quarantine quota ({quota} rows an hour) is used up: its further refused messages this hour are counted, not kept"
+                ),
+            ),
+            Quota::Exceeded => {
+                self.counters.over_quota.fetch_add(1, Ordering::Relaxed);
+                self.pending = self.pending.saturating_sub(1);
+                return Outcome::Quarantined { reason };
+            }
+        };
         tracing::warn!(topic, reason, detail, "message quarantined");
         self.counters.count_quarantined(reason, 1);
         // An oversized payload is kept in part: enough to see what it was,
@@ -212,6 +256,29 @@ impl Ingest {
                 payload: kept,
             });
         Outcome::Quarantined { reason }
+    }
+
+    /// Counts one quarantine row against the quota of the topic's device
+    /// (its first four levels, `driftline/v1/{fleet}/{device}`) for the
+    /// hour of `at`.
+    fn charge_quota(&mut self, topic: &str, at: DateTime<Utc>) -> Quota {
+        let quota = self.limits.quarantine_quota;
+        if quota == 0 {
+            return Quota::Within;
+        }
+        let hour = at.timestamp().div_euclid(3600);
+        if hour != self.quota_hour {
+            self.quota_hour = hour;
+            self.quota_used.clear();
+        }
+        let device = topic.splitn(5, '/').take(4).collect::<Vec<_>>().join("/");
+        let used = self.quota_used.entry(device).or_default();
+        *used = used.saturating_add(1);
+        match (*used).cmp(&quota) {
+            std::cmp::Ordering::Less => Quota::Within,
+            std::cmp::Ordering::Equal => Quota::Reached(quota),
+            std::cmp::Ordering::Greater => Quota::Exceeded,
+        }
     }
 
     /// Writes every pending row to the lake, one file per table and date;
@@ -262,10 +329,11 @@ impl Ingest {
                 &mut unstorable,
             )),
         );
-        // Rows that cannot become lake rows are kept as quarantine rows.
+        // Rows that cannot become lake rows, or whose window is stored
+        // under another seq, are kept as quarantine rows.
         let unstorable_count = unstorable.len();
-        for (received_at, topic, payload, detail) in unstorable {
-            self.quarantine(&topic, &payload, received_at, UNSTORABLE, detail);
+        for (received_at, topic, payload, reason, detail) in unstorable {
+            self.quarantine(&topic, &payload, received_at, reason, detail);
         }
         self.pending = self.pending.saturating_sub(unstorable_count);
         // A quarantine row that cannot be encoded stays pending (and the
@@ -296,7 +364,11 @@ impl Ingest {
 /// collector's clock (`at` no further ahead than a window may be, and at
 /// most `max_event_age` or a year old, whichever is longer) and the ranges
 /// of its counters.
-fn accept_status(topic: &str, payload: &[u8], bounds: &TimeBounds) -> Result<StatusReport, String> {
+pub fn accept_status(
+    topic: &str,
+    payload: &[u8],
+    bounds: &TimeBounds,
+) -> Result<StatusReport, String> {
     if payload.len() > wire::MAX_PAYLOAD_BYTES {
         return Err(format!(
             "{} bytes, over the {} byte limit",
@@ -347,8 +419,8 @@ fn accept_status(topic: &str, payload: &[u8], bounds: &TimeBounds) -> Result<Sta
 /// The message a lake row came from: when it arrived, its topic, its payload.
 type Original = (DateTime<Utc>, String, Vec<u8>);
 
-/// A row that cannot be stored: its message and why.
-type Unstorable = (DateTime<Utc>, String, Vec<u8>, String);
+/// A row that is not stored: its message, the reason code and the detail.
+type Unstorable = (DateTime<Utc>, String, Vec<u8>, &'static str, String);
 
 /// How to turn a row back into its message, and where unstorable rows go.
 type ToQuarantine<'a, T> = Option<(&'a dyn Fn(&T) -> Original, &'a mut Vec<Unstorable>)>;
@@ -384,7 +456,8 @@ fn flush_table<T>(
                 flushed.rows += rows.len();
                 unstorable.extend(rows.iter().map(|row| {
                     let (at, topic, payload) = original(row);
-                    (at, topic, payload, format!("cannot store in {table}: {e}"))
+                    let detail = format!("cannot store in {table}: {e}");
+                    (at, topic, payload, UNSTORABLE, detail)
                 }));
                 continue;
             }
@@ -400,6 +473,15 @@ fn flush_table<T>(
         match lake.append(table, &date, &batch) {
             Ok(appended) => {
                 flushed.rows += rows.len();
+                if let Some((original, refused)) = to_quarantine.as_mut() {
+                    for &(row, stored) in &appended.conflicts {
+                        let (at, topic, payload) = original(&rows[row]);
+                        let detail = format!(
+                            "the lake holds this window (fleet, device, model, version, window_start, window_secs) already, from the message with seq {stored}; a window counts once"
+                        );
+                        refused.push((at, topic, payload, DUPLICATE_WINDOW, detail));
+                    }
+                }
                 stored.fetch_add(appended.rows as u64, Ordering::Relaxed);
                 counters
                     .duplicates
@@ -474,7 +556,8 @@ mod tests {
         report["seq"] = serde_json::json!(5000);
         report["inference_count"] = serde_json::json!(470);
         let replay = serde_json::to_vec(&report).expect("json");
-        // In one flush (a retry and a replay), and again in a later one.
+        // In one flush a retry (same seq) and a replay (another seq), then
+        // the replay again in a later flush.
         let mut ingest = Ingest::new(IngestLimits::default(), counters.clone());
         for payload in [&first, &first, &replay] {
             assert!(matches!(
@@ -484,14 +567,64 @@ mod tests {
         }
         ingest.flush(&lake).expect("flush");
         let mut ingest = Ingest::new(IngestLimits::default(), counters.clone());
+        let later = received + TimeDelta::seconds(5);
         assert!(matches!(
-            ingest.handle(TOPIC, &replay, received),
+            ingest.handle(TOPIC, &replay, later),
             Outcome::Accepted
         ));
         ingest.flush(&lake).expect("flush");
+        // One row, the first; the retry is a duplicate; both replays are in
+        // quarantine with the seq that was kept.
         let stored = rows(dir.path(), "SELECT seq, inference_count FROM metrics").await;
         assert_eq!(stored, vec![vec!["1042".to_owned(), "47".to_owned()]]);
-        assert_eq!(counters.duplicates.load(Ordering::Relaxed), 3);
+        assert_eq!(counters.duplicates.load(Ordering::Relaxed), 1);
+        let refused = rows(
+            dir.path(),
+            "SELECT reason, detail LIKE '%seq 1042%', CAST(payload AS VARCHAR) LIKE '%\"seq\":5000%' \
+             FROM quarantine ORDER BY received_at",
+        )
+        .await;
+        let row = vec!["duplicate_window".to_owned(), "true".into(), "true".into()];
+        assert_eq!(refused, vec![row.clone(), row]);
+        assert_eq!(counters.quarantined_by_reason()[DUPLICATE_WINDOW], 2);
+    }
+
+    #[tokio::test]
+    async fn one_device_cannot_fill_the_quarantine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lake = LakeWriter::open(dir.path()).expect("lake");
+        let counters = Arc::new(Counters::default());
+        let limits = IngestLimits {
+            quarantine_quota: 3,
+            ..IngestLimits::default()
+        };
+        let mut ingest = Ingest::new(limits, counters.clone());
+        let hour: DateTime<Utc> = "2026-11-27T10:00:00Z".parse().expect("ts");
+        let other = "driftline/v1/eu-kiosks/kiosk-0008/metrics";
+        for i in 0..5 {
+            let at = hour + TimeDelta::seconds(i);
+            ingest.handle(TOPIC, format!("not json {i}").as_bytes(), at);
+        }
+        ingest.handle(other, b"not json", hour);
+        // The next hour starts a new quota.
+        ingest.handle(TOPIC, b"not json", hour + TimeDelta::hours(1));
+        ingest.flush(&lake).expect("flush");
+        let kept = rows(
+            dir.path(),
+            "SELECT topic, reason, count(*) FROM quarantine GROUP BY topic, reason ORDER BY 1, 2",
+        )
+        .await;
+        let row =
+            |topic: &str, reason: &str, n: &str| vec![topic.to_owned(), reason.into(), n.into()];
+        assert_eq!(
+            kept,
+            vec![
+                row(TOPIC, "invalid_json", "3"),
+                row(TOPIC, QUARANTINE_QUOTA, "1"),
+                row(other, "invalid_json", "1"),
+            ]
+        );
+        assert_eq!(counters.over_quota.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

@@ -18,6 +18,8 @@
 //! - [`detect`]: detectors from `queries/detectors/*.sql`, drift events;
 //!   [`retrain`]: retraining jobs and their dispatch.
 //! - [`demo`]: the whole loop in one process.
+//! - [`validate`]: ingest's verdict on messages read from files, for
+//!   `driftline-collector validate`.
 //!
 //! Invariants: nothing received is dropped silently (every message becomes
 //! a `metrics` or a `quarantine` row, and both are counted); files appear in
@@ -35,4 +37,5 @@ pub mod observe;
 pub mod query;
 pub mod retrain;
 pub mod subscriber;
+pub mod validate;
 pub mod wal;

@@ -42,6 +42,9 @@ enum Command {
     Detect(Box<DetectArgs>),
     /// Record a retraining job's state reported by the training system.
     JobStatus(JobStatusArgs),
+    /// Check messages as ingest would: JSON lines {"topic", "payload"} in,
+    /// one {"accepted", "reason", "detail"} line out per message.
+    Validate(driftline_collector::validate::ValidateArgs),
 }
 
 #[derive(clap::Args)]
@@ -251,6 +254,11 @@ struct ServeArgs {
     /// How far past the collector's clock a window may end. Default: 1h
     #[arg(long, env = "DRIFTLINE_MAX_FUTURE_SKEW", value_parser = humantime::parse_duration)]
     max_future_skew: Option<Duration>,
+    /// Quarantine rows kept per device and hour, so that one device cannot
+    /// fill the disk; further refused messages are counted
+    /// (driftline_quarantine_over_quota_total). Default: 1000
+    #[arg(long, env = "DRIFTLINE_QUARANTINE_QUOTA")]
+    quarantine_quota: Option<u32>,
     /// CA certificates (PEM) for an mqtts:// broker. Default: the system's roots.
     #[arg(long, env = "DRIFTLINE_TLS_CA_FILE")]
     tls_ca_file: Option<PathBuf>,
@@ -376,9 +384,11 @@ struct QueryArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Query(_) | Command::Compact(_) | Command::Detect(_) | Command::JobStatus(_) => {
-            "warn"
-        }
+        Command::Query(_)
+        | Command::Compact(_)
+        | Command::Detect(_)
+        | Command::JobStatus(_)
+        | Command::Validate(_) => "warn",
         // rumqttd reports every client disconnect as an error: quiet by
         // default in the demo (RUST_LOG=rumqttd=warn shows it).
         Command::Demo(_) => "warn,rumqttd=off",
@@ -429,6 +439,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Compact(args) => compact_command(args),
         Command::Detect(args) => detect_command(*args).await,
         Command::JobStatus(args) => job_status_command(args).await,
+        Command::Validate(args) => driftline_collector::validate::run(args),
     }
 }
 
@@ -486,6 +497,7 @@ async fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
         flush_rows: args.flush_rows,
         max_event_age: args.max_event_age,
         max_future_skew: args.max_future_skew,
+        quarantine_quota: args.quarantine_quota,
         tls_ca_file: args.tls_ca_file,
         tls_client_cert: args.tls_client_cert,
         tls_client_key: args.tls_client_key,

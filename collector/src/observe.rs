@@ -181,6 +181,7 @@ pub fn publish_counters(c: &Counters) {
         ("driftline_files_written_total", &c.files_written),
         ("driftline_flush_errors_total", &c.flush_errors),
         ("driftline_wal_replayed_total", &c.replayed),
+        ("driftline_quarantine_over_quota_total", &c.over_quota),
     ] {
         metrics::counter!(name).absolute(count.load(Ordering::Relaxed));
     }

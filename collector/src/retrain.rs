@@ -555,6 +555,7 @@ mod tests {
             devices_present: Some(30),
             revision: 0,
             rows_seen: Some(150),
+            devices_capped: Some(0),
         }
     }
 

@@ -474,7 +474,7 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
         assert!(collector.is_running(), "collector died after {what}");
     }
     // The same window again under another seq (a replay, not a retry):
-    // one window counts once, so it is dropped as a duplicate.
+    // one window counts once, so it is quarantined as duplicate_window.
     doc_json["seq"] = 7.into();
     broker.publish(
         topic,
@@ -507,6 +507,7 @@ fn handwritten_message_is_stored_and_malformed_ones_are_quarantined() {
         *expected.entry(reason).or_default() += 1;
     }
     expected.insert("invalid_status", 1);
+    expected.insert("duplicate_window", 1);
     let expected: Vec<Vec<String>> = expected
         .into_iter()
         .map(|(r, n)| vec![r.to_string(), n.to_string()])
@@ -813,6 +814,7 @@ fn sim_config(broker: BrokerUrl, devices: u32, models: u32, windows: u64, seed: 
         max_events_per_window: 60,
         first_device: 0,
         credentials: None,
+        tls: Default::default(),
     }
 }
 
@@ -1775,25 +1777,33 @@ fn detectors_give_the_expected_results_on_a_fixture_lake_and_jobs_reach_a_signed
 }
 
 #[test]
-fn compose_mosquitto_config_enforces_the_acl() {
-    // deploy/mosquitto as docker-compose mounts it, with the port and the
-    // paths moved into a temp dir.
+fn shipped_mosquitto_config_binds_logins_to_topics() {
+    // deploy/mosquitto as docker-compose runs it, with secrets made by its
+    // secrets.sh, the port and the paths moved into a temp dir.
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto");
     let dir = tempfile::tempdir().expect("tempdir");
-    for f in ["passwords", "acl"] {
-        std::fs::copy(deploy.join(f), dir.path().join(f)).expect("copy");
-    }
+    let secrets = dir.path().join("secrets");
+    let made = Command::new("sh")
+        .arg(deploy.join("secrets.sh"))
+        .arg(&secrets)
+        .args(["eu-kiosks:2", "us-kiosks:1"])
+        .output()
+        .expect("sh");
+    assert!(made.status.success(), "{made:?}");
     let d = dir.path().display().to_string();
     let port = free_port();
     let conf = std::fs::read_to_string(deploy.join("mosquitto.conf"))
         .expect("mosquitto.conf")
         .replace(
-            "listener 1883 0.0.0.0",
+            "listener 8883 0.0.0.0",
             &format!("listener {port} 127.0.0.1"),
         )
-        .replace("/mosquitto/config/", &format!("{d}/"))
+        .replace("/mosquitto/secrets/", &format!("{}/", secrets.display()))
+        .replace("/mosquitto/config/", &format!("{}/", deploy.display()))
         .replace("/mosquitto/data/", &format!("{d}/"));
-    assert!(conf.contains("acl_file") && conf.contains("allow_anonymous false"));
+    assert!(
+        conf.contains("use_username_as_clientid true") && conf.contains("allow_anonymous false")
+    );
     std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write conf");
     let mut child = Command::new("mosquitto")
         .arg("-c")
@@ -1803,64 +1813,234 @@ fn compose_mosquitto_config_enforces_the_acl() {
         .spawn()
         .expect("mosquitto");
     wait_for_port(port, "mosquitto");
+    let password = |login: &str| {
+        std::fs::read_to_string(secrets.join(format!("{login}.password")))
+            .expect("password")
+            .trim()
+            .to_owned()
+    };
     let url = BrokerUrl {
         host: "127.0.0.1".into(),
         port,
-        tls: false,
+        tls: true,
     };
     let data = tempfile::tempdir().expect("tempdir");
+    let ca = secrets.join("ca.crt").display().to_string();
+    let collector_password = password("collector");
     let collector = Collector::serve_with(
         &url,
         data.path(),
-        "e2e-acl",
+        "driftline-collector",
         &[
             "--mqtt-username",
-            "collector",
+            "driftline-collector",
             "--mqtt-password",
-            "collector-secret",
+            &collector_password,
+            "--tls-ca-file",
+            &ca,
         ],
     );
-    let publish = |user: &str, password: &str, device: &str| {
-        let body = recent_laplace_fixture().replace("kiosk-0007", device);
-        let file = data.path().join(format!("{device}.json"));
+    // mosquitto_pub over TLS as `login`, with `client_id` if given; whether
+    // the broker accepted the connection.
+    let publish = |login: &str, client_id: Option<&str>, topic: &str, body: &str| {
+        let file = data.path().join("message.json");
         std::fs::write(&file, body).expect("write");
-        Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-q",
-                "1",
-                "-u",
-                user,
-                "-P",
-                password,
-            ])
-            .args([
-                "-t",
-                &format!("driftline/v1/eu-kiosks/{device}/metrics"),
-                "-f",
-            ])
-            .arg(&file)
-            .status()
-            .expect("mosquitto_pub")
-            .success()
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+            .args(["--cafile", &ca, "-u", login, "-P"])
+            .arg(password(login.split('/').next().unwrap_or(login)))
+            .args(["-t", topic, "-f"])
+            .arg(&file);
+        if let Some(id) = client_id {
+            cmd.args(["-i", id]);
+        }
+        cmd.status().expect("mosquitto_pub").success()
     };
-    // A device publishes under its own topic: stored.
-    assert!(publish("kiosk-0001", "kiosk-secret", "kiosk-0001"));
-    // Posing as another device: the broker drops it.
-    publish("kiosk-0001", "kiosk-secret", "kiosk-0002");
-    // No login, or a wrong password: refused at connect.
-    assert!(!publish("kiosk-0001", "wrong", "kiosk-0001-b"));
-    std::thread::sleep(Duration::from_secs(1));
+    // One window of `device` in `fleet`, `back` windows ago.
+    let window = |fleet: &str, device: &str, back: i64| {
+        let start =
+            recent_window_start(60, back).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let recent = recent_window_start(60, 2).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        recent_laplace_fixture()
+            .replace(&recent, &start)
+            .replace("kiosk-0007", device)
+            .replace("eu-kiosks", fleet)
+    };
+    let topic = |fleet: &str, device: &str| format!("driftline/v1/{fleet}/{device}/metrics");
+    let (me, other) = ("eu-kiosks/sim-00000", "eu-kiosks/sim-00001");
+    // While a device keeps connecting under the collector's client id, and
+    // writes to another device's and another fleet's topics (the broker
+    // drops those), the other device's 10 windows all arrive.
+    for back in 2..12 {
+        let theirs = window("eu-kiosks", "sim-00001", back);
+        assert!(publish(
+            other,
+            None,
+            &topic("eu-kiosks", "sim-00001"),
+            &theirs
+        ));
+        let forged = window("eu-kiosks", "sim-00001", back + 20);
+        publish(
+            me,
+            Some("driftline-collector"),
+            &topic("eu-kiosks", "sim-00001"),
+            &forged,
+        );
+        let elsewhere = window("us-kiosks", "sim-00000", back);
+        publish(
+            me,
+            Some("driftline-collector"),
+            &topic("us-kiosks", "sim-00000"),
+            &elsewhere,
+        );
+    }
+    // Its own topic is its to write, whatever client id it asks for; so is
+    // the other fleet's device's.
+    let own = window("eu-kiosks", "sim-00000", 2);
+    assert!(publish(
+        me,
+        Some("driftline-collector"),
+        &topic("eu-kiosks", "sim-00000"),
+        &own
+    ));
+    let us = window("us-kiosks", "sim-00000", 2);
+    assert!(publish(
+        "us-kiosks/sim-00000",
+        None,
+        &topic("us-kiosks", "sim-00000"),
+        &us
+    ));
+    // A wrong password, or no TLS: refused at connect.
+    let wrong = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "--cafile",
+            &ca,
+        ])
+        .args([
+            "-u",
+            me,
+            "-P",
+            "wrong",
+            "-t",
+            &topic("eu-kiosks", "sim-00000"),
+            "-m",
+            "{}",
+        ])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(!wrong.success());
+    let plain = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args([
+            "-u",
+            me,
+            "-P",
+            &password("eu-kiosks"),
+            "-t",
+            &topic("eu-kiosks", "sim-00000"),
+            "-m",
+            "{}",
+        ])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(!plain.success());
+    let stored = |sql: &str| {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows = query(data.path(), sql);
+            if rows.len() >= 12 || Instant::now() > until {
+                return rows;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let rows = stored(
+        "SELECT fleet, device_id, count(*) FROM metrics GROUP BY fleet, device_id ORDER BY 1, 2",
+    );
+    let log: Vec<String> = collector.log.try_iter().collect();
     collector.terminate();
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(
-        query(data.path(), "SELECT device_id FROM metrics"),
-        vec![vec!["kiosk-0001".to_string()]]
+        rows,
+        vec![
+            vec!["eu-kiosks".to_string(), "sim-00000".into(), "1".into()],
+            vec!["eu-kiosks".to_string(), "sim-00001".into(), "10".into()],
+            vec!["us-kiosks".to_string(), "sim-00000".into(), "1".into()],
+        ]
     );
+    // The collector kept its connection throughout.
+    assert!(
+        !log.iter().any(|l| l.contains("broker connection failed")),
+        "{}",
+        log.join("\n")
+    );
+}
+
+#[test]
+fn one_device_weighs_at_most_device_cap_median_devices() {
+    use driftline_collector::ingest::{Ingest, IngestLimits, Outcome};
+    let (data, lake, queries) = detection_lake();
+    let now = Utc::now().timestamp();
+    let base = DateTime::from_timestamp(now - now.rem_euclid(900) - 6 * 3600, 0).expect("ts");
+    // 20 honest devices: 40 inferences and one error a window.
+    write_periods(&lake, base, 0..5, 0..20);
+    // One more device claims, in the last period, a million times their
+    // inferences with half of them failing.
+    let hostile = |errors: i64, scale: i64| {
+        let mut latency = [0; 16];
+        latency[5] = 40 * scale;
+        fixture_window(
+            "dev-99",
+            "m",
+            "1",
+            base + TimeDelta::minutes(60),
+            4,
+            latency,
+            [0, 0, 0, 0, 0, 0, 5, 10, 15, 10],
+            [0, 0, 0, 0, 10, 20, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            errors,
+            2,
+        )
+    };
+    let mut ingest = Ingest::new(IngestLimits::default(), Arc::new(Default::default()));
+    let topic = "driftline/v1/golden/dev-99/metrics";
+    let message = hostile(20_000_000, 1_000_000);
+    assert!(matches!(
+        ingest.handle(topic, message.as_bytes(), Utc::now()),
+        Outcome::Accepted
+    ));
+    ingest.flush(&lake).expect("flush");
+    let detectors = driftline_collector::detect::load(&queries).expect("detectors");
+    let error_rate = detectors
+        .iter()
+        .find(|d| d.name == "error_rate")
+        .expect("error_rate");
+    let at = base + TimeDelta::minutes(75);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let evaluation = rt.block_on(async {
+        let ctx = driftline_collector::query::session(data.path())
+            .await
+            .expect("session");
+        driftline_collector::detect::evaluate(&ctx, error_rate, at, 0)
+            .await
+            .expect("evaluate")
+    });
+    assert_eq!(evaluation.len(), 1, "{evaluation:?}");
+    let e = &evaluation[0];
+    // Capped at 10 median devices (400 inferences, 200 errors): the fleet's
+    // rate is (20 + 200) / (800 + 400), not the hostile device's 0.5.
+    let capped = 220.0 / 1200.0 - 1.0 / 40.0;
+    let value = e.value.expect("value");
+    assert!((value - capped).abs() < 1e-9, "{value} != {capped}");
+    assert_eq!(e.devices_capped, Some(1));
+    assert_eq!(e.devices, 21);
 }
 
 /// Noise-free 15-minute windows of model `m` for `devices` over `periods`

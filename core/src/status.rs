@@ -6,9 +6,17 @@
 //! It carries nothing derived from events: budget and buffer figures
 //! depend only on how many windows were published, not on what happened in
 //! them (see docs/privacy.md).
+//!
+//! The field reference is in `docs/wire-format.md` ("Status message"), the
+//! JSON Schema in `docs/status.schema.json`. [`StatusReport::decode`]
+//! checks the shape and the identifiers; the collector adds the topic,
+//! its clock and the ranges of the counters.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::topic::{check_identifier, check_version};
+use crate::wire;
 
 /// Whether the agent is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +43,7 @@ pub struct StatusReport {
     pub fleet: String,
     pub state: DeviceState,
     /// When the agent wrote this status (for the last will: when it connected).
+    #[serde(deserialize_with = "wire::rfc3339::deserialize")]
     pub at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
@@ -52,7 +61,11 @@ pub struct StatusReport {
     #[serde(default)]
     pub budget_exhausted: bool,
     /// When publishing resumes, if exhausted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "wire::rfc3339::deserialize_option"
+    )]
     pub resumes_at: Option<DateTime<Utc>>,
     /// Windows withheld because the budget was exhausted.
     #[serde(default)]
@@ -73,9 +86,41 @@ impl StatusReport {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Strict decoding; unknown fields are errors.
+    /// Strict decoding: unknown fields are errors, integers are integer
+    /// literals, timestamps RFC 3339, `schema_version` is 1, `device_id`,
+    /// `fleet` and model ids are identifiers, versions are versions
+    /// (`crate::topic`).
     pub fn decode(payload: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(payload)
+        let report: StatusReport = serde_json::from_slice(payload)?;
+        report.check().map_err(serde::de::Error::custom)?;
+        Ok(report)
+    }
+
+    /// The rules of [`StatusReport::decode`] beyond the JSON shape.
+    fn check(&self) -> Result<(), String> {
+        if self.schema_version != wire::SCHEMA_VERSION {
+            return Err(format!(
+                "schema_version {} is not supported (supported: 1)",
+                self.schema_version
+            ));
+        }
+        let mut identifiers = vec![("device_id", &self.device_id), ("fleet", &self.fleet)];
+        let mut versions: Vec<(&str, &String)> = self
+            .agent_version
+            .iter()
+            .map(|v| ("agent_version", v))
+            .collect();
+        for m in &self.models {
+            identifiers.push(("models.model_id", &m.model_id));
+            versions.push(("models.model_version", &m.model_version));
+        }
+        for (field, value) in identifiers {
+            check_identifier(value).map_err(|e| format!("{field} {value:?} {e}"))?;
+        }
+        for (field, value) in versions {
+            check_version(value).map_err(|e| format!("{field} {value:?} {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -110,5 +155,52 @@ mod tests {
             .expect("utf8")
             .replace("\"state\"", "\"extra\":1,\"state\"");
         assert!(StatusReport::decode(text.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn versions_identifiers_and_timestamps_are_checked() {
+        let good = serde_json::json!({
+            "schema_version": 1, "device_id": "d", "fleet": "f", "state": "offline",
+            "at": "2026-11-27T10:00:00+01:00", "agent_version": "0.1.0+git",
+            "models": [{"model_id": "m", "model_version": "1+onnx"}],
+            "resumes_at": null, "budget_remaining_rho": null, "lost_windows": 0
+        });
+        let decode = |v: &serde_json::Value| StatusReport::decode(v.to_string().as_bytes());
+        let s = decode(&good).expect("valid status");
+        assert_eq!(
+            s.at,
+            "2026-11-27T09:00:00Z".parse::<DateTime<Utc>>().expect("ts")
+        );
+        for (pointer, value, expected) in [
+            ("/schema_version", serde_json::json!(2), "schema_version 2"),
+            ("/device_id", serde_json::json!("a b"), "device_id"),
+            (
+                "/models/0/model_id",
+                serde_json::json!("m+1"),
+                "models.model_id",
+            ),
+            (
+                "/models/0/model_version",
+                serde_json::json!(""),
+                "models.model_version",
+            ),
+            (
+                "/agent_version",
+                serde_json::json!("0.1 beta"),
+                "agent_version",
+            ),
+            ("/at", serde_json::json!("2026-11-27 10:00:00Z"), "RFC 3339"),
+            (
+                "/resumes_at",
+                serde_json::json!("2026-11-27T10:00:00+0000"),
+                "RFC 3339",
+            ),
+            ("/lost_windows", serde_json::json!(1.0), "floating point"),
+        ] {
+            let mut bad = good.clone();
+            *bad.pointer_mut(pointer).expect("field") = value;
+            let e = decode(&bad).expect_err(pointer).to_string();
+            assert!(e.contains(expected), "{pointer}: {e}");
+        }
     }
 }

@@ -74,27 +74,33 @@ pub enum IdentifierError {
     Empty,
     #[error("is {len} bytes long, over the limit of {MAX_IDENTIFIER_LEN}")]
     TooLong { len: usize },
-    #[error("contains {found:?}; allowed are ASCII letters, digits and . _ : -")]
-    BadCharacter { found: char },
+    /// `allowed` lists the punctuation the rule allows beside ASCII
+    /// letters and digits: `. _ : -` for identifiers, also `+` for versions.
+    #[error("contains {found:?}; allowed are ASCII letters, digits and {allowed}")]
+    BadCharacter { found: char, allowed: &'static str },
 }
 
 /// Identifiers (fleet, device id, model id) are 1 to 128 characters from
 /// `[A-Za-z0-9._:-]`: safe as MQTT topic levels, file names and SQL literals.
 pub fn check_identifier(s: &str) -> Result<(), IdentifierError> {
-    check_chars(s, |c| {
+    check_chars(s, ". _ : -", |c| {
         c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
     })
 }
 
 /// Versions (model version, agent version) also allow `+` for semver build
-/// metadata, e.g. `2.1.0+onnx`.
+/// metadata, e.g. `2.1.0+onnx`; category names follow the same rule.
 pub fn check_version(s: &str) -> Result<(), IdentifierError> {
-    check_chars(s, |c| {
+    check_chars(s, ". _ : - +", |c| {
         c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-' | '+')
     })
 }
 
-fn check_chars(s: &str, allowed: impl Fn(char) -> bool) -> Result<(), IdentifierError> {
+fn check_chars(
+    s: &str,
+    punctuation: &'static str,
+    allowed: impl Fn(char) -> bool,
+) -> Result<(), IdentifierError> {
     if s.is_empty() {
         return Err(IdentifierError::Empty);
     }
@@ -102,7 +108,10 @@ fn check_chars(s: &str, allowed: impl Fn(char) -> bool) -> Result<(), Identifier
         return Err(IdentifierError::TooLong { len: s.len() });
     }
     match s.chars().find(|c| !allowed(*c)) {
-        Some(found) => Err(IdentifierError::BadCharacter { found }),
+        Some(found) => Err(IdentifierError::BadCharacter {
+            found,
+            allowed: punctuation,
+        }),
         None => Ok(()),
     }
 }
@@ -144,7 +153,10 @@ mod tests {
         assert_eq!(check_identifier(""), Err(IdentifierError::Empty));
         assert_eq!(
             check_identifier("a/b"),
-            Err(IdentifierError::BadCharacter { found: '/' })
+            Err(IdentifierError::BadCharacter {
+                found: '/',
+                allowed: ". _ : -"
+            })
         );
         assert!(matches!(
             check_identifier(&"x".repeat(129)),
@@ -152,5 +164,16 @@ mod tests {
         ));
         assert!(check_version("2.1.0+onnx").is_ok());
         assert!(check_identifier("2.1.0+onnx").is_err());
+        // Each error names the rule that applies: versions allow `+`.
+        let e = check_version("2.1 beta").expect_err("space");
+        assert_eq!(
+            e.to_string(),
+            "contains ' '; allowed are ASCII letters, digits and . _ : - +"
+        );
+        let e = check_identifier("a+b").expect_err("plus");
+        assert_eq!(
+            e.to_string(),
+            "contains '+'; allowed are ASCII letters, digits and . _ : -"
+        );
     }
 }

@@ -17,10 +17,16 @@
 //!   so sums over a fleet stay unbiased.
 //!
 //! [`accept`] is the collector's single entry point: size limit, topic,
-//! version dispatch, strict decoding (unknown fields are errors), then
+//! version dispatch, strict decoding (unknown fields are errors, integers
+//! are integer literals, timestamps are RFC 3339), then
 //! [`WindowReport::validate`] and the time bounds. Every failure is a
 //! [`Rejection`] with a stable [`Rejection::code`] that ends up in the
 //! `quarantine` table.
+//!
+//! The privacy block must also be consistent: a message that declares
+//! `max_events_per_window` has noise scales that its mechanism, budget and
+//! sensitivity imply ([`WindowReport::implied_noise_scale`], refused as
+//! `inconsistent_privacy` otherwise).
 
 use std::collections::BTreeMap;
 
@@ -51,6 +57,11 @@ pub const MAX_COUNT: i64 = 1 << 40;
 /// declare: a scale above it would make every standard error it enters
 /// meaningless.
 pub const MAX_NOISE_SCALE: f64 = 1e6;
+/// Relative tolerance of the privacy consistency rule
+/// ([`WindowReport::implied_noise_scale`]): room for rounding in what a
+/// device prints (an epsilon written with six significant digits), far
+/// below any error that would matter to a standard error.
+pub const PRIVACY_TOLERANCE: f64 = 1e-3;
 
 /// Noised fields every message has, in the order of `privacy.noise_scale`
 /// documentation; `custom.{name}` and `categories.{name}` come on top.
@@ -75,7 +86,8 @@ pub struct WindowReport {
     pub model_id: String,
     pub model_version: String,
     pub agent_version: String,
-    /// Start of the tumbling window, UTC.
+    /// Start of the tumbling window, UTC (RFC 3339 on the wire, see [`rfc3339`]).
+    #[serde(deserialize_with = "rfc3339::deserialize")]
     pub window_start: DateTime<Utc>,
     /// Window length in seconds, 1 to [`MAX_WINDOW_SECS`].
     pub window_secs: u32,
@@ -201,9 +213,9 @@ pub enum Rejection {
     BadTopic { topic: String },
     #[error("payload is not valid JSON: {detail}")]
     InvalidJson { detail: String },
-    #[error("payload has no schema_version")]
+    #[error("payload has no schema_version (absent or null)")]
     MissingSchemaVersion,
-    #[error("schema_version {found} is not supported (supported: 1)")]
+    #[error("schema_version {found} is not supported (supported: 1, an integer literal)")]
     UnsupportedSchemaVersion { found: String },
     #[error("payload does not match schema v{version}: {detail}")]
     SchemaViolation { version: u32, detail: String },
@@ -218,9 +230,19 @@ pub enum Rejection {
         field: String,
         problem: FieldProblem,
     },
-    #[error("window_start {window_start} is outside the accepted range {earliest} .. {latest}")]
+    #[error("privacy.noise_scale.{field} is {scale}, but {basis}: accepted from {low} to {high}")]
+    InconsistentPrivacy {
+        field: String,
+        scale: f64,
+        /// How the declared privacy implies the scale, in words.
+        basis: String,
+        low: f64,
+        high: f64,
+    },
+    #[error("the window from {window_start} ({window_secs} s) must start at or after {earliest} and end at or before {latest}")]
     TimestampOutOfRange {
         window_start: DateTime<Utc>,
+        window_secs: u32,
         earliest: DateTime<Utc>,
         latest: DateTime<Utc>,
     },
@@ -238,6 +260,7 @@ impl Rejection {
             Rejection::SchemaViolation { .. } => "schema_violation",
             Rejection::TopicMismatch { .. } => "topic_mismatch",
             Rejection::InvalidField { .. } => "invalid_field",
+            Rejection::InconsistentPrivacy { .. } => "inconsistent_privacy",
             Rejection::TimestampOutOfRange { .. } => "timestamp_out_of_range",
         }
     }
@@ -265,6 +288,14 @@ pub enum FieldProblem {
         min: String,
         max: String,
     },
+    #[error("is {value}; it must lie strictly between {min} and {max}")]
+    NotBetween {
+        value: String,
+        min: String,
+        max: String,
+    },
+    #[error("is {value}, above the limit of {max}")]
+    AboveLimit { value: String, max: String },
     #[error("is not aligned to the window length ({window_secs} s since the Unix epoch)")]
     Misaligned { window_secs: u32 },
     #[error("is negative ({value}) although the mechanism is \"none\"")]
@@ -459,7 +490,13 @@ impl WindowReport {
 
     /// Every count within ±[`MAX_COUNT`], whatever the mechanism.
     fn check_count_bounds(&self) -> Result<(), Rejection> {
-        match self.counts().into_iter().find(|(_, c)| c.abs() > MAX_COUNT) {
+        // Not `c.abs()`: i64::MIN has no absolute value (a panic in debug
+        // builds, and itself in release, which would pass).
+        match self
+            .counts()
+            .into_iter()
+            .find(|(_, c)| !(-MAX_COUNT..=MAX_COUNT).contains(c))
+        {
             Some((field, value)) => Err(Rejection::field(
                 field,
                 FieldProblem::OutOfRange {
@@ -546,6 +583,42 @@ impl WindowReport {
             )),
             None => Ok(()),
         };
+        let below_one = |name: &str, d: f64| {
+            if d > 0.0 && d < 1.0 {
+                Ok(())
+            } else {
+                Err(Rejection::field(
+                    format!("privacy.{name}"),
+                    FieldProblem::NotBetween {
+                        value: d.to_string(),
+                        min: "0".into(),
+                        max: "1".into(),
+                    },
+                ))
+            }
+        };
+        // Whatever the mechanism (an exact message may declare them too).
+        if let Some(k) = p.max_events_per_window {
+            if !(1..=MAX_EVENTS_PER_WINDOW).contains(&k) {
+                return Err(Rejection::field(
+                    "privacy.max_events_per_window",
+                    FieldProblem::OutOfRange {
+                        value: k.to_string(),
+                        min: "1".into(),
+                        max: MAX_EVENTS_PER_WINDOW.to_string(),
+                    },
+                ));
+            }
+        }
+        match (p.device_day_epsilon, p.device_day_delta) {
+            (None, None) => {}
+            (Some(e), Some(d)) => {
+                required("device_day_epsilon", Some(e))?;
+                below_one("device_day_delta", d)?;
+            }
+            (Some(_), None) => required("device_day_delta", None)?,
+            (None, Some(_)) => required("device_day_epsilon", None)?,
+        }
         match p.mechanism {
             Mechanism::None => {
                 forbidden("epsilon", p.epsilon)?;
@@ -569,38 +642,9 @@ impl WindowReport {
                 if p.epsilon.is_some() || p.delta.is_some() {
                     required("epsilon", p.epsilon)?;
                     required("delta", p.delta)?;
+                    below_one("delta", p.delta.unwrap_or_default())?;
                 }
             }
-        }
-        if let Some(k) = p.max_events_per_window {
-            if !(1..=MAX_EVENTS_PER_WINDOW).contains(&k) {
-                return Err(Rejection::field(
-                    "privacy.max_events_per_window",
-                    FieldProblem::OutOfRange {
-                        value: k.to_string(),
-                        min: "1".into(),
-                        max: MAX_EVENTS_PER_WINDOW.to_string(),
-                    },
-                ));
-            }
-        }
-        match (p.device_day_epsilon, p.device_day_delta) {
-            (None, None) => {}
-            (Some(e), Some(d)) => {
-                required("device_day_epsilon", Some(e))?;
-                if !(d > 0.0 && d < 1.0) {
-                    return Err(Rejection::field(
-                        "privacy.device_day_delta",
-                        FieldProblem::OutOfRange {
-                            value: d.to_string(),
-                            min: "0".into(),
-                            max: "1".into(),
-                        },
-                    ));
-                }
-            }
-            (Some(_), None) => required("device_day_delta", None)?,
-            (None, Some(_)) => required("device_day_epsilon", None)?,
         }
         let fields = self.noised_fields();
         for name in &fields {
@@ -608,9 +652,8 @@ impl WindowReport {
                 Some(s) if s.is_finite() && *s > MAX_NOISE_SCALE => {
                     return Err(Rejection::field(
                         format!("privacy.noise_scale.{name}"),
-                        FieldProblem::OutOfRange {
+                        FieldProblem::AboveLimit {
                             value: s.to_string(),
-                            min: "0".into(),
                             max: MAX_NOISE_SCALE.to_string(),
                         },
                     ))
@@ -638,7 +681,99 @@ impl WindowReport {
                 },
             ));
         }
-        Ok(())
+        self.check_privacy_consistency()
+    }
+
+    /// How many counts one event moves by one (`Δ1`, docs/privacy.md):
+    /// `inference_count`, possibly `error_count`, one bucket of each of the
+    /// four standard histograms, one category of each categorical feature
+    /// and one bucket of each custom histogram (a feedback moves one
+    /// feedback count, which is fewer).
+    pub fn per_event_sensitivity(&self) -> u64 {
+        6 + self.categories.len() as u64 + self.custom.len() as u64
+    }
+
+    /// The noise scale that the declared privacy implies for a window of
+    /// this message's layout that was not coarsened: with `K =
+    /// privacy.max_events_per_window` and `Δ1` =
+    /// [`WindowReport::per_event_sensitivity`], the Laplace `b = K Δ1 /
+    /// epsilon` or the Gaussian `sigma = K sqrt(Δ1) / sqrt(2 rho)`. `None`
+    /// without `K`, for exact messages, and when the budget is missing.
+    pub fn implied_noise_scale(&self) -> Option<f64> {
+        let p = &self.privacy;
+        let k = f64::from(p.max_events_per_window?);
+        let delta1 = self.per_event_sensitivity() as f64;
+        match p.mechanism {
+            Mechanism::None => None,
+            Mechanism::Laplace => Some(k * delta1 / p.epsilon?),
+            Mechanism::Gaussian => Some(k * delta1.sqrt() / (2.0 * p.rho?).sqrt()),
+        }
+    }
+
+    /// The most windows this message can have been merged from by
+    /// coarsening (docs/wire-format.md): merging doubles `window_secs` and
+    /// adds up `K`, so `m` windows of `K >= 1` events each need `m` to
+    /// divide `window_secs` and `K >= m`. `None` without `K`.
+    pub fn max_merged_windows(&self) -> Option<u32> {
+        let k = self.privacy.max_events_per_window?;
+        let power_of_two = 1u32.checked_shl(self.window_secs.trailing_zeros())?;
+        Some(power_of_two.min(k).max(1))
+    }
+
+    /// The privacy consistency rule: every noise scale `s` of a noised
+    /// message that declares `K` lies in `[s0 (1 - t), s0 sqrt(m) (1 + t)]`,
+    /// `s0` the [`WindowReport::implied_noise_scale`], `m` the
+    /// [`WindowReport::max_merged_windows`], `t` [`PRIVACY_TOLERANCE`].
+    ///
+    /// The lower end holds for every window the agent noises (`s = s0`) and
+    /// for every merge of such windows: merged scales add in variance while
+    /// their budgets and `K`s add, which never brings `s` below `s0`. The
+    /// upper end covers `m` merged windows of one configuration (Gaussian:
+    /// `s = s0`; discrete Laplace: `s <= sqrt(m) s0`, as its variance over
+    /// `b^2` grows with `b`).
+    fn check_privacy_consistency(&self) -> Result<(), Rejection> {
+        let p = &self.privacy;
+        let (Some(implied), Some(merged), Some(k)) = (
+            self.implied_noise_scale(),
+            self.max_merged_windows(),
+            p.max_events_per_window,
+        ) else {
+            return Ok(());
+        };
+        let low = implied * (1.0 - PRIVACY_TOLERANCE);
+        let high = implied * f64::from(merged).sqrt() * (1.0 + PRIVACY_TOLERANCE);
+        let Some((field, scale)) = p
+            .noise_scale
+            .iter()
+            .find(|(_, s)| !(low..=high).contains(*s))
+        else {
+            return Ok(());
+        };
+        let delta1 = self.per_event_sensitivity();
+        let budget = match p.mechanism {
+            Mechanism::Gaussian => format!(
+                "gaussian with rho {}, max_events_per_window {k} and {delta1} counts per event \
+                 implies sigma = K sqrt({delta1}) / sqrt(2 rho) = {implied}",
+                p.rho.unwrap_or_default()
+            ),
+            _ => format!(
+                "laplace with epsilon {}, max_events_per_window {k} and {delta1} counts per event \
+                 implies b = K {delta1} / epsilon = {implied}",
+                p.epsilon.unwrap_or_default()
+            ),
+        };
+        let basis = if merged > 1 {
+            format!("{budget}, up to sqrt({merged}) times that for a window merged from {merged}")
+        } else {
+            budget
+        };
+        Err(Rejection::InconsistentPrivacy {
+            field: field.clone(),
+            scale: *scale,
+            basis,
+            low,
+            high,
+        })
     }
 
     fn check_exact_counts_non_negative(&self) -> Result<(), Rejection> {
@@ -693,6 +828,7 @@ impl WindowReport {
         if self.window_start < earliest || end > latest {
             return Err(Rejection::TimestampOutOfRange {
                 window_start: self.window_start,
+                window_secs: self.window_secs,
                 earliest,
                 latest,
             });
@@ -714,4 +850,283 @@ fn check_histogram(field: String, h: &Histogram) -> Result<(), Rejection> {
         ));
     }
     Ok(())
+}
+
+/// Timestamps on the wire: RFC 3339 `date-time`, strictly (`T` or `t`
+/// between date and time; `Z`, `z` or `+hh:mm`/`-hh:mm`; optional
+/// fractional seconds), as in the published JSON Schema. chrono's own
+/// `Deserialize` takes more (a space, `+hhmm`, one-digit months, spaces
+/// around), which a firmware checked against the schema would never send
+/// and the collector has no reason to accept.
+pub mod rfc3339 {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer};
+
+    /// Parses one RFC 3339 `date-time` into UTC.
+    pub fn parse(s: &str) -> Result<DateTime<Utc>, String> {
+        let not = |why: &dyn std::fmt::Display| {
+            format!("{s:?} is not an RFC 3339 date-time like 2026-11-27T10:00:00Z: {why}")
+        };
+        // chrono's RFC 3339 parser also takes a space for the `T`.
+        if !matches!(s.as_bytes().get(10), Some(b'T' | b't')) {
+            return Err(not(&"date and time are separated by T"));
+        }
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| not(&e))
+    }
+
+    /// `#[serde(deserialize_with)]` for a `DateTime<Utc>` field.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+
+    /// `#[serde(deserialize_with)]` for an `Option<DateTime<Utc>>` field
+    /// (with `#[serde(default)]`; `null` is `None`).
+    pub fn deserialize_option<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| parse(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPIC: &str = "driftline/v1/f/d/metrics";
+
+    fn bounds() -> TimeBounds {
+        TimeBounds {
+            now: "2026-11-27T12:00:00Z".parse().expect("ts"),
+            max_age: TimeDelta::days(30),
+            max_future: TimeDelta::hours(1),
+        }
+    }
+
+    /// A Laplace message of `window_secs` with one label feature (`Δ1` =
+    /// 7), `K` = 10 and epsilon 1, every noise scale `scale`.
+    fn laplace(window_secs: u32, scale: f64) -> serde_json::Value {
+        let edges = serde_json::json!({"edges": [0, 1, 2], "counts": [3, -1]});
+        let fields = [
+            "inference_count",
+            "error_count",
+            "feedback",
+            "latency_ms",
+            "confidence",
+            "input_tokens",
+            "output_tokens",
+            "categories.label",
+        ];
+        serde_json::json!({
+            "schema_version": 1, "device_id": "d", "fleet": "f", "model_id": "m",
+            "model_version": "1", "agent_version": "0.1.0",
+            "window_start": "2026-11-27T10:00:00Z", "window_secs": window_secs, "seq": 0,
+            "privacy": {
+                "mechanism": "laplace", "epsilon": 1.0, "max_events_per_window": 10,
+                "noise_scale": fields.iter().map(|f| (f.to_string(), serde_json::json!(scale)))
+                    .collect::<serde_json::Map<_, _>>(),
+            },
+            "inference_count": 4, "error_count": 0,
+            "feedback": {"positive": 0, "negative": 0, "correction": 0},
+            "latency_ms": edges, "confidence": edges, "input_tokens": edges,
+            "output_tokens": edges, "categories": {"label": {"a": 1, "b": 2}},
+        })
+    }
+
+    fn check(v: &serde_json::Value) -> Result<WindowReport, Rejection> {
+        accept(TOPIC, v.to_string().as_bytes(), &bounds())
+    }
+
+    #[test]
+    fn the_noise_scale_must_follow_from_the_declared_privacy() {
+        // b = K Δ1 / epsilon = 10 x 7 / 1 = 70; a 60 s window may merge 4
+        // windows of 15 s: up to 2 x 70.
+        let exact = check(&laplace(60, 70.0)).expect("b = 70");
+        assert_eq!(exact.per_event_sensitivity(), 7);
+        assert_eq!(exact.implied_noise_scale(), Some(70.0));
+        assert_eq!(exact.max_merged_windows(), Some(4));
+        for ok in [69.95, 70.0, 100.0, 140.0, 140.1] {
+            check(&laplace(60, ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [60.0, 69.9, 140.2, 1000.0, 1e-3] {
+            let e = check(&laplace(60, bad)).expect_err("inconsistent");
+            assert_eq!(e.code(), "inconsistent_privacy", "{bad}: {e}");
+        }
+        // An odd window cannot be a merge: b itself, within 0.1 %.
+        check(&laplace(75, 70.05)).expect("within tolerance");
+        let e = check(&laplace(75, 75.0)).expect_err("odd window, b > 70");
+        assert_eq!(
+            e.to_string(),
+            "privacy.noise_scale.categories.label is 75, but laplace with epsilon 1, \
+             max_events_per_window 10 and 7 counts per event implies b = K 7 / epsilon = 70: \
+             accepted from 69.93 to 70.07"
+        );
+        // A day may be 128 merged windows (86400 = 128 x 675) when K allows.
+        // K = 10 bounds it to 10 windows of one event each.
+        let mut day = laplace(86_400, 70.0 * 3.0);
+        day["window_start"] = "2026-11-26T00:00:00Z".into();
+        assert_eq!(check(&day).expect("x 3").max_merged_windows(), Some(10));
+        day["privacy"]["noise_scale"]["latency_ms"] = (70.0 * 11.0).into();
+        assert_eq!(
+            check(&day).expect_err("x 11").code(),
+            "inconsistent_privacy"
+        );
+        day["privacy"]["max_events_per_window"] = 200.into();
+        day["privacy"]["epsilon"] = 20.into();
+        assert_eq!(check(&day).expect("x 11").max_merged_windows(), Some(128));
+        // One field off is enough.
+        let mut one = laplace(60, 70.0);
+        one["privacy"]["noise_scale"]["latency_ms"] = 7.into();
+        let e = check(&one).expect_err("one field");
+        assert!(
+            e.to_string()
+                .starts_with("privacy.noise_scale.latency_ms is 7,"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gaussian_scales_follow_rho_and_k_is_optional() {
+        let mut g = laplace(60, 10.0 * 7f64.sqrt());
+        g["privacy"]["mechanism"] = "gaussian".into();
+        g["privacy"]["rho"] = 0.5.into();
+        g["privacy"]
+            .as_object_mut()
+            .map(|p| p.remove("epsilon"))
+            .expect("privacy");
+        check(&g).expect("sigma = K sqrt(7) / sqrt(2 rho)");
+        g["privacy"]["rho"] = 0.005.into();
+        let e = check(&g).expect_err("rho / 100 needs 10 x sigma");
+        assert!(
+            e.to_string().contains("sigma = K sqrt(7) / sqrt(2 rho)"),
+            "{e}"
+        );
+        // Without K nothing can be implied: only the range of each scale.
+        g["privacy"]
+            .as_object_mut()
+            .map(|p| p.remove("max_events_per_window"))
+            .expect("privacy");
+        check(&g).expect("no K, no rule");
+        // A vanishing budget implies an infinite scale: refused, no panic.
+        let mut tiny = laplace(60, 70.0);
+        tiny["privacy"]["epsilon"] = 5e-324.into();
+        assert_eq!(
+            check(&tiny).expect_err("tiny").code(),
+            "inconsistent_privacy"
+        );
+    }
+
+    #[test]
+    fn deltas_and_k_are_checked_whatever_the_mechanism() {
+        let mut g = laplace(60, 10.0 * 7f64.sqrt());
+        g["privacy"]["mechanism"] = "gaussian".into();
+        g["privacy"]["rho"] = 0.5.into();
+        g["privacy"]["delta"] = 1.0.into();
+        let e = check(&g).expect_err("delta 1");
+        assert_eq!(
+            e.to_string(),
+            "privacy.delta is 1; it must lie strictly between 0 and 1"
+        );
+        let mut exact = laplace(60, 1.0);
+        exact["privacy"] = serde_json::json!({"mechanism": "none", "max_events_per_window": 0});
+        exact["error_count"] = 0.into();
+        exact["latency_ms"]["counts"] = serde_json::json!([0, 1]);
+        for h in ["confidence", "input_tokens", "output_tokens"] {
+            exact[h] = exact["latency_ms"].clone();
+        }
+        assert_eq!(check(&exact).expect_err("K 0").code(), "invalid_field");
+        exact["privacy"] = serde_json::json!({"mechanism": "none", "device_day_epsilon": 8,
+            "device_day_delta": 5});
+        let e = check(&exact).expect_err("delta 5");
+        assert!(
+            e.to_string().starts_with("privacy.device_day_delta is 5;"),
+            "{e}"
+        );
+        exact["privacy"] = serde_json::json!({"mechanism": "none", "max_events_per_window": 10,
+            "device_day_epsilon": 8, "device_day_delta": 1e-6, "epsilon": null});
+        check(&exact).expect("exact messages may declare K and the device-day budget");
+    }
+
+    #[test]
+    fn the_most_negative_count_is_refused_not_a_panic() {
+        for count in [i64::MIN, i64::MIN + 1, -MAX_COUNT - 1, MAX_COUNT + 1, i64::MAX] {
+            let mut v = laplace(60, 70.0);
+            v["error_count"] = count.into();
+            let e = check(&v).expect_err("out of range");
+            assert_eq!(e.code(), "invalid_field", "{count}: {e}");
+        }
+        let mut v = laplace(60, 70.0);
+        v["error_count"] = (-MAX_COUNT).into();
+        check(&v).expect("-2^40 is in range");
+    }
+
+    #[test]
+    fn timestamps_are_strict_rfc_3339() {
+        for ok in [
+            "2026-11-27T10:00:00Z",
+            "2026-11-27t10:00:00z",
+            "2026-11-27T11:00:00+01:00",
+            "2026-11-27T10:00:00.000Z",
+            "2026-11-27T10:00:00-00:00",
+        ] {
+            let mut v = laplace(60, 70.0);
+            v["window_start"] = ok.into();
+            check(&v).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "2026-11-27 10:00:00Z",
+            "2026-11-27T10:00:00+0100",
+            "2026-11-27T10:00:00",
+            "2026-1-27T10:00:00Z",
+            " 2026-11-27T10:00:00Z",
+            "2026-11-27T10:00:00Z\n",
+            "2026-11-27T10:00:00 UTC",
+            "2026-02-30T10:00:00Z",
+        ] {
+            let mut v = laplace(60, 70.0);
+            v["window_start"] = bad.into();
+            let e = check(&v).expect_err(bad);
+            assert_eq!(e.code(), "schema_violation", "{bad}: {e}");
+            assert!(e.to_string().contains("RFC 3339"), "{e}");
+        }
+    }
+
+    #[test]
+    fn error_texts_state_the_rule_that_applies() {
+        let mut v = laplace(60, 70.0);
+        v["categories"]["label"] = serde_json::json!({"a#b": 1});
+        let e = check(&v).expect_err("category name");
+        assert_eq!(
+            e.to_string(),
+            "categories.label.a#b contains '#'; allowed are ASCII letters, digits and . _ : - +"
+        );
+        let mut v = laplace(60, 70.0);
+        v["privacy"]
+            .as_object_mut()
+            .map(|p| p.remove("max_events_per_window"))
+            .expect("privacy");
+        v["privacy"]["noise_scale"]["feedback"] = 2e6.into();
+        assert_eq!(
+            check(&v).expect_err("scale").to_string(),
+            "privacy.noise_scale.feedback is 2000000, above the limit of 1000000"
+        );
+        let mut v = laplace(60, 70.0);
+        v["window_start"] = "2026-11-27T13:00:00Z".into();
+        v["window_secs"] = 3600.into();
+        let e = check(&v).expect_err("ends too late");
+        assert_eq!(
+            e.to_string(),
+            "the window from 2026-11-27 13:00:00 UTC (3600 s) must start at or after \
+             2026-10-28 12:00:00 UTC and end at or before 2026-11-27 13:00:00 UTC"
+        );
+        let mut v = laplace(60, 70.0);
+        v["schema_version"] = 1.0.into();
+        assert_eq!(
+            check(&v).expect_err("1.0").to_string(),
+            "schema_version 1.0 is not supported (supported: 1, an integer literal)"
+        );
+    }
 }

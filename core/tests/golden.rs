@@ -139,7 +139,7 @@ fn every_truncation_and_flip_of_a_valid_message_gets_a_reason() {
 }
 
 /// Every reason code the decoder can give.
-const CODES: [&str; 9] = [
+const CODES: [&str; 10] = [
     "payload_too_large",
     "bad_topic",
     "invalid_json",
@@ -148,8 +148,32 @@ const CODES: [&str; 9] = [
     "schema_violation",
     "topic_mismatch",
     "invalid_field",
+    "inconsistent_privacy",
     "timestamp_out_of_range",
 ];
+
+#[test]
+fn every_code_has_a_row_in_the_documented_reason_table() {
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/wire-format.md");
+    let text = std::fs::read_to_string(doc).expect("docs/wire-format.md");
+    for code in CODES {
+        assert!(text.contains(&format!("| `{code}` |")), "{code}");
+    }
+}
+
+#[test]
+fn the_coarsened_fixture_is_four_merged_windows() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/v1/valid/laplace-coarsened.json");
+    let report =
+        wire::accept(TOPIC, &std::fs::read(path).expect("read"), &bounds()).expect("valid");
+    // K = 40 and epsilon 4 from four windows of K = 10 and epsilon 1; each
+    // window's b is 10 x 7 / 1 = 70, the merged one's nearly 2 x 70.
+    assert_eq!(report.implied_noise_scale(), Some(70.0));
+    assert_eq!(report.max_merged_windows(), Some(16));
+    let b = report.privacy.noise_scale["latency_ms"];
+    assert!(b > 139.9 && b < 140.0, "{b}");
+}
 
 /// The decoder's whole contract on one input: no panic; a refusal carries a
 /// known code and a message; an acceptance re-encodes to a message that is

@@ -579,6 +579,9 @@ pub fn evaluations() -> SchemaRef {
         Field::new("revision", DataType::Int64, true),
         // `metrics` rows in the reference and current periods when it ran.
         Field::new("rows_seen", DataType::Int64, true),
+        // Devices of the current period whose weight was capped (null:
+        // the detector does not read `metrics`, or an older file).
+        Field::new("devices_capped", DataType::Int64, true),
     ]))
 }
 
@@ -612,6 +615,9 @@ pub struct Evaluation {
     pub devices_present: Option<i64>,
     pub revision: i64,
     pub rows_seen: Option<i64>,
+    /// Devices whose weight in the current period was capped at
+    /// `device_cap` median devices.
+    pub devices_capped: Option<i64>,
 }
 
 /// One batch of evaluations.
@@ -633,6 +639,7 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
     let mut file = StringBuilder::new();
     let (mut expected, mut present) = (Int64Builder::new(), Int64Builder::new());
     let (mut revision, mut rows_seen) = (Int64Builder::new(), Int64Builder::new());
+    let mut capped = Int64Builder::new();
     for e in rows {
         detected_at.append_value(micros(e.detected_at));
         for (b, v) in
@@ -659,6 +666,7 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
         present.append_option(e.devices_present);
         revision.append_value(e.revision);
         rows_seen.append_option(e.rows_seen);
+        capped.append_option(e.devices_capped);
     }
     let mut text = text.into_iter();
     let mut next_text = || -> ArrayRef {
@@ -691,6 +699,7 @@ pub fn evaluations_batch(rows: &[Evaluation]) -> Result<RecordBatch, ArrowError>
         Arc::new(present.finish()),
         Arc::new(revision.finish()),
         Arc::new(rows_seen.finish()),
+        Arc::new(capped.finish()),
     ];
     RecordBatch::try_new(evaluations(), columns)
 }

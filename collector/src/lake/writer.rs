@@ -9,7 +9,10 @@
 //!
 //! Every row has a key (see [`key_columns`]); a partition's keys are kept in
 //! memory while the partition is written to, and rows whose key is already
-//! in the partition are dropped as duplicates. Writers of one table take an
+//! in the partition are dropped: as duplicates when their
+//! [`version_column`] matches the stored row's (the same message delivered
+//! again), as conflicts otherwise (another message claiming the same fact),
+//! which the caller quarantines. Writers of one table take an
 //! exclusive lock (`_driftline/locks/{table}.lock`) around
 //! read-index-then-write, so several collectors on one lake never store a
 //! key twice.
@@ -17,6 +20,7 @@
 //! On an object store (see [`super::object`]) the same writer keeps the
 //! same promises with a manifest per table instead of links and locks.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::hash::{BuildHasher, RandomState};
@@ -26,8 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::NaiveDate;
-use datafusion::arrow::array::{ArrayRef, BooleanArray};
+use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray};
 use datafusion::arrow::compute::{concat_batches, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -45,9 +50,10 @@ use super::{
 /// fact, stored once.
 pub fn key_columns(table: &str) -> &'static [&'static str] {
     match table {
-        // One window of one device and model version counts once, whatever
-        // its seq: a retry and a replay under another seq are duplicates.
+        // One window of one device (of its fleet: ids are unique within a
+        // fleet) and model version counts once, whatever its seq.
         METRICS => &[
+            "fleet",
             "device_id",
             "model_id",
             "model_version",
@@ -71,6 +77,28 @@ pub fn key_columns(table: &str) -> &'static [&'static str] {
     }
 }
 
+/// The column that tells a redelivery from a conflicting message: rows with
+/// one key and one version are the same message delivered again (a retry,
+/// a replay from the write-ahead log); with another version, a second
+/// message for a fact already stored (a device re-sending a window under a
+/// new seq), which is not stored and is reported as a conflict.
+pub fn version_column(table: &str) -> Option<&'static str> {
+    match table {
+        METRICS => Some("seq"),
+        _ => None,
+    }
+}
+
+/// The key columns and the version column: what the index reads of a file.
+fn index_columns(table: &str) -> Vec<&'static str> {
+    let mut columns = key_columns(table).to_vec();
+    columns.extend(version_column(table));
+    columns
+}
+
+/// A row's key hash and its version (0 for tables without a version).
+type KeyVersion = (u128, i64);
+
 /// Rows per Parquet row group: small enough that statistics prune a scan,
 /// large enough that a scan reads big sequential chunks.
 const ROW_GROUP_ROWS: usize = 128 * 1024;
@@ -85,6 +113,9 @@ pub struct Appended {
     pub path: Option<PathBuf>,
     pub rows: usize,
     pub duplicates: usize,
+    /// Rows not stored because the partition holds their key under another
+    /// version: (row of the batch, version stored).
+    pub conflicts: Vec<(usize, i64)>,
 }
 
 /// What compacting one partition did.
@@ -97,12 +128,47 @@ pub struct Compacted {
     pub duplicates: usize,
 }
 
-/// Keys of one partition, as of the files listed in `files`.
+/// Keys of one partition (with each key's version), as of the files listed
+/// in `files`.
 struct PartitionIndex {
     generation: PathBuf,
     files: HashSet<String>,
-    keys: HashSet<u128>,
+    keys: HashMap<u128, i64>,
     used: Instant,
+}
+
+/// Which rows of a batch to store: those whose key neither `known` nor
+/// `added` holds (adding them to `added`). The others are duplicates, or
+/// conflicts when the version differs; both are counted into `appended`.
+fn new_rows(
+    known: Option<&HashMap<u128, i64>>,
+    added: &mut HashMap<u128, i64>,
+    keys: &[KeyVersion],
+    appended: &mut Appended,
+) -> BooleanArray {
+    let keep: BooleanArray = keys
+        .iter()
+        .enumerate()
+        .map(|(row, (key, version))| {
+            let stored = match known.and_then(|k| k.get(key)) {
+                Some(stored) => Some(*stored),
+                None => match added.entry(*key) {
+                    Entry::Vacant(e) => {
+                        e.insert(*version);
+                        None
+                    }
+                    Entry::Occupied(e) => Some(*e.get()),
+                },
+            };
+            if let Some(stored) = stored.filter(|stored| stored != version) {
+                appended.conflicts.push((row, stored));
+            }
+            Some(stored.is_none())
+        })
+        .collect();
+    appended.rows = keep.true_count();
+    appended.duplicates = keys.len() - appended.rows - appended.conflicts.len();
+    keep
 }
 
 /// How many times an append to an object-store lake retries after
@@ -121,7 +187,7 @@ fn partition_entry<'a>(
     let empty = || PartitionIndex {
         generation: generation.to_path_buf(),
         files: HashSet::new(),
-        keys: HashSet::new(),
+        keys: HashMap::new(),
         used: Instant::now(),
     };
     let entry = index.entry((table, date.to_owned())).or_insert_with(empty);
@@ -231,14 +297,9 @@ impl LakeWriter {
         let keys = self.keys(table, batch)?;
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         let entry = self.refresh(&mut index, table, date, &generation)?;
-        let keep: BooleanArray = keys.iter().map(|k| Some(entry.keys.insert(*k))).collect();
-        let rows = keep.true_count();
-        let mut appended = Appended {
-            path: None,
-            rows,
-            duplicates: keys.len() - rows,
-        };
-        if rows > 0 {
+        let mut appended = Appended::default();
+        let keep = new_rows(None, &mut entry.keys, &keys, &mut appended);
+        if appended.rows > 0 {
             let batch = filter_record_batch(batch, &keep)
                 .map_err(|source| LakeError::Arrow { table, source })?;
             let written = self
@@ -256,7 +317,7 @@ impl LakeWriter {
                 }
                 Err(e) => {
                     // Nothing was stored: forget these keys so a retry can.
-                    for (k, kept) in keys.iter().zip(keep.iter()) {
+                    for ((k, _), kept) in keys.iter().zip(keep.iter()) {
                         if kept == Some(true) {
                             entry.keys.remove(k);
                         }
@@ -442,7 +503,7 @@ impl LakeWriter {
             .generations_dir(table, date)
             .join(format!("g{number:06}"));
         std::fs::create_dir_all(&next).map_err(io(&next))?;
-        let mut keys = HashSet::new();
+        let mut keys = HashMap::new();
         let mut out: Option<NewFile> = None;
         let mut duplicates = 0;
         for file in &files {
@@ -576,7 +637,7 @@ impl LakeWriter {
             if entry.files.contains(&name) {
                 continue;
             }
-            for batch in read_batches(&file, Some(key_columns(table)))? {
+            for batch in read_batches(&file, Some(&index_columns(table)))? {
                 entry.keys.extend(self.keys(table, &batch?)?);
             }
             entry.files.insert(name);
@@ -591,7 +652,7 @@ impl LakeWriter {
         &self,
         table: &'static str,
         batch: &RecordBatch,
-        seen: &mut HashSet<u128>,
+        seen: &mut HashMap<u128, i64>,
         duplicates: &mut usize,
     ) -> Result<RecordBatch, LakeError> {
         let batch = &match super::table_schema(table) {
@@ -602,14 +663,21 @@ impl LakeWriter {
         let keep: BooleanArray = self
             .keys(table, batch)?
             .iter()
-            .map(|k| Some(seen.insert(*k)))
+            .map(|(k, version)| match seen.entry(*k) {
+                Entry::Vacant(e) => {
+                    e.insert(*version);
+                    Some(true)
+                }
+                Entry::Occupied(_) => Some(false),
+            })
             .collect();
         *duplicates += batch.num_rows() - keep.true_count();
         filter_record_batch(batch, &keep).map_err(|source| LakeError::Arrow { table, source })
     }
 
-    /// The key of every row of `batch`: a 128-bit hash of its key columns.
-    fn keys(&self, table: &'static str, batch: &RecordBatch) -> Result<Vec<u128>, LakeError> {
+    /// The key of every row of `batch` (a 128-bit hash of its key columns)
+    /// and its version.
+    fn keys(&self, table: &'static str, batch: &RecordBatch) -> Result<Vec<KeyVersion>, LakeError> {
         let arrow = |source| LakeError::Arrow { table, source };
         // A file written before a nullable key column existed keys it as
         // null, as compaction and SQL read it.
@@ -638,13 +706,28 @@ impl LakeWriter {
             .collect();
         let converter = RowConverter::new(fields).map_err(arrow)?;
         let rows = converter.convert_columns(&columns).map_err(arrow)?;
+        let versions = match version_column(table) {
+            Some(name) => {
+                let column = batch.column_by_name(name).ok_or_else(|| {
+                    arrow(datafusion::arrow::error::ArrowError::SchemaError(format!(
+                        "version column {name} missing"
+                    )))
+                })?;
+                let column =
+                    datafusion::arrow::compute::cast(column, &DataType::Int64).map_err(arrow)?;
+                Some(column.as_primitive::<Int64Type>().clone())
+            }
+            None => None,
+        };
         Ok(rows
             .iter()
-            .map(|row| {
+            .enumerate()
+            .map(|(i, row)| {
                 let bytes = row.as_ref();
                 let high = self.hashers.0.hash_one(bytes);
                 let low = self.hashers.1.hash_one(bytes);
-                (u128::from(high) << 64) | u128::from(low)
+                let version = versions.as_ref().map_or(0, |v| v.value(i));
+                ((u128::from(high) << 64) | u128::from(low), version)
             })
             .collect())
     }
@@ -714,22 +797,17 @@ impl LakeWriter {
                 .entry(date.to_owned())
                 .or_insert_with(|| object::Partition::new(self.unique("p")));
             self.index_object(lake, table, date, partition)?;
-            // New keys: not in the partition, and each once in the batch.
-            let keep: BooleanArray = {
+            // New keys: not in the partition, and each once in the batch
+            // (on a copy of the index: the manifest may not take this file).
+            let mut appended = Appended::default();
+            let mut added = HashMap::new();
+            let keep = {
                 let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-                let known = index.get(&(table, date.to_owned()));
-                let mut seen = HashSet::new();
-                keys.iter()
-                    .map(|k| Some(!known.is_some_and(|p| p.keys.contains(k)) && seen.insert(*k)))
-                    .collect()
+                let known = index.get(&(table, date.to_owned())).map(|p| &p.keys);
+                new_rows(known, &mut added, &keys, &mut appended)
             };
-            let rows = keep.true_count();
-            if rows == 0 {
-                return Ok(Appended {
-                    path: None,
-                    rows: 0,
-                    duplicates: keys.len(),
-                });
+            if appended.rows == 0 {
+                return Ok(appended);
             }
             let new = filter_record_batch(batch, &keep)
                 .map_err(|source| LakeError::Arrow { table, source })?;
@@ -746,18 +824,11 @@ impl LakeWriter {
                 let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(entry) = index.get_mut(&(table, date.to_owned())) {
                     entry.files.insert(name.clone());
-                    entry.keys.extend(
-                        keys.iter()
-                            .zip(keep.iter())
-                            .filter_map(|(k, kept)| (kept == Some(true)).then_some(*k)),
-                    );
+                    entry.keys.extend(added);
                 }
                 index.retain(|_, p| p.used.elapsed() < INDEX_IDLE);
-                return Ok(Appended {
-                    path: Some(PathBuf::from(name)),
-                    rows,
-                    duplicates: keys.len() - rows,
-                });
+                appended.path = Some(PathBuf::from(name));
+                return Ok(appended);
             }
             // Another writer committed first: this file is in no manifest.
             metrics::counter!("driftline_lake_manifest_conflicts_total", "table" => table)
@@ -830,7 +901,7 @@ impl LakeWriter {
         };
         for file in unread {
             let mut keys = Vec::new();
-            for batch in object::column_batches(lake, &file, key_columns(table))? {
+            for batch in object::column_batches(lake, &file, &index_columns(table))? {
                 keys.extend(self.keys(table, &batch?)?);
             }
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
@@ -868,7 +939,7 @@ impl LakeWriter {
         };
         // Streamed through local temporary files, as on a directory lake:
         // one input batch and one output row group in memory.
-        let mut keys = HashSet::new();
+        let mut keys = HashMap::new();
         let mut out: Option<ArrowWriter<std::fs::File>> = None;
         let mut duplicates = 0;
         for file in &partition.files {
