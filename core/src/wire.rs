@@ -1052,7 +1052,13 @@ mod tests {
 
     #[test]
     fn the_most_negative_count_is_refused_not_a_panic() {
-        for count in [i64::MIN, i64::MIN + 1, -MAX_COUNT - 1, MAX_COUNT + 1, i64::MAX] {
+        for count in [
+            i64::MIN,
+            i64::MIN + 1,
+            -MAX_COUNT - 1,
+            MAX_COUNT + 1,
+            i64::MAX,
+        ] {
             let mut v = laplace(60, 70.0);
             v["error_count"] = count.into();
             let e = check(&v).expect_err("out of range");
