@@ -393,14 +393,14 @@ pub(crate) mod tests {
                 payloads = next;
                 merges += 1;
             }
-            // Rounds until the day's windows (at most 64) are merged into
-            // windows that are no longer aligned in pairs to their double
-            // (86400 s is 128 x 675: 3840 s windows do not pair up).
+            // Rounds until no two windows pair up any more: at most 64
+            // windows, and the day starts at an odd multiple of 86400 s, so
+            // at a multiple of 3840 s or 57600 s it does not.
             let expected = match window_secs {
                 1 | 15 | 75 => 6,
                 60 | 900 => 5,
-                3600 => 3,
-                7200 => 2,
+                3600 => 4, // 24 -> 12 -> 6 -> 3 -> 2 windows
+                7200 => 3, // 12 -> 6 -> 3 -> 2
                 _ => 0,
             };
             assert_eq!(merges, expected, "case {case}, {window_secs} s");
