@@ -414,6 +414,9 @@ fn rate_interval(k: u64, n: u64) -> String {
     format!("{:.4} ({lower:.4}-{upper:.4})", kf / nf)
 }
 
+/// One run's first alarm and first job, in minutes after the onset.
+type Delays = (Option<i64>, Option<i64>);
+
 #[derive(Default)]
 struct Tally {
     evaluations: u64,
@@ -431,22 +434,30 @@ fn detection(seeds: u64) -> Result<String, Error> {
         .single()
         .ok_or("date")?
         + TimeDelta::minutes(DRIFT_AT as i64);
-    let mut delays: BTreeMap<String, Vec<Option<i64>>> = BTreeMap::new();
+    // Per drift: each run's first alarm and first job, in minutes after
+    // the onset.
+    let mut delays: BTreeMap<String, Vec<Delays>> = BTreeMap::new();
     let mut quiet: BTreeMap<String, Tally> = BTreeMap::new();
     for (kind, name, size, detector) in DRIFTS {
         for seed in 0..seeds {
             let evaluations = run_fleet(&rt, kind, size, 7919 * seed + 17)?;
             let mut first: Option<i64> = None;
-            // Whether the previous period of (detector, model) fired
-            // without drift.
+            // The first drifted period that fired right after another: where
+            // the default retraining rule (two in a row) opens a job.
+            let mut job: Option<i64> = None;
+            // Whether the previous period of (detector, model) fired.
             let mut previous: BTreeMap<(String, String), bool> = BTreeMap::new();
             for e in &evaluations {
                 let drifted =
                     e.detector == detector && e.model_id == "model-0" && e.current_end > onset;
+                let before = previous.insert((e.detector.clone(), e.model_id.clone()), e.fired);
                 if drifted {
                     if e.fired {
                         let delay = (e.current_end - onset).num_minutes();
                         first = Some(first.map_or(delay, |f| f.min(delay)));
+                        if before == Some(true) && job.is_none() {
+                            job = Some(delay);
+                        }
                     }
                 } else {
                     // Nothing this detector looks at drifted here (before
@@ -455,7 +466,6 @@ fn detection(seeds: u64) -> Result<String, Error> {
                     t.evaluations += 1;
                     t.fired += u64::from(e.fired);
                     t.alpha = e.alpha;
-                    let before = previous.insert((e.detector.clone(), e.model_id.clone()), e.fired);
                     t.consecutive += u64::from(e.fired && before == Some(true));
                 }
             }
@@ -463,7 +473,7 @@ fn detection(seeds: u64) -> Result<String, Error> {
             delays
                 .entry(format!("{name} {size}"))
                 .or_default()
-                .push(first);
+                .push((first, job));
         }
     }
     let mut lines = vec![
@@ -473,8 +483,8 @@ fn detection(seeds: u64) -> Result<String, Error> {
              (their current period is 15 minutes, so 15 min is the earliest possible alarm); {seeds} seed(s) per drift."
         ),
         String::new(),
-        "| drift (size) | detector | detected | median delay (min) | worst delay (min) |".to_owned(),
-        "|---|---|---|---|---|".to_owned(),
+        "| drift (size) | detector | detected | median delay (min) | worst delay (min) | job opened (two in a row) | median delay to the job (min) |".to_owned(),
+        "|---|---|---|---|---|---|---|".to_owned(),
     ];
     for (kind, name, size, detector) in DRIFTS {
         let _ = kind;
@@ -482,15 +492,23 @@ fn detection(seeds: u64) -> Result<String, Error> {
             .get(&format!("{name} {size}"))
             .cloned()
             .unwrap_or_default();
-        let mut hit: Vec<i64> = runs.iter().flatten().copied().collect();
-        hit.sort_unstable();
-        let median = hit.get(hit.len() / 2).map_or("-".into(), |d| d.to_string());
+        let sorted = |pick: fn(&Delays) -> Option<i64>| {
+            let mut v: Vec<i64> = runs.iter().filter_map(pick).collect();
+            v.sort_unstable();
+            v
+        };
+        let (hit, jobs) = (sorted(|r| r.0), sorted(|r| r.1));
+        let median = |v: &[i64]| v.get(v.len() / 2).map_or("-".into(), |d| d.to_string());
         let worst = hit.last().map_or("-".into(), |d| d.to_string());
         lines.push(format!(
-            "| {name} (+{:.0}%) | {detector} | {}/{} | {median} | {worst} |",
+            "| {name} (+{:.0}%) | {detector} | {}/{} | {} | {worst} | {}/{} | {} |",
             size * 100.0,
             hit.len(),
-            runs.len()
+            runs.len(),
+            median(&hit),
+            jobs.len(),
+            runs.len(),
+            median(&jobs),
         ));
     }
     lines.push(String::new());

@@ -187,7 +187,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Detector, String> {
 }
 
 /// The reference and current periods of one evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Periods {
     pub reference_start: DateTime<Utc>,
     pub current_start: DateTime<Utc>,
@@ -218,7 +218,6 @@ pub const DEFAULT_DEVICE_CAP: f64 = 10.0;
 /// in a period (noised, so floored at 0) above `cap` times the median
 /// device's are scaled down to that; nobody is capped below one inference.
 fn device_weights(p: &Periods, cap: f64) -> String {
-    let cap = if cap > 0.0 { cap } else { f64::INFINITY };
     format!(
         "SELECT device_id, model_id, model_version, in_current, \
                 CASE WHEN n > limit_n THEN limit_n / n ELSE 1.0 END AS device_weight \
@@ -234,29 +233,47 @@ fn device_weights(p: &Periods, cap: f64) -> String {
     )
 }
 
+/// Where a detector's `FROM metrics` finds each device's weight.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    /// Computed within the statement: self-contained SQL, as
+    /// `detect --print-sql` shows it.
+    Inline,
+    /// A table holding [`device_weights`]'s rows, computed beforehand (one
+    /// scan of `metrics` serves the statement and `devices_capped`).
+    Table(&'a str),
+}
+
 /// The rows of `metrics` in the periods of `p`, each with its device's
 /// `device_weight`: what a detector's `FROM metrics` reads.
-fn weighted_metrics(p: &Periods, cap: f64) -> String {
+fn weighted_metrics(p: &Periods, cap: f64, weights: Weights<'_>) -> String {
+    let weights = match weights {
+        Weights::Inline => format!("({})", device_weights(p, cap)),
+        Weights::Table(name) => name.to_owned(),
+    };
     format!(
-        "(SELECT m.*, w.device_weight FROM metrics m JOIN ({weights}) w \
+        "(SELECT m.*, w.device_weight FROM {weights} w JOIN metrics m \
           ON m.device_id = w.device_id AND m.model_id = w.model_id \
              AND m.model_version = w.model_version \
              AND (m.window_start >= {cur}) = w.in_current \
           WHERE m.window_start >= {start} AND m.window_start < {end}) AS metrics",
-        weights = device_weights(p, cap),
         cur = literal(p.current_start),
         start = literal(p.reference_start),
         end = literal(p.current_end),
     )
 }
 
-/// `body` with its `FROM metrics` (any case and spacing) reading
-/// [`weighted_metrics`]; whether there was one.
-fn weigh_metrics(body: &str, p: &Periods, cap: f64) -> (String, bool) {
+/// Whether `detector`'s sums are weighted: it reads `FROM metrics` and its
+/// `device_cap` is not 0.
+fn is_weighted(detector: &Detector) -> bool {
+    detector.device_cap != 0.0 && find_from_metrics(&detector.body).next().is_some()
+}
+
+/// Where `body` says `FROM metrics` (any case and spacing): the byte range
+/// of each.
+fn find_from_metrics(body: &str) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     let lower = body.to_ascii_lowercase();
-    let mut out = String::with_capacity(body.len());
-    let mut rest = 0;
-    let mut found = false;
+    let mut found = Vec::new();
     let mut search = 0;
     while let Some(at) = lower[search..].find("from").map(|i| i + search) {
         search = at + 4;
@@ -270,16 +287,30 @@ fn weigh_metrics(body: &str, p: &Periods, cap: f64) -> (String, bool) {
             .is_none_or(|b| !is_word(*b));
         if before_ok && spaces > 0 && table.starts_with("metrics") && ends {
             let end = at + 4 + spaces + "metrics".len();
-            out.push_str(&body[rest..at]);
-            out.push_str("FROM ");
-            out.push_str(&weighted_metrics(p, cap));
-            rest = end;
+            found.push(at..end);
             search = end;
-            found = true;
         }
     }
+    found.into_iter()
+}
+
+/// `detector`'s body with each `FROM metrics` reading
+/// [`weighted_metrics`], if [`is_weighted`].
+fn weigh_metrics(detector: &Detector, p: &Periods, weights: Weights<'_>) -> String {
+    let body = &detector.body;
+    if !is_weighted(detector) {
+        return body.clone();
+    }
+    let mut out = String::with_capacity(body.len());
+    let mut rest = 0;
+    for range in find_from_metrics(body) {
+        out.push_str(&body[rest..range.start]);
+        out.push_str("FROM ");
+        out.push_str(&weighted_metrics(p, detector.device_cap, weights));
+        rest = range.end;
+    }
     out.push_str(&body[rest..]);
-    (out, found)
+    out
 }
 
 fn is_word(b: u8) -> bool {
@@ -316,10 +347,11 @@ fn scale_of(field: &str) -> String {
 ///   each bucket, for a histogram).
 ///
 /// Sums are weighted by `device_weight` where the body reads `FROM metrics`
-/// (see the module's "Robust fleet sums").
-pub fn render(detector: &Detector, p: &Periods) -> String {
-    let (body, weighted) = weigh_metrics(&detector.body, p, detector.device_cap);
-    let (w, w2) = if weighted {
+/// (see the module's "Robust fleet sums"), the weights found as `weights`
+/// says.
+pub fn render(detector: &Detector, p: &Periods, weights: Weights<'_>) -> String {
+    let body = weigh_metrics(detector, p, weights);
+    let (w, w2) = if is_weighted(detector) {
         (" * device_weight", " * device_weight * device_weight")
     } else {
         ("", "")
@@ -390,24 +422,40 @@ pub async fn evaluate(
     at: DateTime<Utc>,
     revision: i64,
 ) -> Result<Vec<Evaluation>, DetectError> {
+    evaluate_with(&mut WeightCache::new(ctx), detector, at, revision).await
+}
+
+/// [`evaluate`] with the devices' weights of `cache`: detectors of one run
+/// that share their periods and `device_cap` share one computation.
+pub async fn evaluate_with(
+    cache: &mut WeightCache<'_>,
+    detector: &Detector,
+    at: DateTime<Utc>,
+    revision: i64,
+) -> Result<Vec<Evaluation>, DetectError> {
+    let ctx = cache.ctx;
     let periods = detector.periods(at);
-    let sql = render(detector, &periods);
     let failed = |source| DetectError::Query {
         detector: detector.name.clone(),
         file: detector.file.clone(),
         source,
     };
-    let batches = query::run(ctx, &sql).await.map_err(failed)?;
-    let reporting = reporting(ctx, &periods).await.map_err(failed)?;
-    let capped = if weigh_metrics(&detector.body, &periods, detector.device_cap).1 {
-        Some(
-            devices_capped(ctx, &periods, detector.device_cap)
-                .await
-                .map_err(failed)?,
-        )
+    let weights = if is_weighted(detector) {
+        cache
+            .get(&periods, detector.device_cap)
+            .await
+            .map_err(failed)?
     } else {
         None
     };
+    let sql = render(
+        detector,
+        &periods,
+        weights.map_or(Weights::Inline, |t| Weights::Table(&t.name)),
+    );
+    let batches = query::run(ctx, &sql).await.map_err(failed)?;
+    let reporting = reporting(ctx, &periods).await.map_err(failed)?;
+    let capped = weights.map(|t| &t.capped);
     let mut out = Vec::new();
     for batch in &batches {
         let mut evaluations = rows(detector, &periods, batch, reporting, revision)?;
@@ -423,42 +471,90 @@ pub async fn evaluate(
     Ok(out)
 }
 
-/// Devices whose weight was capped in the current period of `p`, per
-/// model and version.
-async fn devices_capped(
-    ctx: &SessionContext,
-    p: &Periods,
-    cap: f64,
-) -> Result<HashMap<(String, String), i64>, QueryError> {
-    let sql = format!(
-        "SELECT model_id, model_version, count(*) AS capped FROM ({}) \
-         WHERE in_current AND device_weight < 1.0 GROUP BY model_id, model_version",
-        device_weights(p, cap)
-    );
-    let mut out = HashMap::new();
-    for batch in query::run(ctx, &sql).await? {
-        let (Some(model), Some(version), Some(capped)) = (
-            batch.column_by_name("model_id"),
-            batch.column_by_name("model_version"),
-            batch.column_by_name("capped"),
-        ) else {
-            continue;
-        };
-        let (model, version) = (
-            cast(model, &DataType::Utf8)?,
-            cast(version, &DataType::Utf8)?,
-        );
-        let capped = cast(capped, &DataType::Int64)?;
-        let (model, version) = (model.as_string::<i32>(), version.as_string::<i32>());
-        let capped = capped.as_primitive::<Int64Type>();
-        for i in 0..batch.num_rows() {
-            out.insert(
-                (model.value(i).to_owned(), version.value(i).to_owned()),
-                capped.value(i),
-            );
+/// The devices' weights of the runs of one tick, by periods and
+/// `device_cap`, each computed once; their tables leave the session when
+/// the cache is dropped.
+pub struct WeightCache<'a> {
+    ctx: &'a SessionContext,
+    tables: HashMap<(Periods, u64), Option<WeightTable<'a>>>,
+}
+
+impl<'a> WeightCache<'a> {
+    pub fn new(ctx: &'a SessionContext) -> Self {
+        WeightCache {
+            ctx,
+            tables: HashMap::new(),
         }
     }
-    Ok(out)
+
+    /// The weights for `p` and `cap` (`None`: no device reported).
+    async fn get(&mut self, p: &Periods, cap: f64) -> Result<Option<&WeightTable<'a>>, QueryError> {
+        let key = (*p, cap.to_bits());
+        if !self.tables.contains_key(&key) {
+            let batches = query::run(self.ctx, &device_weights(p, cap)).await?;
+            let table = WeightTable::register(self.ctx, batches)?;
+            self.tables.insert(key, table);
+        }
+        Ok(self.tables.get(&key).and_then(Option::as_ref))
+    }
+}
+
+/// The devices' weights of one evaluation, registered as a table of the
+/// session (under a name no other evaluation uses) until dropped, and the
+/// devices of the current period they cap, per model and version.
+struct WeightTable<'a> {
+    ctx: &'a SessionContext,
+    name: String,
+    capped: HashMap<(String, String), i64>,
+}
+
+impl<'a> WeightTable<'a> {
+    /// `None` when there are no rows: no device reported in the periods, so
+    /// the statement reads no weights.
+    fn register(
+        ctx: &'a SessionContext,
+        batches: Vec<RecordBatch>,
+    ) -> Result<Option<Self>, datafusion::error::DataFusionError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let Some(schema) = batches.first().map(|b| b.schema()) else {
+            return Ok(None);
+        };
+        let mut capped = HashMap::new();
+        for batch in &batches {
+            let column = |name: &str, to: &DataType| match batch.column_by_name(name) {
+                Some(c) => Ok(cast(c, to)?),
+                None => Err(datafusion::error::DataFusionError::Internal(format!(
+                    "device weights lack {name}"
+                ))),
+            };
+            let (model, version) = (
+                column("model_id", &DataType::Utf8)?,
+                column("model_version", &DataType::Utf8)?,
+            );
+            let current = column("in_current", &DataType::Boolean)?;
+            let weight = column("device_weight", &DataType::Float64)?;
+            let (model, version) = (model.as_string::<i32>(), version.as_string::<i32>());
+            let (current, weight) = (current.as_boolean(), weight.as_primitive::<Float64Type>());
+            for i in 0..batch.num_rows() {
+                if current.value(i) && weight.value(i) < 1.0 {
+                    *capped
+                        .entry((model.value(i).to_owned(), version.value(i).to_owned()))
+                        .or_insert(0) += 1;
+                }
+            }
+        }
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("driftline_device_weights_{n}");
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![batches])?;
+        ctx.register_table(name.as_str(), std::sync::Arc::new(table))?;
+        Ok(Some(WeightTable { ctx, name, capped }))
+    }
+}
+
+impl Drop for WeightTable<'_> {
+    fn drop(&mut self) {
+        let _ = self.ctx.deregister_table(self.name.as_str());
+    }
 }
 
 fn rows(
@@ -572,8 +668,9 @@ pub async fn run_all(
     revision: i64,
 ) -> Result<RunSummary, DetectError> {
     let mut summary = RunSummary::default();
+    let mut weights = WeightCache::new(ctx);
     for detector in detectors {
-        let evaluations = evaluate(ctx, detector, at, revision).await?;
+        let evaluations = evaluate_with(&mut weights, detector, at, revision).await?;
         metrics::counter!("driftline_detector_runs_total", "detector" => detector.name.clone())
             .increment(1);
         summary.evaluations.extend(evaluations);
@@ -975,6 +1072,29 @@ mod tests {
     }
 
     #[test]
+    fn sums_are_weighted_where_the_body_reads_from_metrics() {
+        let header = "-- name: w\n-- current: 15m\n-- reference: 1h\n-- threshold: 0.2\n";
+        let at: DateTime<Utc> = "2026-11-27T10:37:12Z".parse().expect("ts");
+        let body =
+            "SELECT {cur_sum:error_count} FROM\n  Metrics WHERE x IN (SELECT 1 from metrics_old) \
+                    UNION ALL SELECT 1 FROM metrics";
+        let d = detector(&format!("{header}{body}")).expect("parses");
+        let sql = render(&d, &d.periods(at), Weights::Table("t"));
+        // Both reads of the table, and not the other table, whatever the case.
+        assert_eq!(sql.matches("FROM t w JOIN metrics m").count(), 2, "{sql}");
+        assert!(sql.contains("from metrics_old"), "{sql}");
+        assert!(
+            sql.contains("THEN error_count * device_weight ELSE 0 END"),
+            "{sql}"
+        );
+        // device_cap 0: nothing weighted.
+        let d = detector(&format!("{header}-- device_cap: 0\n{body}")).expect("parses");
+        let sql = render(&d, &d.periods(at), Weights::Table("t"));
+        assert!(!sql.contains("device_weight"), "{sql}");
+        assert!(detector(&format!("{header}-- device_cap: 0.5\nSELECT 1")).is_err());
+    }
+
+    #[test]
     fn periods_align_and_placeholders_expand() {
         let d = detector(
             "-- name: lat\n-- current: 15m\n-- reference: 1h\n-- threshold: 0.2\n\
@@ -986,7 +1106,7 @@ mod tests {
         assert_eq!(p.current_end.to_rfc3339(), "2026-11-27T10:30:00+00:00");
         assert_eq!(p.current_start.to_rfc3339(), "2026-11-27T10:15:00+00:00");
         assert_eq!(p.reference_start.to_rfc3339(), "2026-11-27T09:15:00+00:00");
-        let sql = render(&d, &p);
+        let sql = render(&d, &p, Weights::Inline);
         assert!(sql.contains(
             "make_array(sum(CASE WHEN (window_start >= TIMESTAMP '2026-11-27T09:15:00Z'"
         ));

@@ -641,7 +641,7 @@ async fn detect_command(args: DetectArgs) -> anyhow::Result<()> {
             println!(
                 "-- {}\n{};\n",
                 d.name,
-                detect::render(d, &d.periods(latest)).trim_end()
+                detect::render(d, &d.periods(latest), detect::Weights::Inline).trim_end()
             );
         }
         return Ok(());
