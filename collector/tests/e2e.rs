@@ -2433,8 +2433,9 @@ fn a_site_two_hours_late_revises_each_period_once_and_its_drift_is_found() {
         query(data.path(), "SELECT count(*) FROM drift_events"),
         [["0"]]
     );
-    // Site B: 20 other devices, the same two hours, input +100 % from the
-    // second hour, delivered now.
+    // Site B: 20 other devices, the same two hours, input +300 % from the
+    // second hour, delivered now. (At +100 % the privacy noise, which is
+    // not seeded, hid the half-fleet shift in one CI run.)
     let mut site_b = sim_config(broker.url(), 20, 1, 120, 32);
     site_b.start = start;
     site_b.first_device = 20;
@@ -2442,7 +2443,7 @@ fn a_site_two_hours_late_revises_each_period_once_and_its_drift_is_found() {
         at: 60,
         model_id: "model-0".into(),
         kind: DriftKind::Input,
-        size: 1.0,
+        size: 3.0,
     });
     simulate_in_background(site_b).join().expect("simulator");
     wait_for_input_drift_run(data.path(), last_end, "revision = 1");
