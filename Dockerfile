@@ -5,7 +5,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends libssl-dev pkg-
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p driftline-collector -p driftline-agent \
-    && strip target/release/driftline-collector target/release/driftline-agent
+    && strip target/release/driftline-collector target/release/driftline-agent \
+       target/release/driftline-agent-simulate
 
 # docker-compose.yml's `secrets` service: openssl and mosquitto_passwd for
 # deploy/mosquitto/secrets.sh.
@@ -20,7 +21,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends libssl3 ca-cert
 # The agent's state (privacy budget ledger, sequence number, buffer) must
 # outlive the container: a fresh one would be a fresh budget.
 VOLUME /var/lib/driftline-agent
-COPY --from=build /src/target/release/driftline-collector /src/target/release/driftline-agent /usr/local/bin/
+COPY --from=build /src/target/release/driftline-collector /src/target/release/driftline-agent \
+     /src/target/release/driftline-agent-simulate /usr/local/bin/
 USER driftline
 WORKDIR /data
 ENTRYPOINT ["driftline-collector"]

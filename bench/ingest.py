@@ -36,6 +36,8 @@ RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
                                       pathlib.Path.home() / ".cache/driftline/release-target"))
 COLLECTOR = pathlib.Path(os.environ.get("DRIFTLINE_COLLECTOR", RELEASE / "release" / "driftline-collector"))
 AGENT = RELEASE / "release" / "driftline-agent"
+# `driftline-agent simulate` runs it.
+SIMULATOR = RELEASE / "release" / "driftline-agent-simulate"
 REPLAY = RELEASE / "release" / "examples" / "mqtt_replay"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 BEGIN, END = "<!-- bench:ingest:begin -->", "<!-- bench:ingest:end -->"
@@ -131,7 +133,7 @@ def main():
     args = ap.parse_args()
     devices, windows = (20, 600) if args.quick else (200, 600)
     n = devices * 2 * windows
-    for binary in (COLLECTOR, AGENT, REPLAY):
+    for binary in (COLLECTOR, AGENT, SIMULATOR, REPLAY):
         if not binary.exists():
             raise SystemExit(f"missing {binary}: cargo build --release -p driftline-collector -p driftline-agent "
                              f"--bins --example mqtt_replay (CARGO_TARGET_DIR={RELEASE})")

@@ -1,6 +1,6 @@
 """`driftline-agent privacy-report` against Google's dp-accounting.
 
-The agent's accountant (agent/src/accountant.rs) must never report a
+The agent's accountant (pipeline/src/accountant.rs) must never report a
 device-day epsilon below the tight value of the composition it describes,
 and not more than 1.25 times above it. dp-accounting's privacy loss
 distribution (PLD) accountant gives that value for the same mechanism,

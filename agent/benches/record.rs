@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, Criterion};
-use driftline_agent::event::{Feedback, InferenceEvent};
-use driftline_agent::privacy::{DeviceIdentity, Privatizer};
-use driftline_agent::window::{ModelKey, ModelSpec, Windower};
+use driftline_pipeline::event::{Feedback, InferenceEvent};
+use driftline_pipeline::privacy::{DeviceIdentity, Privatizer};
+use driftline_pipeline::window::{ModelKey, ModelSpec, Windower};
 
 fn record(c: &mut Criterion) {
     let mut windower = Windower::new(60, Utc::now());

@@ -594,7 +594,7 @@ mod tests {
     #[test]
     fn a_full_queue_coarsens_before_it_drops() {
         use crate::coarsen::coarsen_payloads;
-        use crate::privacy::MechanismConfig;
+        use driftline_pipeline::privacy::MechanismConfig;
         // 600 periods x 2 models of ~1.2 KB windows (about 1.4 MB) into a
         // 512 KiB queue: its 64 KiB segments are coarsened, pass after pass.
         let dir = tempfile::tempdir().expect("tempdir");

@@ -108,7 +108,7 @@ pub fn merge(a: &WindowReport, b: &WindowReport) -> Option<WindowReport> {
     let epsilon = match mechanism {
         Mechanism::Gaussian => rho
             .zip(delta)
-            .and_then(|(r, d)| crate::accountant::zcdp_epsilon(r, d).ok())
+            .and_then(|(r, d)| driftline_pipeline::accountant::zcdp_epsilon(r, d).ok())
             .filter(|_| a.privacy.epsilon.is_some()),
         _ => sum(a.privacy.epsilon, b.privacy.epsilon),
     };
@@ -200,8 +200,8 @@ pub fn coarsen_payloads(payloads: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::privacy::{DeviceIdentity, MechanismConfig, Privatizer};
-    use crate::window::{ModelKey, ModelSpec, Windower};
+    use driftline_pipeline::privacy::{DeviceIdentity, MechanismConfig, Privatizer};
+    use driftline_pipeline::window::{ModelKey, ModelSpec, Windower};
     use chrono::{DateTime, Utc};
 
     /// Noised windows of two models, `n` periods from `start`.
@@ -220,7 +220,7 @@ pub(crate) mod tests {
         let mut out = Vec::new();
         for i in 0..n {
             for _ in 0..5 {
-                m0.record(&crate::event::InferenceEvent {
+                m0.record(&driftline_pipeline::event::InferenceEvent {
                     latency_ms: 12.0,
                     input_tokens: 10,
                     output_tokens: 2,
@@ -309,8 +309,8 @@ pub(crate) mod tests {
     /// mechanism, budget, `K`, window and features.
     #[test]
     fn the_collector_accepts_every_window_and_every_coarsening_of_it() {
-        use crate::event::InferenceEvent;
-        use crate::privacy::per_event_sensitivity;
+        use driftline_pipeline::event::InferenceEvent;
+        use driftline_pipeline::privacy::per_event_sensitivity;
         use driftline_core::topic;
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20_261_127);

@@ -12,11 +12,11 @@ use driftline_core::histogram;
 use driftline_core::topic;
 use serde::Deserialize;
 
-use crate::ledger::{Budget, BudgetState, Now};
+use driftline_pipeline::ledger::{Budget, BudgetState, Now};
 use crate::mqtt::Protocol;
-use crate::privacy::{MechanismConfig, PrivacyError, Privatizer};
-use crate::tls::TlsFiles;
-use crate::window::{ModelKey, ModelSpec, DEFAULT_MAX_EVENTS_PER_WINDOW};
+use driftline_pipeline::privacy::{MechanismConfig, PrivacyError, Privatizer};
+use driftline_runtime::tls::TlsFiles;
+use driftline_pipeline::window::{ModelKey, ModelSpec, DEFAULT_MAX_EVENTS_PER_WINDOW};
 use driftline_core::wire::MAX_EVENTS_PER_WINDOW;
 
 /// The TOML file. Every key is optional except the models.
@@ -237,7 +237,7 @@ fn resolve_privacy(
     // A hair under the budget: the ledger charges what OpenDP's privacy map
     // reports, which may round the configured figure up.
     let target = device_day * (1.0 - 1e-9);
-    let calibrated = |laplace| crate::accountant::calibrate(laplace, windows, target, delta);
+    let calibrated = |laplace| driftline_pipeline::accountant::calibrate(laplace, windows, target, delta);
     let mechanism = match p.mechanism.as_deref().unwrap_or("gaussian") {
         "laplace" => MechanismConfig::Laplace {
             epsilon: match p.epsilon {
@@ -262,7 +262,7 @@ fn resolve_privacy(
     let privatizer = Privatizer::new(mechanism)?;
     let cost = privatizer.cost();
     if let Some(cap) = budget.rho {
-        let mut one = crate::accountant::Spent::default();
+        let mut one = driftline_pipeline::accountant::Spent::default();
         one.add(cost);
         if !(cap.is_finite() && one.rho() <= cap) {
             return Err(invalid(
@@ -291,14 +291,7 @@ fn resolve_privacy(
     Ok((mechanism, budget))
 }
 
-/// Windows of all `models` that the events of one `period` can fall into:
-/// `ceil(period / window) + 1` per model, since a period that does not
-/// start on a window boundary touches one window more.
-pub fn windows_per_period(period: TimeDelta, window_secs: u32, models: usize) -> u64 {
-    let period = u64::try_from(period.num_seconds()).unwrap_or(0);
-    let per_model = period.div_ceil(u64::from(window_secs.max(1))) + 1;
-    per_model * models as u64
-}
+pub use driftline_pipeline::accountant::windows_per_period;
 
 /// Where the agent keeps its ledger, sequence number and buffer unless
 /// told otherwise: an absolute path, so that the budget does not depend on
@@ -503,7 +496,7 @@ mod tests {
         )
         .expect("toml");
         let c = AgentConfig::resolve(file, Overrides::default()).expect("valid");
-        let r = crate::guarantee::Report::of(c.mechanism, &c.budget, c.window_secs, &c.models)
+        let r = driftline_pipeline::guarantee::Report::of(c.mechanism, &c.budget, c.window_secs, &c.models)
             .expect("report");
         assert_eq!(
             r.windows_per_day,

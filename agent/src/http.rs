@@ -27,8 +27,8 @@ use driftline_core::status::StatusReport;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::event::{Feedback, InferenceEvent};
-use crate::window::{ModelHandle, ModelKey, WindowStats};
+use driftline_pipeline::event::{Feedback, InferenceEvent};
+use driftline_pipeline::window::{ModelHandle, ModelKey, WindowStats};
 
 /// What the HTTP handlers share with the agent loop.
 #[derive(Debug)]

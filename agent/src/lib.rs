@@ -1,34 +1,28 @@
 //! # driftline-agent
 //!
 //! The on-device side of Driftline: applications record inference events
-//! and feedback; the agent aggregates them per model into tumbling windows
-//! ([`window`]), adds calibrated differential-privacy noise ([`privacy`]) and
-//! publishes one message per model and window over MQTT ([`publish`]).
-//! [`simulate`] runs many such pipelines as a synthetic fleet.
+//! and feedback (Rust API, or the local HTTP endpoint of [`http`]); the
+//! agent runs them through the window pipeline (`driftline_pipeline`:
+//! windows, privacy budget, noise), keeps what it could not yet send in a
+//! disk queue ([`buffer`], merged by [`coarsen`] when full) and publishes
+//! over MQTT ([`mqtt`]); [`runtime`] is the loop that ties them together,
+//! [`config`] its settings.
 //!
 //! Invariants:
-//! - Raw events and exact counts never leave [`window`] and [`privacy`]: the
-//!   publisher only accepts a [`privacy::PrivateWindow`], which only
-//!   [`privacy::Privatizer::privatize`] can construct.
-//! - Payloads are built by `driftline_core::wire`, never by hand.
-//! - No Arrow, Parquet or DataFusion: the agent stays small for devices.
+//! - Raw events and exact counts never leave the pipeline: the agent only
+//!   handles `driftline_pipeline::privacy::PrivateWindow`s and their
+//!   messages.
+//! - No Arrow, Parquet or DataFusion, and no fleet simulator (that is
+//!   `driftline-sim`, run by `driftline-agent simulate` as a program of its
+//!   own): the agent stays small for devices.
 
-pub mod accountant;
+/// The recording API apps call (docs/agent.md, "Recording from Rust"):
+/// events, models and their windows, from the pipeline.
+pub use driftline_pipeline::{event, window};
+
 pub mod buffer;
 pub mod coarsen;
 pub mod config;
-pub mod event;
-pub mod guarantee;
 pub mod http;
-pub mod ledger;
 pub mod mqtt;
-pub mod privacy;
-pub mod publish;
 pub mod runtime;
-pub mod simulate;
-pub mod telemetry;
-pub mod tls;
-pub mod window;
-
-/// The agent's version, written into every message as `agent_version`.
-pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

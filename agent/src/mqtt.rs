@@ -9,7 +9,7 @@ use driftline_core::broker::BrokerUrl;
 use rumqttc::v5::mqttbytes::v5::Packet as PacketV5;
 use rumqttc::{Event, Outgoing, Packet, QoS};
 
-use crate::tls::{self, TlsError, TlsFiles};
+use driftline_runtime::tls::{self, TlsError, TlsFiles};
 
 /// MQTT protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -29,12 +29,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferError, DiskQueue};
 use crate::config::AgentConfig;
-use crate::guarantee::Report;
+use driftline_pipeline::guarantee::Report;
 use crate::http::{self, Shared};
-use crate::ledger::{Ledger, LedgerError, Now};
+use driftline_pipeline::ledger::{Ledger, LedgerError, Now};
 use crate::mqtt::{Session, SessionEvent, SessionOptions};
-use crate::privacy::{DeviceIdentity, PrivacyError, Privatizer};
-use crate::window::Windower;
+use driftline_pipeline::privacy::{DeviceIdentity, PrivacyError, Privatizer};
+use driftline_pipeline::window::Windower;
 
 /// Records sent to the broker per batch.
 const BATCH: usize = 64;
@@ -59,7 +59,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] driftline_runtime::tls::TlsError),
     #[error("state directory {path} is in use by another driftline-agent (it holds {path}/lock); stop that agent first, or give this one its own --state-dir")]
     Locked { path: PathBuf },
     #[error("state directory {path} holds a sequence number or buffered windows but no budget.ledger: the privacy budget spent so far is unknown, and a fresh one would let this device publish more than its budget. Restore the ledger, or start with --reset-budget to accept that (it is logged)")]
@@ -338,7 +338,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let identity = DeviceIdentity {
         device_id: config.device_id.clone(),
         fleet: config.fleet.clone(),
-        agent_version: crate::AGENT_VERSION.to_owned(),
+        agent_version: driftline_pipeline::AGENT_VERSION.to_owned(),
     };
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await

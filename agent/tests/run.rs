@@ -13,79 +13,10 @@ use std::time::{Duration, Instant};
 
 use driftline_core::status::{DeviceState, StatusReport};
 use driftline_core::wire::{self, Mechanism};
+use driftline_testkit::{free_port, make_certificates, wait_for, Mosquitto};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_driftline-agent");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let until = Instant::now() + timeout;
-    while Instant::now() < until {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
-}
-
-/// Mosquitto with persistence in `dir`, so sessions survive its restarts.
-struct Broker {
-    child: Child,
-}
-
-impl Broker {
-    /// Mosquitto with persistence in `dir`.
-    fn start(dir: &Path, port: u16) -> Self {
-        let persistence = format!(
-            "persistence true\npersistence_location {}/\n",
-            dir.display()
-        );
-        Broker::with_config(dir, port, &persistence)
-    }
-
-    /// Mosquitto on `port` with `extra` configuration lines.
-    fn with_config(dir: &Path, port: u16, extra: &str) -> Self {
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}"),
-        )
-        .expect("write mosquitto.conf");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto must be installed (apt-get install mosquitto)");
-        wait_for("mosquitto", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Broker { child }
-    }
-
-    /// SIGTERM, so Mosquitto saves its sessions.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn write_config(dir: &Path, broker_port: u16, http_port: u16) -> PathBuf {
     let path = dir.join("agent.toml");
@@ -209,7 +140,7 @@ fn windows_survive_a_broker_outage_and_a_kill_and_arrive_once() {
     let config = write_config(dir.path(), broker_port, http_port);
 
     // Create the probe's persistent session, then take the broker down.
-    let broker = Broker::start(dir.path(), broker_port);
+    let broker = Mosquitto::persistent(dir.path(), broker_port);
     drop(probe(broker_port));
     broker.stop();
 
@@ -251,7 +182,7 @@ fn windows_survive_a_broker_outage_and_a_kill_and_arrive_once() {
     }
 
     // The broker returns; the probe's session collects what arrives.
-    let broker = Broker::start(dir.path(), broker_port);
+    let broker = Mosquitto::persistent(dir.path(), broker_port);
     let broker_up = chrono::Utc::now();
     let (_client, mut connection) = probe(broker_port);
     let mut reports = Vec::new();
@@ -483,42 +414,13 @@ fn noise_comes_from_openssl_csprng() {
     );
 }
 
-/// Writes a CA, a server certificate for localhost/127.0.0.1 and a client
-/// certificate, as PEM files in `dir`.
-fn make_certificates(dir: &Path) {
-    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair};
-    // Distinct subjects: OpenSSL takes a leaf whose subject equals its
-    // issuer for a self-signed certificate.
-    let named = |cn: &str| {
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, cn);
-        dn
-    };
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.distinguished_name = named("Driftline test CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("ca");
-    let leaf = |names: Vec<String>, name: &str| {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(names).expect("params");
-        params.distinguished_name = named(name);
-        let cert = params.signed_by(&key, &ca, &ca_key).expect("sign");
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write key");
-    };
-    leaf(vec!["localhost".into(), "127.0.0.1".into()], "server");
-    leaf(vec!["dev-1".into()], "client");
-    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write ca");
-}
-
 #[test]
 fn publishes_over_mutual_tls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     make_certificates(d);
     let (broker_port, http_port) = (free_port(), free_port());
-    let broker = Broker::with_config(
+    let broker = Mosquitto::on_port(
         d,
         broker_port,
         &format!(
@@ -586,7 +488,7 @@ fn publishes_over_mutual_tls() {
 fn publishes_over_mqtt_5_and_the_last_will_reports_offline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (broker_port, http_port) = (free_port(), free_port());
-    let _broker = Broker::start(dir.path(), broker_port);
+    let _broker = Mosquitto::persistent(dir.path(), broker_port);
     let (_client, mut connection) = probe(broker_port);
     let config = write_config(dir.path(), broker_port, http_port);
     let text = std::fs::read_to_string(&config).expect("read") + "[mqtt]\nprotocol = \"5\"\n";
@@ -638,7 +540,7 @@ fn a_batch_in_flight_when_the_broker_dies_is_sent_again() {
             "persistence true\nautosave_interval 1\npersistence_location {}/\n",
             dir.path().display()
         );
-        Broker::with_config(dir.path(), broker_port, &extra)
+        Mosquitto::on_port(dir.path(), broker_port, &extra)
     };
     let broker = start_broker();
     drop(probe(broker_port));
@@ -707,7 +609,7 @@ fn logs_in_with_username_and_password() {
         "password_file {}\nallow_anonymous false\n",
         passwords.display()
     );
-    let _broker = Broker::with_config(dir.path(), broker_port, &auth);
+    let _broker = Mosquitto::on_port(dir.path(), broker_port, &auth);
     let anonymous = Command::new("mosquitto_sub")
         .args([
             "-p",
@@ -852,4 +754,35 @@ fn a_missing_ledger_is_refused_not_started_afresh() {
         TcpStream::connect(("127.0.0.1", http)).is_ok()
     });
     assert!(state.join("budget.ledger").exists());
+}
+
+/// `driftline-agent simulate` runs the simulator's own program
+/// (`driftline-agent-simulate`, beside the agent) with its arguments, and
+/// exits with its status.
+#[test]
+fn simulate_runs_the_fleet_simulator_program() {
+    let broker = Mosquitto::start();
+    let out = Command::new(AGENT)
+        .args(["simulate", "--broker", &format!("mqtt://127.0.0.1:{}", broker.port)])
+        .args(["--devices", "3", "--models", "2", "--windows", "2"])
+        .output()
+        .expect("driftline-agent simulate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("published 12 messages, 12 acknowledged by the broker"),
+        "{stdout}"
+    );
+    let help = Command::new(AGENT)
+        .args(["simulate", "--help"])
+        .output()
+        .expect("driftline-agent simulate --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("Usage: driftline-agent simulate") && help.contains("--devices"), "{help}");
+    let refused = Command::new(AGENT)
+        .args(["simulate", "--devices", "3"])
+        .output()
+        .expect("driftline-agent simulate without a broker");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--broker"), "{refused:?}");
 }

@@ -21,11 +21,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
-use driftline_agent::event::InferenceEvent;
-use driftline_agent::ledger::Budget;
-use driftline_agent::privacy::{MechanismConfig, Privatizer};
-use driftline_agent::simulate::{DeviceSim, Drift, DriftKind, SimConfig};
-use driftline_agent::window::{ModelKey, ModelSpec, Windower};
+use driftline_pipeline::event::InferenceEvent;
+use driftline_pipeline::ledger::Budget;
+use driftline_pipeline::privacy::{MechanismConfig, Privatizer};
+use driftline_sim::{DeviceSim, Drift, DriftKind, SimConfig};
+use driftline_pipeline::window::{ModelKey, ModelSpec, Windower};
 use driftline_collector::detect;
 use driftline_collector::ingest::{Counters, Ingest, IngestLimits};
 use driftline_collector::lake::LakeWriter;
@@ -126,7 +126,7 @@ fn on_every_core<T: Send>(
 fn one_device(
     privatizer: &Privatizer,
     windower: &mut Windower,
-    handle: &driftline_agent::window::ModelHandle,
+    handle: &driftline_pipeline::window::ModelHandle,
     end: &mut DateTime<Utc>,
     latency_ms: f64,
 ) -> Result<(usize, Vec<i64>, i64), Error> {
@@ -147,7 +147,7 @@ fn one_device(
     let (mut noised, mut count) = (Vec::new(), 0);
     for window in closed {
         let report = privatizer.privatize(window)?.into_report(
-            &driftline_agent::privacy::DeviceIdentity {
+            &driftline_pipeline::privacy::DeviceIdentity {
                 device_id: "u".into(),
                 fleet: "u".into(),
                 agent_version: "0".into(),

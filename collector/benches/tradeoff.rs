@@ -23,7 +23,7 @@
 //! drift not found within 6 hours is missed. Null periods (no drift) are
 //! evaluated too, to count false alarms.
 
-use driftline_agent::accountant;
+use driftline_pipeline::accountant;
 use driftline_collector::query::stats::{
     hist_quantile, hist_quantile_se, hist_shift_pvalue, normal_sf, psi, rate_z,
 };
@@ -244,7 +244,7 @@ fn run_cell(
     rng: &mut ChaCha8Rng,
 ) -> Result<Outcome, Box<dyn std::error::Error>> {
     // The windows one day's events can touch, as the agent calibrates.
-    let windows_per_day = driftline_agent::config::windows_per_period(
+    let windows_per_day = driftline_pipeline::accountant::windows_per_period(
         chrono::TimeDelta::days(1),
         window_secs,
         MODELS as usize,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::TimeDelta;
-use driftline_agent::tls::TlsFiles;
+use driftline_runtime::tls::TlsFiles;
 use driftline_core::broker::BrokerUrl;
 use serde::Deserialize;
 

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use driftline_agent::ledger::Budget;
-use driftline_agent::privacy::MechanismConfig;
-use driftline_agent::simulate::{self, Drift, DriftKind, SimConfig, SimProgress};
-use driftline_agent::window;
+use driftline_pipeline::ledger::Budget;
+use driftline_pipeline::privacy::MechanismConfig;
+use driftline_sim::{Drift, DriftKind, SimConfig, SimProgress};
+use driftline_pipeline::window;
 use driftline_core::broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
 
@@ -67,7 +67,7 @@ pub enum DemoError {
     #[error(transparent)]
     Subscriber(#[from] SubscriberError),
     #[error(transparent)]
-    Simulation(#[from] simulate::SimError),
+    Simulation(#[from] driftline_sim::SimError),
     #[error(transparent)]
     Query(#[from] QueryError),
     #[error(transparent)]
@@ -176,21 +176,21 @@ pub async fn run(
         credentials: None,
         tls: Default::default(),
     };
-    let guarantee = driftline_agent::guarantee::Report::of(
+    let guarantee = driftline_pipeline::guarantee::Report::of(
         sim.mechanism,
         &sim.budget,
         sim.window_secs,
         &(0..sim.models)
             .map(|m| {
                 (
-                    driftline_agent::window::ModelKey::new(format!("model-{m}"), "1.0.0"),
-                    driftline_agent::window::ModelSpec::default()
+                    driftline_pipeline::window::ModelKey::new(format!("model-{m}"), "1.0.0"),
+                    driftline_pipeline::window::ModelSpec::default()
                         .with_max_events_per_window(DEMO_MAX_EVENTS_PER_WINDOW),
                 )
             })
             .collect::<Vec<_>>(),
     )
-    .map_err(simulate::SimError::from)?;
+    .map_err(driftline_sim::SimError::from)?;
 
     let ctx = Arc::new(query::session_with_limit(&options.data_dir, Some(1 << 30)).await?);
     let endpoint = Endpoint::bind(
@@ -258,7 +258,7 @@ pub async fn run(
     inject_bad_messages(&broker).await;
     let progress = Arc::new(SimProgress::default());
     let stop_sim = CancellationToken::new();
-    let fleet = tokio::spawn(simulate::run(sim, progress.clone(), stop_sim.clone()));
+    let fleet = tokio::spawn(driftline_sim::run(sim, progress.clone(), stop_sim.clone()));
 
     let started = Instant::now();
     let deadline = options.duration.map(|d| started + d);
@@ -296,7 +296,7 @@ pub async fn run(
     let _ = detection.await;
     let sim_summary = fleet
         .await
-        .map_err(|e| simulate::SimError::Task(e.to_string()))??;
+        .map_err(|e| driftline_sim::SimError::Task(e.to_string()))??;
     // Everything the broker acknowledged reaches the collector; wait for it.
     let wait_until = Instant::now() + Duration::from_secs(20);
     while counters.received.load(Ordering::Relaxed) < sim_summary.acknowledged

@@ -1039,6 +1039,27 @@ mod tests {
         assert!(read(INSTALLED).starts_with("a.sql "));
     }
 
+    /// Every file of `queries/detectors/` is built in, and nothing else.
+    #[test]
+    fn the_built_in_detectors_are_the_shipped_files() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../queries/detectors");
+        let mut shipped: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .expect("queries/detectors")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .map(|p| {
+                let name = p.file_name().expect("name").to_string_lossy().into_owned();
+                (name, std::fs::read_to_string(&p).expect("read"))
+            })
+            .collect();
+        shipped.sort();
+        let built_in: Vec<(String, String)> = BUILTIN
+            .iter()
+            .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+            .collect();
+        assert_eq!(built_in, shipped);
+    }
+
     #[test]
     fn texts_shipped_before_the_record_name_built_in_detectors() {
         for (name, hash) in SHIPPED_BEFORE_RECORD {

@@ -100,7 +100,7 @@ pub enum EndpointError {
         source: std::io::Error,
     },
     #[error("SQL endpoint TLS: {0}")]
-    Tls(#[from] driftline_agent::tls::TlsError),
+    Tls(#[from] driftline_runtime::tls::TlsError),
     #[error("SQL endpoint: at least one user with a password is required")]
     NoUsers,
 }
@@ -139,7 +139,7 @@ impl Endpoint {
         }
         let tls = match &options.tls {
             Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(
-                driftline_agent::tls::server_config(cert, key)?,
+                driftline_runtime::tls::server_config(cert, key)?,
             )),
             None => None,
         };

@@ -408,7 +408,7 @@ fn main() -> ExitCode {
         _ => None,
     };
     let telemetry =
-        match driftline_agent::telemetry::init("driftline-collector", default_level, prometheus) {
+        match driftline_runtime::telemetry::init("driftline-collector", default_level, prometheus) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("error: telemetry: {e:#}");

@@ -11,7 +11,7 @@
 //! copies them into the `metrics` facade, which also takes the values
 //! recorded where things happen (`driftline_flush_seconds`,
 //! `driftline_detector_runs_total`, `driftline_jobs_total`). The recorder
-//! behind the facade (`driftline_agent::telemetry`) feeds both this
+//! behind the facade (`driftline_runtime::telemetry`) feeds both this
 //! endpoint's Prometheus registry and, when `OTEL_EXPORTER_OTLP_*` is set,
 //! OTLP.
 
@@ -24,7 +24,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use driftline_agent::telemetry::LocalRecorder;
+use driftline_runtime::telemetry::LocalRecorder;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 

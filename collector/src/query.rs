@@ -106,11 +106,9 @@ pub async fn session_at(
     }
     let ctx = SessionContext::new_with_config_rt(config, runtime.build_arc()?);
     lake::register(&ctx, location).await?;
-    ctx.sql(DEVICES_VIEW).await?;
-    ctx.sql(PRIVACY_VIEW).await?;
-    ctx.sql(DETECTOR_RESULTS_VIEW).await?;
-    ctx.sql(RETRAIN_JOBS_VIEW).await?;
-    ctx.sql(HISTOGRAM_EDGES_VIEW).await?;
+    for (_, sql) in VIEWS {
+        ctx.sql(sql).await?;
+    }
     datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
         &ctx,
         CATALOG,
@@ -161,6 +159,17 @@ fn default_option(config: SessionConfig, key: &str, value: &str) -> SessionConfi
         config.set_str(key, value)
     }
 }
+
+/// The views of every session, from `queries/views/` (each file says what
+/// its view is for), in the order they are created. `model_windows`, whose
+/// SQL repeats per histogram bucket, is built by [`model_windows_view`].
+pub const VIEWS: [(&str, &str); 5] = [
+    ("devices", include_str!("../../queries/views/devices.sql")),
+    ("privacy", include_str!("../../queries/views/privacy.sql")),
+    ("detector_results", include_str!("../../queries/views/detector_results.sql")),
+    ("retrain_jobs", include_str!("../../queries/views/retrain_jobs.sql")),
+    ("histogram_edges", include_str!("../../queries/views/histogram_edges.sql")),
+];
 
 /// `model_windows`: fleet aggregates per model, version and window, with
 /// the standard error of each noised sum (from the noise scales every row
@@ -254,133 +263,13 @@ FROM (
     )
 }
 
-/// `histogram_edges`: one row per model version with the edges of its four
-/// histograms, from the edge sets stored beside `metrics` (the latest
-/// date's set when a version's edges changed; `edge_sets` counts the
-/// distinct sets, so more than 1 says the version's windows mixed edges).
-/// A query joins it on `model_id` and `model_version` after aggregating
-/// `metrics`, instead of decoding the `*_edges` list of every row.
-pub const HISTOGRAM_EDGES_VIEW: &str = "
-CREATE VIEW histogram_edges AS
-SELECT model_id, model_version,
-       first_value(latency_ms_edges ORDER BY date DESC) AS latency_ms_edges,
-       first_value(confidence_edges ORDER BY date DESC) AS confidence_edges,
-       first_value(input_tokens_edges ORDER BY date DESC) AS input_tokens_edges,
-       first_value(output_tokens_edges ORDER BY date DESC) AS output_tokens_edges,
-       count(DISTINCT concat_ws('|', array_to_string(latency_ms_edges, ' '),
-                                     array_to_string(confidence_edges, ' '),
-                                     array_to_string(input_tokens_edges, ' '),
-                                     array_to_string(output_tokens_edges, ' '))) AS edge_sets
-FROM histogram_edge_sets
-GROUP BY model_id, model_version";
 
 /// The catalog (PostgreSQL: database) the tables live in.
 pub const CATALOG: &str = "driftline";
 
-/// `retrain_jobs`: one row per retraining job with its latest status
-/// (from the append-only `retrain_job_events`).
-pub const RETRAIN_JOBS_VIEW: &str = "
-CREATE VIEW retrain_jobs AS
-SELECT j.job_id, j.model_id, j.model_version, j.status, c.created_at, j.at AS updated_at,
-       j.detail, c.period_end, c.evidence
-FROM (
-    SELECT *, row_number() OVER (
-        PARTITION BY job_id ORDER BY at DESC,
-        CASE status WHEN 'pending' THEN 0 WHEN 'dispatched' THEN 1 WHEN 'acknowledged' THEN 2 ELSE 3 END DESC
-    ) AS rn
-    FROM retrain_job_events
-) j
-JOIN (
-    SELECT job_id, min(at) AS created_at, max(period_end) AS period_end, max(evidence) AS evidence
-    FROM retrain_job_events GROUP BY job_id
-) c ON j.job_id = c.job_id
-WHERE j.rn = 1
-";
 
-/// `devices`: one row per device seen in `metrics` or `status`: its last
-/// status (online, or offline from its last will), when it was last heard
-/// from, its agent and model versions and its privacy budget.
-///
-/// `metrics` is first reduced to one row per device, model and version,
-/// so the list of model versions is built from those few rows instead of
-/// from every window (4.8x faster on 10 M rows, BENCHMARKS.md).
-pub const DEVICES_VIEW: &str = "
-CREATE VIEW devices AS
-WITH per_model AS (
-    SELECT device_id, model_id, model_version,
-           max(fleet) AS fleet,
-           max(received_at) AS last_seen,
-           max(window_start) AS last_window_start,
-           count(*) AS windows,
-           max(agent_version) AS agent_version
-    FROM metrics GROUP BY device_id, model_id, model_version
-), seen AS (
-    SELECT device_id,
-           max(fleet) AS fleet,
-           max(last_seen) AS last_seen,
-           max(last_window_start) AS last_window_start,
-           sum(windows) AS windows,
-           array_to_string(array_sort(array_agg(model_id || '@' || model_version)), ',') AS model_versions,
-           max(agent_version) AS agent_version
-    FROM per_model GROUP BY device_id
-), last_status AS (
-    SELECT * FROM (
-        SELECT *, row_number() OVER (PARTITION BY device_id ORDER BY at DESC, received_at DESC) AS rn
-        FROM status
-    ) WHERE rn = 1
-)
-SELECT coalesce(s.device_id, l.device_id) AS device_id,
-       coalesce(s.fleet, l.fleet) AS fleet,
-       coalesce(l.state, 'unknown') AS state,
-       l.at AS state_since,
-       CASE WHEN s.last_seen IS NULL THEN l.received_at
-            WHEN l.received_at IS NULL THEN s.last_seen
-            ELSE greatest(s.last_seen, l.received_at) END AS last_seen,
-       s.last_window_start,
-       coalesce(s.windows, 0) AS windows,
-       coalesce(l.agent_version, s.agent_version) AS agent_version,
-       coalesce(s.model_versions, l.models) AS model_versions,
-       l.budget_remaining_rho,
-       l.budget_remaining_epsilon,
-       coalesce(l.budget_exhausted, false) AS budget_exhausted,
-       l.buffered_windows,
-       l.lost_windows
-FROM seen s FULL OUTER JOIN last_status l ON s.device_id = l.device_id
-";
 
-/// `privacy`: what each device's numbers are worth. One row per device,
-/// model version and privacy configuration it published under (a device
-/// that changed its configuration has a row for each), with the guarantee
-/// its messages declare: the mechanism and per-window figures, the most
-/// events a window counts, and the device-day `(epsilon, delta)`. Messages
-/// from agents that predate the device-day fields show nulls there.
-pub const PRIVACY_VIEW: &str = "
-CREATE VIEW privacy AS
-SELECT fleet, device_id, model_id, model_version, mechanism,
-       epsilon AS epsilon_per_window, rho AS rho_per_window, delta,
-       max_events_per_window, device_day_epsilon, device_day_delta,
-       window_secs,
-       count(*) AS windows,
-       min(window_start) AS first_window_start,
-       max(window_start) AS last_window_start
-FROM metrics
-GROUP BY fleet, device_id, model_id, model_version, mechanism, epsilon, rho, delta,
-         max_events_per_window, device_day_epsilon, device_day_delta, window_secs
-";
 
-/// `detector_results`: the current result of every evaluation, the latest
-/// revision of each detector, model version, statistic and period
-/// (`detector_runs` keeps every revision: a period evaluated again after
-/// late data has one row per revision).
-pub const DETECTOR_RESULTS_VIEW: &str = "
-CREATE VIEW detector_results AS
-SELECT * EXCLUDE (rn) FROM (
-    SELECT *, row_number() OVER (
-        PARTITION BY detector, model_id, model_version, statistic, current_start
-        ORDER BY coalesce(revision, 0) DESC) AS rn
-    FROM detector_runs
-) WHERE rn = 1
-";
 
 /// Runs one read-only statement: DDL, DML and `SET`-like statements are
 /// refused with an error.
@@ -417,4 +306,26 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<String, QueryEr
             String::from_utf8_lossy(&out).into_owned()
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file of `queries/views/` is a view of every session.
+    #[test]
+    fn the_views_are_the_shipped_files() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../queries/views");
+        let mut shipped: Vec<String> = std::fs::read_dir(&dir)
+            .expect("queries/views")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        shipped.sort();
+        let mut built_in: Vec<String> = VIEWS.iter().map(|(n, _)| format!("{n}.sql")).collect();
+        built_in.sort();
+        assert_eq!(built_in, shipped);
+        for (name, sql) in VIEWS {
+            assert!(sql.contains(&format!("CREATE VIEW {name} AS")), "{name}");
+        }
+    }
 }

@@ -75,7 +75,7 @@ pub struct MqttTarget {
     pub broker: driftline_core::broker::BrokerUrl,
     pub topic: String,
     pub credentials: Option<crate::subscriber::Credentials>,
-    pub tls: driftline_agent::tls::TlsFiles,
+    pub tls: driftline_runtime::tls::TlsFiles,
 }
 
 impl Targets {
@@ -439,7 +439,7 @@ async fn publish(target: &MqttTarget, job_id: &str, body: &str) -> Result<(), St
         options.set_credentials(c.username.clone(), c.password.clone());
     }
     options.set_transport(
-        driftline_agent::tls::transport(&target.broker, &target.tls).map_err(|e| e.to_string())?,
+        driftline_runtime::tls::transport(&target.broker, &target.tls).map_err(|e| e.to_string())?,
     );
     let (client, mut eventloop) = AsyncClient::new(options, 8);
     client

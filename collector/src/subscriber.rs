@@ -27,7 +27,7 @@ use driftline_core::topic::{METRICS_FILTER, STATUS_FILTER};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
 use tokio_util::sync::CancellationToken;
 
-use driftline_agent::tls::TlsFiles;
+use driftline_runtime::tls::TlsFiles;
 
 use crate::ingest::{Counters, Ingest, IngestLimits};
 use crate::lake::LakeWriter;
@@ -75,7 +75,7 @@ impl std::fmt::Debug for Credentials {
 #[derive(Debug, thiserror::Error)]
 pub enum SubscriberError {
     #[error(transparent)]
-    Tls(#[from] driftline_agent::tls::TlsError),
+    Tls(#[from] driftline_runtime::tls::TlsError),
     #[error("{0}; unacknowledged messages stay with the broker")]
     Wal(#[from] WalError),
     #[error("cannot store the {records} messages replayed from the write-ahead log: {source}")]
@@ -153,7 +153,7 @@ pub async fn run(
     if let Some(credentials) = &options.credentials {
         mqtt.set_credentials(credentials.username.clone(), credentials.password.clone());
     }
-    mqtt.set_transport(driftline_agent::tls::transport(
+    mqtt.set_transport(driftline_runtime::tls::transport(
         &options.broker,
         &options.tls,
     )?);

@@ -13,102 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use driftline_agent::ledger::Budget;
-use driftline_agent::privacy::MechanismConfig;
-use driftline_agent::simulate::{self, SimConfig, SimProgress};
+use driftline_pipeline::ledger::Budget;
+use driftline_pipeline::privacy::MechanismConfig;
+use driftline_sim::{SimConfig, SimProgress};
 use driftline_core::broker::BrokerUrl;
+use driftline_testkit::{free_port, make_certificates, wait_for_port, Mosquitto};
 use tokio_util::sync::CancellationToken;
 
 const COLLECTOR: &str = env!("CARGO_BIN_EXE_driftline-collector");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} is not listening on port {port}");
-}
-
-/// A Mosquitto broker on a free loopback port, stopped on drop.
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start() -> Self {
-        Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), "")
-    }
-
-    /// Mosquitto with `extra` configuration lines, its files in `dir`.
-    fn with_config(dir: tempfile::TempDir, extra: &str) -> Self {
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}"),
-        )
-        .expect("write mosquitto.conf");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto must be installed (apt-get install mosquitto); .ci/run installs it");
-        wait_for_port(port, "mosquitto");
-        Mosquitto {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> BrokerUrl {
-        BrokerUrl {
-            host: "127.0.0.1".into(),
-            port: self.port,
-            tls: false,
-        }
-    }
-
-    fn publish(&self, topic: &str, payload_file: &Path) {
-        let status = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                topic,
-                "-f",
-            ])
-            .arg(payload_file)
-            .status()
-            .expect("mosquitto_pub must be installed (apt-get install mosquitto-clients)");
-        assert!(status.success(), "mosquitto_pub failed for {topic}");
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `driftline-collector serve`, started and waited for until subscribed.
 struct Collector {
@@ -638,85 +550,10 @@ fn demo_runs_and_leaves_a_queryable_lake() {
     );
 }
 
-/// A CA and a server certificate for localhost, made with the openssl CLI.
-fn make_server_certificate(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the openssl command must be installed");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Driftline test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .expect("write ext");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-    // Mosquitto started as root reads its files as the `mosquitto` user;
-    // openssl writes keys 0600. These keys exist only for this test.
-    use std::os::unix::fs::PermissionsExt;
-    for (path, mode) in [(dir.to_path_buf(), 0o755), (dir.join("server.key"), 0o644)] {
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    }
-}
-
 #[test]
 fn serve_reads_from_a_tls_broker_with_a_password() {
     let dir = tempfile::tempdir().expect("tempdir");
-    make_server_certificate(dir.path());
+    make_certificates(dir.path());
     let d = dir.path().display().to_string();
     for (user, password) in [("collector", "c-secret"), ("kiosk-0007", "k-secret")] {
         let mut cmd = Command::new("mosquitto_passwd");
@@ -819,10 +656,10 @@ fn sim_config(broker: BrokerUrl, devices: u32, models: u32, windows: u64, seed: 
 }
 
 /// Runs the simulator on its own thread; the handle returns its summary.
-fn simulate_in_background(config: SimConfig) -> std::thread::JoinHandle<simulate::SimSummary> {
+fn simulate_in_background(config: SimConfig) -> std::thread::JoinHandle<driftline_sim::SimSummary> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
-        rt.block_on(simulate::run(
+        rt.block_on(driftline_sim::run(
             config,
             Arc::new(SimProgress::default()),
             CancellationToken::new(),
@@ -1805,14 +1642,7 @@ fn shipped_mosquitto_config_binds_logins_to_topics() {
         conf.contains("use_username_as_clientid true") && conf.contains("allow_anonymous false")
     );
     std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write conf");
-    let mut child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(dir.path().join("mosquitto.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto");
-    wait_for_port(port, "mosquitto");
+    let broker = Mosquitto::from_conf(&dir.path().join("mosquitto.conf"), port);
     let password = |login: &str| {
         std::fs::read_to_string(secrets.join(format!("{login}.password")))
             .expect("password")
@@ -1938,8 +1768,7 @@ fn shipped_mosquitto_config_binds_logins_to_topics() {
     );
     let log: Vec<String> = collector.log.try_iter().collect();
     collector.terminate();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(broker);
     assert_eq!(
         rows,
         vec![
@@ -2396,7 +2225,7 @@ fn wait_for_input_drift_run(data_dir: &Path, end: DateTime<Utc>, condition: &str
 /// data, is found in a revision and opens a job.
 #[test]
 fn a_site_two_hours_late_revises_each_period_once_and_its_drift_is_found() {
-    use driftline_agent::simulate::{Drift, DriftKind};
+    use driftline_sim::{Drift, DriftKind};
     let broker = Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), UNBOUNDED_QUEUE);
     let data = tempfile::tempdir().expect("tempdir");
     let (port, hits) = counting_server();
@@ -2514,10 +2343,10 @@ fn a_replayed_history_is_evaluated_once_per_period_with_every_device() {
     let devices = 40u32;
     let mut config = sim_config(broker.url(), devices, 1, 120, 23);
     config.start = recent_window_start(900, 9);
-    config.drift = Some(driftline_agent::simulate::Drift {
+    config.drift = Some(driftline_sim::Drift {
         at: 60,
         model_id: "model-0".into(),
-        kind: driftline_agent::simulate::DriftKind::Input,
+        kind: driftline_sim::DriftKind::Input,
         size: 0.5,
     });
     let start = config.start;
@@ -2556,7 +2385,7 @@ fn a_replayed_history_is_evaluated_once_per_period_with_every_device() {
 /// is found where it starts, and the signed webhook fires once.
 #[test]
 fn a_backlog_after_an_outage_is_evaluated_period_by_period_and_retrains_once() {
-    use driftline_agent::simulate::{Drift, DriftKind};
+    use driftline_sim::{Drift, DriftKind};
     let broker = Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), UNBOUNDED_QUEUE);
     let data = tempfile::tempdir().expect("tempdir");
     let (port, hits) = counting_server();

@@ -11,6 +11,8 @@
 //! the pace of the clock. The events are reproducible from `seed`; the
 //! privacy noise is not, by design (it comes from a CSPRNG).
 
+pub mod publish;
+
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,13 +25,13 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution, LogNormal, Poisson};
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Feedback, InferenceEvent};
-use crate::guarantee::Report;
-use crate::ledger::{Budget, Ledger, Now};
-use crate::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, PrivateWindow, Privatizer};
+use driftline_pipeline::event::{Feedback, InferenceEvent};
+use driftline_pipeline::guarantee::Report;
+use driftline_pipeline::ledger::{Budget, Ledger, Now};
+use driftline_pipeline::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, PrivateWindow, Privatizer};
 use crate::publish::{PublishError, Publisher};
-use crate::tls::TlsFiles;
-use crate::window::{ModelHandle, ModelKey, ModelSpec, Windower};
+use driftline_runtime::tls::TlsFiles;
+use driftline_pipeline::window::{ModelHandle, ModelKey, ModelSpec, Windower};
 
 /// Labels of the simulated models' `label` feature.
 pub const LABELS: [&str; 4] = ["billing", "cancel", "support", "other"];
@@ -235,7 +237,7 @@ impl DeviceSim {
             identity: DeviceIdentity {
                 device_id: device_id(config.first_device.saturating_add(index)),
                 fleet: config.fleet.clone(),
-                agent_version: crate::AGENT_VERSION.to_owned(),
+                agent_version: driftline_pipeline::AGENT_VERSION.to_owned(),
             },
             rng: ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) << 20)),
             windower,

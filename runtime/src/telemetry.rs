@@ -89,6 +89,9 @@ pub fn init(
             tracing_subscriber::filter::Targets::new()
                 .with_target("driftline_agent", tracing::Level::INFO)
                 .with_target("driftline_collector", tracing::Level::INFO)
+                .with_target("driftline_pipeline", tracing::Level::INFO)
+                .with_target("driftline_sim", tracing::Level::INFO)
+                .with_target("driftline_runtime", tracing::Level::INFO)
         };
         tracing_subscriber::registry()
             .with(fmt.with_filter(filter))

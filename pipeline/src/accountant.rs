@@ -234,6 +234,15 @@ pub fn calibrate(
     Ok(lo)
 }
 
+/// Windows of all `models` that the events of one `period` can fall into:
+/// `ceil(period / window) + 1` per model, since a period that does not
+/// start on a window boundary touches one window more.
+pub fn windows_per_period(period: chrono::TimeDelta, window_secs: u32, models: usize) -> u64 {
+    let period = u64::try_from(period.num_seconds()).unwrap_or(0);
+    let per_model = period.div_ceil(u64::from(window_secs.max(1))) + 1;
+    per_model * models as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::privacy::{DeviceIdentity, PrivateWindow};
+use driftline_pipeline::privacy::{DeviceIdentity, PrivateWindow};
 use driftline_core::status::{DeviceState, StatusReport};
 
 /// A status message of a simulated device.
@@ -45,7 +45,7 @@ fn status(device: &DeviceIdentity, state: DeviceState) -> Vec<u8> {
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] driftline_runtime::tls::TlsError),
     #[error("the window does not encode as a valid message: {0}")]
     Encode(#[from] Rejection),
     #[error("the MQTT client stopped: {0}")]
@@ -87,7 +87,7 @@ impl Publisher {
         device: DeviceIdentity,
         first_seq: u64,
         credentials: Option<(String, String)>,
-        tls: &crate::tls::TlsFiles,
+        tls: &driftline_runtime::tls::TlsFiles,
     ) -> Result<Self, PublishError> {
         let client_id = format!("driftline-{}-{}", device.fleet, device.device_id);
         let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
@@ -108,7 +108,7 @@ impl Publisher {
             QoS::AtLeastOnce,
             true,
         ));
-        options.set_transport(crate::tls::transport(broker, tls)?);
+        options.set_transport(driftline_runtime::tls::transport(broker, tls)?);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         // QoS 0: its acknowledgement would count as a window's.
         let _ = client.try_publish(
