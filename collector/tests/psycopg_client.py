@@ -1,6 +1,6 @@
 """psycopg 3 against the collector's SQL endpoint (extended protocol).
 
-Run by collector/tests/e2e.rs with the endpoint's DSN as the only argument;
+Run by collector/tests/e2e/sql.rs with the endpoint's DSN as the only argument;
 exits non-zero with a message on the first failed check.
 """
 
