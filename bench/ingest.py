@@ -228,7 +228,7 @@ def profile(data):
         lines.append(f"| {name} | {percent:.1f} % |")
     lines += ["", "Top symbols:", "", "| symbol | self |", "|---|---:|"]
     for percent, symbol in rows[:15]:
-        lines.append(f"| `{symbol[:100]}` | {percent:.1f} % |")
+        lines.append(f"| `{symbol[:100].strip()}` | {percent:.1f} % |")
     write_block(PROFILE_BEGIN, PROFILE_END, lines, "Ingest profile")
 
 
@@ -238,7 +238,8 @@ COMPONENTS = [
     ("Parquet encode and compression", ["parquet::", "zstd", "ZSTD_", "arrow_"]),
     ("key index (hashing)", ["lake::writer", "hash", "Hash", "RowConverter", "arrow_row"]),
     ("MQTT (rumqttc, TLS, sockets)", ["rumqttc", "tcp_", "sock_", "__sys_", "recv", "send", "mqttbytes"]),
-    ("memory allocation", ["malloc", "free", "realloc", "memcpy", "memmove", "_int_", "alloc::"]),
+    ("memory allocation and copies", ["malloc", "free", "realloc", "memcpy", "memmove", "_int_", "alloc::",
+                                      "mi_malloc", "mi_free", "_mi_", "mi_heap", "unlink_chunk"]),
     ("async runtime", ["tokio::"]),
 ]
 

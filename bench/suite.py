@@ -27,6 +27,8 @@ Parts:
              file: scans and groupings, text and integer keys (bench/engine.py)
   accuracy   privacy utility against the local-DP lower bound; detection
              delay and false alarms over seeds (collector/benches/accuracy.rs)
+  sum        the overflow-checked SQL `sum` against the engine's own, which
+             wraps (collector/benches/checked_sum.rs)
 
 Timing figures are never asserted anywhere: they are measured here, next to
 their reference, and written down.
@@ -51,7 +53,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RELEASE = pathlib.Path(os.environ.get("DRIFTLINE_RELEASE_TARGET",
                                       pathlib.Path.home() / ".cache/driftline/release-target"))
-PARTS = ["agent", "ingest", "storage", "s3", "queries", "engine", "accuracy"]
+PARTS = ["agent", "ingest", "storage", "s3", "queries", "engine", "accuracy", "sum"]
 
 
 def sh(cmd, **kw):
@@ -189,6 +191,13 @@ def accuracy(quick, dev):
                 "Detection delay and false alarms")
 
 
+def checked_sum(quick):
+    out = cargo("bench", "-p", "driftline-collector", "--bench", "checked_sum", "--",
+                *(["1000000"] if quick else []), capture=True).stdout
+    write_block("<!-- bench:checked-sum:begin -->", "<!-- bench:checked-sum:end -->",
+                out.strip().splitlines(), "Checked sum")
+
+
 def preflight(parts):
     """What the parts need beyond the repository: Mosquitto (apt) and the
     Python packages the references use (pip), installed when missing."""
@@ -253,6 +262,8 @@ def main():
             sh([sys.executable, str(BENCH / "engine.py"), *quick])
         elif part == "accuracy":
             accuracy(args.quick, args.accuracy_from_debug)
+        elif part == "sum":
+            checked_sum(args.quick)
         spent[part] = time.time() - t
     total = time.time() - build_done
     write_block("<!-- bench:machine:begin -->", "<!-- bench:machine:end -->", [

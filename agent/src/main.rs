@@ -1,4 +1,4 @@
-//! `driftline-agent`: see `driftline-agent --help` and CONTRACT.md.
+//! `driftline-agent`: see `driftline-agent --help` and README.md.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

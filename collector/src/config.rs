@@ -173,7 +173,7 @@ pub struct ServeConfig {
     pub sql_memory_bytes: usize,
 }
 
-/// Default address of the SQL endpoint (CONTRACT.md).
+/// Default address of the SQL endpoint (README.md).
 pub const DEFAULT_PG_LISTEN: &str = "127.0.0.1:5433";
 
 /// Lake upkeep that `serve` runs on a schedule (and `compact` once).

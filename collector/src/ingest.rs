@@ -121,48 +121,79 @@ pub enum Outcome {
     Quarantined { reason: &'static str },
 }
 
-/// Pending rows, by partition date, waiting for the next flush.
-#[derive(Debug)]
-pub struct Ingest {
-    limits: IngestLimits,
-    counters: Arc<Counters>,
+/// Rows waiting for a flush, by table and partition date.
+#[derive(Debug, Default)]
+struct Pending {
     metrics: BTreeMap<String, Vec<StoredWindow>>,
     quarantine: BTreeMap<String, Vec<QuarantinedMessage>>,
     status: BTreeMap<String, Vec<StoredStatus>>,
-    pending: usize,
-    /// Quarantine rows kept this hour (`quota_hour`), per device.
-    quota_used: HashMap<String, u32>,
-    quota_hour: i64,
+    rows: usize,
+}
+
+/// Quarantine rows kept this hour (`hour`), per device.
+#[derive(Debug, Default)]
+struct QuotaBook {
+    used: HashMap<String, u32>,
+    hour: i64,
+}
+
+/// What queuing a quarantine row needs. Shared by [`Ingest`] and the
+/// [`Batch`] it hands to a flush, which quarantines the rows the lake
+/// refuses (`duplicate_window`) while the ingest loop goes on: both charge
+/// one quota.
+#[derive(Debug, Clone)]
+struct Quarantiner {
+    counters: Arc<Counters>,
+    quota: u32,
+    book: Arc<Mutex<QuotaBook>>,
+}
+
+/// Validates messages and keeps their rows until [`Ingest::take`] hands
+/// them to a flush.
+#[derive(Debug)]
+pub struct Ingest {
+    limits: IngestLimits,
+    quarantiner: Quarantiner,
+    pending: Pending,
+}
+
+/// The rows of one flush, taken out of [`Ingest`]: [`Batch::write`] stores
+/// them (on any thread), and [`Ingest::restore`] takes back what a failed
+/// write left.
+#[derive(Debug)]
+pub struct Batch {
+    quarantiner: Quarantiner,
+    pending: Pending,
 }
 
 impl Ingest {
     pub fn new(limits: IngestLimits, counters: Arc<Counters>) -> Self {
         Ingest {
             limits,
-            counters,
-            metrics: BTreeMap::new(),
-            quarantine: BTreeMap::new(),
-            status: BTreeMap::new(),
-            pending: 0,
-            quota_used: HashMap::new(),
-            quota_hour: 0,
+            quarantiner: Quarantiner {
+                counters,
+                quota: limits.quarantine_quota,
+                book: Arc::default(),
+            },
+            pending: Pending::default(),
         }
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
-        &self.counters
+        &self.quarantiner.counters
     }
 
     /// Rows waiting for the next flush.
     pub fn pending(&self) -> usize {
-        self.pending
+        self.pending.rows
     }
 
     /// Validates one message and queues it as a `metrics`, `status` or
     /// `quarantine` row.
     pub fn handle(&mut self, topic: &str, payload: &[u8], received_at: DateTime<Utc>) -> Outcome {
-        self.counters.received.fetch_add(1, Ordering::Relaxed);
-        self.pending += 1;
+        let counters = &self.quarantiner.counters;
+        counters.received.fetch_add(1, Ordering::Relaxed);
+        self.pending.rows += 1;
         let parsed = driftline_core::topic::parse(topic);
         let bounds = TimeBounds {
             now: received_at,
@@ -172,28 +203,44 @@ impl Ingest {
         if parsed.is_some_and(|t| t.kind == TopicKind::Status) {
             return match accept_status(topic, payload, &bounds) {
                 Ok(report) => {
-                    self.counters.status.fetch_add(1, Ordering::Relaxed);
+                    counters.status.fetch_add(1, Ordering::Relaxed);
                     let date = report.at.format("%Y-%m-%d").to_string();
-                    self.status.entry(date).or_default().push(StoredStatus {
-                        received_at,
-                        report,
-                    });
+                    self.pending
+                        .status
+                        .entry(date)
+                        .or_default()
+                        .push(StoredStatus {
+                            received_at,
+                            report,
+                        });
                     Outcome::Status
                 }
-                Err(detail) => self.quarantine(topic, payload, received_at, INVALID_STATUS, detail),
+                Err(detail) => self.quarantiner.quarantine(
+                    &mut self.pending,
+                    topic,
+                    payload,
+                    received_at,
+                    INVALID_STATUS,
+                    detail,
+                ),
             };
         }
         match wire::accept(topic, payload, &bounds) {
             Ok(report) => {
-                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                counters.accepted.fetch_add(1, Ordering::Relaxed);
                 let date = report.window_start.format("%Y-%m-%d").to_string();
-                self.metrics.entry(date).or_default().push(StoredWindow {
-                    received_at,
-                    report,
-                });
+                self.pending
+                    .metrics
+                    .entry(date)
+                    .or_default()
+                    .push(StoredWindow {
+                        received_at,
+                        report,
+                    });
                 Outcome::Accepted
             }
-            Err(rejection) => self.quarantine(
+            Err(rejection) => self.quarantiner.quarantine(
+                &mut self.pending,
                 topic,
                 payload,
                 received_at,
@@ -203,9 +250,46 @@ impl Ingest {
         }
     }
 
-    /// Queues a refused message as a `quarantine` row.
+    /// Hands every pending row to a flush; new messages queue anew.
+    pub fn take(&mut self) -> Batch {
+        Batch {
+            quarantiner: self.quarantiner.clone(),
+            pending: std::mem::take(&mut self.pending),
+        }
+    }
+
+    /// Takes back the rows a failed [`Batch::write`] left, for the next
+    /// flush.
+    pub fn restore(&mut self, batch: Batch) {
+        let Batch { pending: left, .. } = batch;
+        let pending = &mut self.pending;
+        for (date, rows) in left.metrics {
+            pending.metrics.entry(date).or_default().extend(rows);
+        }
+        for (date, rows) in left.quarantine {
+            pending.quarantine.entry(date).or_default().extend(rows);
+        }
+        for (date, rows) in left.status {
+            pending.status.entry(date).or_default().extend(rows);
+        }
+        pending.rows += left.rows;
+    }
+
+    /// Writes every pending row to the lake ([`Batch::write`]); rows whose
+    /// write fails stay pending.
+    pub fn flush(&mut self, lake: &LakeWriter) -> Result<(), LakeError> {
+        let mut batch = self.take();
+        let written = batch.write(lake);
+        self.restore(batch);
+        written
+    }
+}
+
+impl Quarantiner {
+    /// Queues a refused message as a `quarantine` row in `pending`.
     fn quarantine(
-        &mut self,
+        &self,
+        pending: &mut Pending,
         topic: &str,
         payload: &[u8],
         received_at: DateTime<Utc>,
@@ -222,7 +306,7 @@ impl Ingest {
             ),
             Quota::Exceeded => {
                 self.counters.over_quota.fetch_add(1, Ordering::Relaxed);
-                self.pending = self.pending.saturating_sub(1);
+                pending.rows = pending.rows.saturating_sub(1);
                 return Outcome::Quarantined { reason };
             }
         };
@@ -244,7 +328,8 @@ impl Ingest {
             (payload.to_vec(), detail)
         };
         let date = received_at.format("%Y-%m-%d").to_string();
-        self.quarantine
+        pending
+            .quarantine
             .entry(date)
             .or_default()
             .push(QuarantinedMessage {
@@ -261,32 +346,44 @@ impl Ingest {
     /// Counts one quarantine row against the quota of the topic's device
     /// (its first four levels, `driftline/v1/{fleet}/{device}`) for the
     /// hour of `at`.
-    fn charge_quota(&mut self, topic: &str, at: DateTime<Utc>) -> Quota {
-        let quota = self.limits.quarantine_quota;
-        if quota == 0 {
+    fn charge_quota(&self, topic: &str, at: DateTime<Utc>) -> Quota {
+        if self.quota == 0 {
             return Quota::Within;
         }
+        // A poisoned lock only means another flush panicked mid-update;
+        // the counts are still usable.
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
         let hour = at.timestamp().div_euclid(3600);
-        if hour != self.quota_hour {
-            self.quota_hour = hour;
-            self.quota_used.clear();
+        if hour != book.hour {
+            book.hour = hour;
+            book.used.clear();
         }
         let device = topic.splitn(5, '/').take(4).collect::<Vec<_>>().join("/");
-        let used = self.quota_used.entry(device).or_default();
+        let used = book.used.entry(device).or_default();
         *used = used.saturating_add(1);
-        match (*used).cmp(&quota) {
+        match (*used).cmp(&self.quota) {
             std::cmp::Ordering::Less => Quota::Within,
-            std::cmp::Ordering::Equal => Quota::Reached(quota),
+            std::cmp::Ordering::Equal => Quota::Reached(self.quota),
             std::cmp::Ordering::Greater => Quota::Exceeded,
         }
     }
+}
 
-    /// Writes every pending row to the lake, one file per table and date;
-    /// rows whose key the lake already holds are dropped as duplicates. A
-    /// partition whose write fails stays pending for the next flush; the
-    /// first error is returned after the other partitions were tried.
-    pub fn flush(&mut self, lake: &LakeWriter) -> Result<(), LakeError> {
-        for rows in self.metrics.values_mut() {
+impl Batch {
+    /// Rows in this batch.
+    pub fn rows(&self) -> usize {
+        self.pending.rows
+    }
+
+    /// Writes the rows to the lake, one file per table and date; rows whose
+    /// key the lake already holds are dropped as duplicates, and a window
+    /// the lake holds under another `seq` becomes a `duplicate_window`
+    /// quarantine row. A partition whose write fails stays in the batch;
+    /// the first error is returned after the other partitions were tried.
+    pub fn write(&mut self, lake: &LakeWriter) -> Result<(), LakeError> {
+        let pending = &mut self.pending;
+        let counters = &self.quarantiner.counters;
+        for rows in pending.metrics.values_mut() {
             rows.sort_by(|a, b| {
                 let (a, b) = (&a.report, &b.report);
                 (&a.model_id, a.window_start, &a.device_id).cmp(&(
@@ -300,10 +397,10 @@ impl Ingest {
         let metrics = flush_table(
             lake,
             METRICS,
-            &mut self.metrics,
+            &mut pending.metrics,
             schema::metrics_batch,
-            &self.counters.stored_windows,
-            &self.counters,
+            &counters.stored_windows,
+            counters,
             Some((
                 &|w: &StoredWindow| {
                     let r = &w.report;
@@ -316,10 +413,10 @@ impl Ingest {
         let status = flush_table(
             lake,
             STATUS,
-            &mut self.status,
+            &mut pending.status,
             schema::status_batch,
-            &self.counters.stored_status,
-            &self.counters,
+            &counters.stored_status,
+            counters,
             Some((
                 &|s: &StoredStatus| {
                     let r = &s.report;
@@ -333,26 +430,27 @@ impl Ingest {
         // under another seq, are kept as quarantine rows.
         let unstorable_count = unstorable.len();
         for (received_at, topic, payload, reason, detail) in unstorable {
-            self.quarantine(&topic, &payload, received_at, reason, detail);
+            self.quarantiner
+                .quarantine(pending, &topic, &payload, received_at, reason, detail);
         }
-        self.pending = self.pending.saturating_sub(unstorable_count);
+        pending.rows = pending.rows.saturating_sub(unstorable_count);
         // A quarantine row that cannot be encoded stays pending (and the
         // flush fails): there is no further place to keep it.
         let quarantine = flush_table(
             lake,
             QUARANTINE,
-            &mut self.quarantine,
+            &mut pending.quarantine,
             schema::quarantine_batch,
-            &self.counters.stored_quarantine,
-            &self.counters,
+            &counters.stored_quarantine,
+            counters,
             None,
         );
-        self.pending = self
-            .pending
+        pending.rows = pending
+            .rows
             .saturating_sub(metrics.rows + status.rows + quarantine.rows);
         match metrics.error.or(status.error).or(quarantine.error) {
             Some(e) => {
-                self.counters.flush_errors.fetch_add(1, Ordering::Relaxed);
+                counters.flush_errors.fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
             None => Ok(()),

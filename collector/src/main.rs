@@ -1,4 +1,4 @@
-//! `driftline-collector`: see `driftline-collector --help` and CONTRACT.md.
+//! `driftline-collector`: see `driftline-collector --help` and README.md.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +16,11 @@ use driftline_collector::query::{self, Format};
 use driftline_collector::{detect, maintenance, observe, retrain, subscriber};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// mimalloc instead of the system allocator: ingest makes many small
+/// allocations per message (BENCHMARKS.md, "Ingest profile").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

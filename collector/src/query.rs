@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::lake::{self, LakeError, Location};
 
+pub mod checked_sum;
 mod date_trunc;
 mod information_schema;
 mod json;
@@ -105,6 +106,8 @@ pub async fn session_at(
             );
     }
     let ctx = SessionContext::new_with_config_rt(config, runtime.build_arc()?);
+    // Before any view is planned: views keep the `sum` they were planned with.
+    ctx.register_udaf(checked_sum::udaf());
     lake::register(&ctx, location).await?;
     for (_, sql) in VIEWS {
         ctx.sql(sql).await?;

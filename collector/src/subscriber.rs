@@ -1,6 +1,8 @@
 //! The MQTT side of the collector: subscribe (QoS 1) to every device's
 //! metrics and status topics, hand each message to [`Ingest`], flush to the
-//! lake on a timer and when enough rows are pending.
+//! lake on a timer and when enough rows are pending. A flush runs on a
+//! blocking thread while the loop goes on receiving, logging and
+//! acknowledging; one flush at a time, so the lake sees batches in order.
 //!
 //! Delivery is exactly once into the lake:
 //! - the session is persistent (fixed client id, clean session off), so the
@@ -14,9 +16,11 @@
 //! - the lake drops rows whose key it already holds ([`crate::lake`]), so
 //!   replays, redeliveries and agent retries are stored once.
 //!
-//! Memory stays bounded whatever the broker's backlog: the broker sends at
-//! most its in-flight window of unacknowledged messages, and at most
-//! `flush_rows` rows wait for the lake.
+//! Memory stays bounded whatever the broker's backlog, and while the lake
+//! cannot be written: the broker sends at most its in-flight window of
+//! unacknowledged messages, and the loop holds at most twice `flush_rows`
+//! rows (waiting and being written), reading nothing more from the broker
+//! past that. A failed flush is retried at the next flush interval.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use driftline_runtime::tls::TlsFiles;
 
-use crate::ingest::{Counters, Ingest, IngestLimits};
-use crate::lake::LakeWriter;
+use crate::ingest::{Batch, Counters, Ingest, IngestLimits};
+use crate::lake::{LakeError, LakeWriter};
 use crate::wal::{Wal, WalError};
 
 /// Largest MQTT packet read from the broker. Payloads over the wire limit
@@ -83,6 +87,8 @@ pub enum SubscriberError {
         records: usize,
         source: crate::lake::LakeError,
     },
+    #[error("a flush to the lake panicked; its rows stay in the write-ahead log and are stored at the next start: {0}")]
+    FlushPanicked(String),
     #[error("final flush failed, {pending} rows not written (they stay in the write-ahead log): {source}")]
     FinalFlush {
         pending: usize,
@@ -168,16 +174,35 @@ pub async fn run(
         SubscribeFilter::new(STATUS_FILTER.to_owned(), QoS::AtLeastOnce),
     ];
     let mut unacked: Vec<Publish> = Vec::new();
+    let mut flushing: Option<Flushing> = None;
     let mut ticker = tokio::time::interval(options.flush_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::from_millis(200);
     tracing::info!(broker = %options.broker, client_id = options.client_id, share_group = ?options.share_group, "collector subscribing");
+    // Whether the last flush failed: then the next waits for the timer.
+    let mut failing = false;
     loop {
+        // At most twice `flush_rows` rows wait or are being written: past
+        // that the loop stops reading from the broker (while a write runs,
+        // or while the lake fails), so the backlog waits at the broker.
+        let full = ingest.pending() >= options.flush_rows;
+        let held = ingest.pending() + flushing.as_ref().map_or(0, |f| f.rows);
+        let paused = held >= 2 * options.flush_rows;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => blocking(|| flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?,
-            event = eventloop.poll() => match event {
+            joined = written(&mut flushing), if flushing.is_some() => {
+                if let Some(done) = flushing.take() {
+                    failing = !finish(done.sealed, joined, &mut ingest, &mut wal)?;
+                }
+                if full && !failing {
+                    flushing = blocking(|| start_flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?;
+                }
+            }
+            _ = ticker.tick() => if flushing.is_none() {
+                flushing = blocking(|| start_flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?;
+            },
+            event = eventloop.poll(), if !paused => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(200);
                     tracing::info!(session_present = ack.session_present, "connected to broker");
@@ -195,8 +220,8 @@ pub async fn run(
                     wal.append(now, &p.topic, &p.payload)?;
                     ingest.handle(&p.topic, &p.payload, now);
                     unacked.push(p);
-                    if ingest.pending() >= options.flush_rows {
-                        blocking(|| flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?;
+                    if ingest.pending() >= options.flush_rows && flushing.is_none() && !failing {
+                        flushing = blocking(|| start_flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?;
                     }
                 }
                 Ok(_) => {}
@@ -230,6 +255,10 @@ pub async fn run(
         }
     })
     .await;
+    if let Some(done) = flushing.take() {
+        let joined = done.task.await;
+        finish(done.sealed, joined, &mut ingest, &mut wal)?;
+    }
     wal.rotate()?;
     ingest
         .flush(&lake)
@@ -242,9 +271,85 @@ pub async fn run(
     Ok(())
 }
 
-/// Runs blocking work (fsync, Parquet encoding, object-store round trips)
-/// so that, on a multi-threaded runtime, the worker's other tasks move to
-/// another thread meanwhile instead of waiting.
+/// What a flush task gives back: the batch (holding the rows it could not
+/// write), the outcome and how long it took.
+type Written = (Batch, Result<(), LakeError>, Duration);
+
+/// A flush running on a blocking thread.
+struct Flushing {
+    /// The write-ahead log segment started when the flush began: the
+    /// segments before it hold the flush's messages.
+    sealed: u64,
+    /// Rows in the batch.
+    rows: usize,
+    task: tokio::task::JoinHandle<Written>,
+}
+
+/// Waits for the running flush, if any (never resolves without one).
+async fn written(flushing: &mut Option<Flushing>) -> Result<Written, tokio::task::JoinError> {
+    match flushing.as_mut() {
+        Some(f) => (&mut f.task).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Makes the received messages durable and acknowledged, seals the log's
+/// segment and hands the pending rows to a flush on a blocking thread.
+/// Nothing to write: no flush.
+fn start_flush(
+    ingest: &mut Ingest,
+    lake: &Arc<LakeWriter>,
+    wal: &mut Wal,
+    client: &AsyncClient,
+    unacked: &mut Vec<Publish>,
+) -> Result<Option<Flushing>, WalError> {
+    if ingest.pending() == 0 {
+        return Ok(None);
+    }
+    commit(wal, client, unacked)?;
+    let sealed = wal.rotate()?;
+    let mut batch = ingest.take();
+    let rows = batch.rows();
+    let lake = lake.clone();
+    let span = tracing::info_span!("flush", pending = batch.rows());
+    let task = tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        let started = std::time::Instant::now();
+        let written = batch.write(&lake);
+        (batch, written, started.elapsed())
+    });
+    Ok(Some(Flushing { sealed, rows, task }))
+}
+
+/// Takes a finished flush's outcome: rows it could not write go back to
+/// `ingest` (and stay in the log) for the next flush; once everything was
+/// written, the log's segments sealed for it are deleted. Returns whether
+/// everything was written.
+fn finish(
+    sealed: u64,
+    joined: Result<Written, tokio::task::JoinError>,
+    ingest: &mut Ingest,
+    wal: &mut Wal,
+) -> Result<bool, SubscriberError> {
+    let (batch, written, took) =
+        joined.map_err(|e| SubscriberError::FlushPanicked(e.to_string()))?;
+    metrics::histogram!("driftline_flush_seconds").record(took.as_secs_f64());
+    ingest.restore(batch);
+    match written {
+        Ok(()) => {
+            wal.remove_sealed_before(sealed)?;
+            Ok(true)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, retryable = e.is_retryable(), pending = ingest.pending(), "flush failed; rows stay pending and in the write-ahead log, retried at the next flush interval");
+            Ok(false)
+        }
+    }
+}
+
+/// Runs blocking work (fsync) so that, on a multi-threaded runtime, the
+/// worker's other tasks move to another thread meanwhile instead of
+/// waiting.
 fn blocking<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
@@ -260,35 +365,6 @@ fn commit(wal: &mut Wal, client: &AsyncClient, unacked: &mut Vec<Publish>) -> Re
         if let Err(e) = client.try_ack(&p) {
             // Not acknowledged: the broker re-sends it, the lake drops the copy.
             tracing::warn!(error = %e, "cannot queue an acknowledgement");
-        }
-    }
-    Ok(())
-}
-
-/// Writes pending rows to the lake. The log is rotated first, so once the
-/// flush succeeds every sealed segment is in the lake and can go.
-#[tracing::instrument(name = "flush", skip_all, fields(pending = ingest.pending()))]
-fn flush(
-    ingest: &mut Ingest,
-    lake: &LakeWriter,
-    wal: &mut Wal,
-    client: &AsyncClient,
-    unacked: &mut Vec<Publish>,
-) -> Result<(), WalError> {
-    if ingest.pending() == 0 {
-        return Ok(());
-    }
-    commit(wal, client, unacked)?;
-    wal.rotate()?;
-    let started = std::time::Instant::now();
-    let flushed = ingest.flush(lake);
-    metrics::histogram!("driftline_flush_seconds").record(started.elapsed().as_secs_f64());
-    match flushed {
-        Ok(()) => {
-            wal.remove_sealed()?;
-        }
-        Err(e) => {
-            tracing::error!(error = %e, retryable = e.is_retryable(), pending = ingest.pending(), "flush failed; rows stay pending and in the write-ahead log");
         }
     }
     Ok(())

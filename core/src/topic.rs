@@ -1,4 +1,4 @@
-//! MQTT topic layout (CONTRACT.md):
+//! MQTT topic layout (docs/wire-format.md):
 //!
 //! - `driftline/v1/{fleet}/{device_id}/metrics`: one [`crate::wire::WindowReport`]
 //!   per device, model and window, QoS 1.

@@ -619,3 +619,58 @@ fn shipped_mosquitto_config_binds_logins_to_topics() {
         log.join("\n")
     );
 }
+
+/// While the lake cannot be written, the collector holds at most twice
+/// `--flush-rows` rows and reads nothing more from the broker, so the
+/// backlog waits at the broker and not in the collector's memory; it
+/// retries at every flush interval, and once the lake is writable again
+/// every window is stored, once.
+#[test]
+fn a_failing_lake_keeps_the_backlog_at_the_broker_and_loses_nothing() {
+    let broker = Mosquitto::with_config(tempfile::tempdir().expect("tempdir"), UNBOUNDED_QUEUE);
+    let data = tempfile::tempdir().expect("tempdir");
+    // A file where the metrics partitions' directories go: every write of
+    // `metrics` fails, even for root.
+    let gens = data.path().join("_driftline").join("gens");
+    std::fs::create_dir_all(&gens).expect("mkdir");
+    std::fs::write(gens.join("metrics"), b"not a directory").expect("block the lake");
+    let metrics_port = free_port();
+    let collector = Collector::serve_with(
+        &broker.url(),
+        data.path(),
+        "e2e-failing-lake",
+        &[
+            "--flush-rows",
+            "10",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+        ],
+    );
+    let (devices, models, windows) = (10u32, 1u32, 8u64);
+    let expected = u64::from(devices * models) * windows;
+    let summary = simulate_in_background(sim_config(broker.url(), devices, models, windows, 11))
+        .join()
+        .expect("simulator thread");
+    assert_eq!(summary.acknowledged, expected);
+    collector.wait_for_log("flush failed", Duration::from_secs(15));
+    // Several retries (every 300 ms) later, the collector holds no more
+    // than twice --flush-rows windows: it read no further from the broker.
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics = http_get(metrics_port, "/metrics");
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {metrics}")) as u64
+    };
+    let accepted = counter("driftline_messages_accepted_total");
+    assert!(counter("driftline_flush_errors_total") >= 2, "{metrics}");
+    assert!(
+        accepted <= 2 * 10 && accepted < expected,
+        "the collector kept reading from the broker while the lake failed: {accepted} windows accepted"
+    );
+    std::fs::remove_file(gens.join("metrics")).expect("unblock the lake");
+    let (n, keys) = wait_for_rows(data.path(), expected, Duration::from_secs(30));
+    assert_eq!((n, keys), (expected, expected));
+    collector.terminate();
+}
