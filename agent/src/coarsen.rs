@@ -200,9 +200,9 @@ pub fn coarsen_payloads(payloads: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use chrono::{DateTime, Utc};
     use driftline_pipeline::privacy::{DeviceIdentity, MechanismConfig, Privatizer};
     use driftline_pipeline::window::{ModelKey, ModelSpec, Windower};
-    use chrono::{DateTime, Utc};
 
     /// Noised windows of two models, `n` periods from `start`.
     pub(crate) fn windows(mechanism: MechanismConfig, start: &str, n: usize) -> Vec<WindowReport> {
@@ -309,9 +309,9 @@ pub(crate) mod tests {
     /// mechanism, budget, `K`, window and features.
     #[test]
     fn the_collector_accepts_every_window_and_every_coarsening_of_it() {
+        use driftline_core::topic;
         use driftline_pipeline::event::InferenceEvent;
         use driftline_pipeline::privacy::per_event_sensitivity;
-        use driftline_core::topic;
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20_261_127);
         let start: DateTime<Utc> = "2026-11-26T00:00:00Z".parse().expect("ts");

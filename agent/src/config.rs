@@ -12,12 +12,12 @@ use driftline_core::histogram;
 use driftline_core::topic;
 use serde::Deserialize;
 
-use driftline_pipeline::ledger::{Budget, BudgetState, Now};
 use crate::mqtt::Protocol;
-use driftline_pipeline::privacy::{MechanismConfig, PrivacyError, Privatizer};
-use driftline_runtime::tls::TlsFiles;
-use driftline_pipeline::window::{ModelKey, ModelSpec, DEFAULT_MAX_EVENTS_PER_WINDOW};
 use driftline_core::wire::MAX_EVENTS_PER_WINDOW;
+use driftline_pipeline::ledger::{Budget, BudgetState, Now};
+use driftline_pipeline::privacy::{MechanismConfig, PrivacyError, Privatizer};
+use driftline_pipeline::window::{ModelKey, ModelSpec, DEFAULT_MAX_EVENTS_PER_WINDOW};
+use driftline_runtime::tls::TlsFiles;
 
 /// The TOML file. Every key is optional except the models.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
@@ -237,7 +237,8 @@ fn resolve_privacy(
     // A hair under the budget: the ledger charges what OpenDP's privacy map
     // reports, which may round the configured figure up.
     let target = device_day * (1.0 - 1e-9);
-    let calibrated = |laplace| driftline_pipeline::accountant::calibrate(laplace, windows, target, delta);
+    let calibrated =
+        |laplace| driftline_pipeline::accountant::calibrate(laplace, windows, target, delta);
     let mechanism = match p.mechanism.as_deref().unwrap_or("gaussian") {
         "laplace" => MechanismConfig::Laplace {
             epsilon: match p.epsilon {
@@ -496,8 +497,13 @@ mod tests {
         )
         .expect("toml");
         let c = AgentConfig::resolve(file, Overrides::default()).expect("valid");
-        let r = driftline_pipeline::guarantee::Report::of(c.mechanism, &c.budget, c.window_secs, &c.models)
-            .expect("report");
+        let r = driftline_pipeline::guarantee::Report::of(
+            c.mechanism,
+            &c.budget,
+            c.window_secs,
+            &c.models,
+        )
+        .expect("report");
         assert_eq!(
             r.windows_per_day,
             2 * 97,

@@ -12,11 +12,7 @@ use driftline_pipeline::guarantee::Report;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(
-    name = "driftline-agent",
-    version,
-    about = "Driftline on-device agent"
-)]
+#[command(name = "driftline-agent", version, about = "Driftline on-device agent")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

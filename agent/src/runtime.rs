@@ -29,10 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferError, DiskQueue};
 use crate::config::AgentConfig;
-use driftline_pipeline::guarantee::Report;
 use crate::http::{self, Shared};
-use driftline_pipeline::ledger::{Ledger, LedgerError, Now};
 use crate::mqtt::{Session, SessionEvent, SessionOptions};
+use driftline_pipeline::guarantee::Report;
+use driftline_pipeline::ledger::{Ledger, LedgerError, Now};
 use driftline_pipeline::privacy::{DeviceIdentity, PrivacyError, Privatizer};
 use driftline_pipeline::window::Windower;
 

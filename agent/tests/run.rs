@@ -6,7 +6,7 @@
 //! they are missing (.ci/run installs them).
 
 use std::collections::BTreeSet;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -549,7 +549,7 @@ fn a_batch_in_flight_when_the_broker_dies_is_sent_again() {
     let _agent = start_agent(&config, http_port);
     std::thread::sleep(Duration::from_secs(2));
     // Freeze the broker: the next windows are sent and never acknowledged.
-    let pid = broker.child.id().to_string();
+    let pid = broker.pid().to_string();
     assert!(Command::new("kill")
         .args(["-STOP", &pid])
         .status()
@@ -763,7 +763,11 @@ fn a_missing_ledger_is_refused_not_started_afresh() {
 fn simulate_runs_the_fleet_simulator_program() {
     let broker = Mosquitto::start();
     let out = Command::new(AGENT)
-        .args(["simulate", "--broker", &format!("mqtt://127.0.0.1:{}", broker.port)])
+        .args([
+            "simulate",
+            "--broker",
+            &format!("mqtt://127.0.0.1:{}", broker.port),
+        ])
         .args(["--devices", "3", "--models", "2", "--windows", "2"])
         .output()
         .expect("driftline-agent simulate");
@@ -778,11 +782,17 @@ fn simulate_runs_the_fleet_simulator_program() {
         .output()
         .expect("driftline-agent simulate --help");
     let help = String::from_utf8_lossy(&help.stdout);
-    assert!(help.contains("Usage: driftline-agent simulate") && help.contains("--devices"), "{help}");
+    assert!(
+        help.contains("Usage: driftline-agent simulate") && help.contains("--devices"),
+        "{help}"
+    );
     let refused = Command::new(AGENT)
         .args(["simulate", "--devices", "3"])
         .output()
         .expect("driftline-agent simulate without a broker");
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--broker"), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--broker"),
+        "{refused:?}"
+    );
 }

@@ -23,11 +23,11 @@
 //! drift not found within 6 hours is missed. Null periods (no drift) are
 //! evaluated too, to count false alarms.
 
-use driftline_pipeline::accountant;
 use driftline_collector::query::stats::{
     hist_quantile, hist_quantile_se, hist_shift_pvalue, normal_sf, psi, rate_z,
 };
 use driftline_core::histogram::{CONFIDENCE_EDGES, LATENCY_MS_EDGES};
+use driftline_pipeline::accountant;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Binomial, Distribution, Normal};

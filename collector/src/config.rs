@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::TimeDelta;
-use driftline_runtime::tls::TlsFiles;
 use driftline_core::broker::BrokerUrl;
+use driftline_runtime::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::endpoint::EndpointOptions;

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
+use driftline_core::broker::BrokerUrl;
 use driftline_pipeline::ledger::Budget;
 use driftline_pipeline::privacy::MechanismConfig;
-use driftline_sim::{Drift, DriftKind, SimConfig, SimProgress};
 use driftline_pipeline::window;
-use driftline_core::broker::BrokerUrl;
+use driftline_sim::{Drift, DriftKind, SimConfig, SimProgress};
 use tokio_util::sync::CancellationToken;
 
 use crate::detect;

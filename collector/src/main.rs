@@ -412,14 +412,17 @@ fn main() -> ExitCode {
         }
         _ => None,
     };
-    let telemetry =
-        match driftline_runtime::telemetry::init("driftline-collector", default_level, prometheus) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: telemetry: {e:#}");
-                return ExitCode::FAILURE;
-            }
-        };
+    let telemetry = match driftline_runtime::telemetry::init(
+        "driftline-collector",
+        default_level,
+        prometheus,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: telemetry: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     if !telemetry.exporting().is_empty() {
         tracing::info!(signals = ?telemetry.exporting(), "exporting OpenTelemetry over OTLP");
     }

@@ -169,9 +169,18 @@ fn default_option(config: SessionConfig, key: &str, value: &str) -> SessionConfi
 pub const VIEWS: [(&str, &str); 5] = [
     ("devices", include_str!("../../queries/views/devices.sql")),
     ("privacy", include_str!("../../queries/views/privacy.sql")),
-    ("detector_results", include_str!("../../queries/views/detector_results.sql")),
-    ("retrain_jobs", include_str!("../../queries/views/retrain_jobs.sql")),
-    ("histogram_edges", include_str!("../../queries/views/histogram_edges.sql")),
+    (
+        "detector_results",
+        include_str!("../../queries/views/detector_results.sql"),
+    ),
+    (
+        "retrain_jobs",
+        include_str!("../../queries/views/retrain_jobs.sql"),
+    ),
+    (
+        "histogram_edges",
+        include_str!("../../queries/views/histogram_edges.sql"),
+    ),
 ];
 
 /// `model_windows`: fleet aggregates per model, version and window, with
@@ -266,13 +275,8 @@ FROM (
     )
 }
 
-
 /// The catalog (PostgreSQL: database) the tables live in.
 pub const CATALOG: &str = "driftline";
-
-
-
-
 
 /// Runs one read-only statement: DDL, DML and `SET`-like statements are
 /// refused with an error.

@@ -439,7 +439,8 @@ async fn publish(target: &MqttTarget, job_id: &str, body: &str) -> Result<(), St
         options.set_credentials(c.username.clone(), c.password.clone());
     }
     options.set_transport(
-        driftline_runtime::tls::transport(&target.broker, &target.tls).map_err(|e| e.to_string())?,
+        driftline_runtime::tls::transport(&target.broker, &target.tls)
+            .map_err(|e| e.to_string())?,
     );
     let (client, mut eventloop) = AsyncClient::new(options, 8);
     client

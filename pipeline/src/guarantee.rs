@@ -94,7 +94,8 @@ impl Report {
     ) -> Result<Self, PrivacyError> {
         let privatizer = Privatizer::new(mechanism)?;
         let delta = budget.delta;
-        let windows = crate::accountant::windows_per_period(budget.period, window_secs, models.len());
+        let windows =
+            crate::accountant::windows_per_period(budget.period, window_secs, models.len());
         let per_model: Vec<ModelReport> = models
             .iter()
             .map(|(key, spec)| {

@@ -25,13 +25,15 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution, LogNormal, Poisson};
 use tokio_util::sync::CancellationToken;
 
+use crate::publish::{PublishError, Publisher};
 use driftline_pipeline::event::{Feedback, InferenceEvent};
 use driftline_pipeline::guarantee::Report;
 use driftline_pipeline::ledger::{Budget, Ledger, Now};
-use driftline_pipeline::privacy::{DeviceIdentity, MechanismConfig, PrivacyError, PrivateWindow, Privatizer};
-use crate::publish::{PublishError, Publisher};
-use driftline_runtime::tls::TlsFiles;
+use driftline_pipeline::privacy::{
+    DeviceIdentity, MechanismConfig, PrivacyError, PrivateWindow, Privatizer,
+};
 use driftline_pipeline::window::{ModelHandle, ModelKey, ModelSpec, Windower};
+use driftline_runtime::tls::TlsFiles;
 
 /// Labels of the simulated models' `label` feature.
 pub const LABELS: [&str; 4] = ["billing", "cancel", "support", "other"];

@@ -17,8 +17,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use driftline_pipeline::privacy::{DeviceIdentity, PrivateWindow};
 use driftline_core::status::{DeviceState, StatusReport};
+use driftline_pipeline::privacy::{DeviceIdentity, PrivateWindow};
 
 /// A status message of a simulated device.
 fn status(device: &DeviceIdentity, state: DeviceState) -> Vec<u8> {

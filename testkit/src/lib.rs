@@ -108,6 +108,11 @@ impl Mosquitto {
         }
     }
 
+    /// The broker's process id (to freeze it with SIGSTOP, say).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `mqtt://127.0.0.1:{port}`.
     pub fn url(&self) -> BrokerUrl {
         BrokerUrl {
@@ -172,8 +177,7 @@ pub fn make_certificates(dir: &Path) {
         let key_path = dir.join(format!("{name}.key"));
         std::fs::write(&key_path, key.serialize_pem()).expect("write key");
         // These keys exist only for the test.
-        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644))
-            .expect("chmod");
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     };
     leaf(vec!["localhost".into(), "127.0.0.1".into()], "server");
     leaf(vec!["dev-1".into()], "client");

@@ -23,7 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Simulate N devices, each a full agent pipeline, publishing W windows.
 #[derive(Parser)]
-#[command(name = "driftline-agent simulate", bin_name = "driftline-agent simulate", version)]
+#[command(
+    name = "driftline-agent simulate",
+    bin_name = "driftline-agent simulate",
+    version
+)]
 struct SimulateArgs {
     /// Broker address, mqtt://host:port.
     #[arg(long, env = "DRIFTLINE_BROKER")]

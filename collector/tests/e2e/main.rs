@@ -5,7 +5,7 @@
 //! Mosquitto is required: these tests fail, never skip, when it is missing.
 
 use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use driftline_core::broker::BrokerUrl;
 use driftline_pipeline::ledger::Budget;
 use driftline_pipeline::privacy::MechanismConfig;
 use driftline_sim::{SimConfig, SimProgress};
-use driftline_core::broker::BrokerUrl;
 use driftline_testkit::{free_port, make_certificates, wait_for_port, Mosquitto};
 use tokio_util::sync::CancellationToken;
 

@@ -414,7 +414,6 @@ fn histogram_edges_are_stored_once_per_version_and_derived_for_older_lakes() {
     assert!(!collector_cli(&["compact"], data.path()).contains("derived"));
 }
 
-
 /// Files written before `metrics` gained the device-day columns still
 /// compact with newer ones, and read as nulls there.
 #[test]
