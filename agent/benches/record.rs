@@ -5,10 +5,12 @@
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chrono::Utc;
+use chrono::{TimeDelta, Utc};
 use criterion::{criterion_group, criterion_main, Criterion};
 use driftline_pipeline::event::{Feedback, InferenceEvent};
+use driftline_pipeline::ledger::Ledger;
 use driftline_pipeline::privacy::{DeviceIdentity, Privatizer};
+use driftline_pipeline::release::{release, Released};
 use driftline_pipeline::window::{ModelKey, ModelSpec, Windower};
 
 fn record(c: &mut Criterion) {
@@ -67,20 +69,19 @@ fn privatize(c: &mut Criterion) {
         minute += chrono::TimeDelta::minutes(1);
         windower.close_due(minute).remove(0)
     };
-    let report = privatizer
-        .privatize(closed())
-        .expect("noise")
-        .into_report(&device, 1);
+    let mut ledger = Ledger::unbounded();
+    let mut noised = move |w| match release(&privatizer, &mut ledger, w, TimeDelta::zero()) {
+        Ok(Released::Window(w)) => w,
+        other => panic!("an unbounded ledger released no window: {other:?}"),
+    };
+    let report = noised(closed()).into_report(&device, 1);
     group.bench_function("reference: encode one message (JSON)", |b| {
         b.iter(|| black_box(&report).encode().expect("encode"))
     });
-    group.bench_function("privatize one window (Laplace, 67 counts)", |b| {
-        b.iter_batched(
-            &mut closed,
-            |w| privatizer.privatize(w).expect("noise"),
-            criterion::BatchSize::SmallInput,
-        )
-    });
+    group.bench_function(
+        "release one window (budget spend + Laplace noise, 67 counts)",
+        |b| b.iter_batched(&mut closed, &mut noised, criterion::BatchSize::SmallInput),
+    );
     group.finish();
 }
 

@@ -200,9 +200,23 @@ pub fn coarsen_payloads(payloads: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
     use chrono::{DateTime, Utc};
     use driftline_pipeline::privacy::{DeviceIdentity, MechanismConfig, Privatizer};
     use driftline_pipeline::window::{ModelKey, ModelSpec, Windower};
+
+    /// `window` released through an unbounded ledger: noised.
+    fn noised(
+        p: &Privatizer,
+        window: driftline_pipeline::window::ClosedWindow,
+    ) -> driftline_pipeline::privacy::PrivateWindow {
+        use driftline_pipeline::release::{release, Released};
+        let mut ledger = driftline_pipeline::ledger::Ledger::unbounded();
+        match release(p, &mut ledger, window, TimeDelta::zero()).expect("release") {
+            Released::Window(w) => w,
+            Released::Withheld { .. } => panic!("an unbounded ledger withheld a window"),
+        }
+    }
 
     /// Noised windows of two models, `n` periods from `start`.
     pub(crate) fn windows(mechanism: MechanismConfig, start: &str, n: usize) -> Vec<WindowReport> {
@@ -233,7 +247,7 @@ pub(crate) mod tests {
             let closed = w.close_due(start + TimeDelta::minutes(i as i64 + 1));
             for c in closed {
                 let seq = out.len() as u64;
-                out.push(p.privatize(c).expect("noise").into_report(&device, seq));
+                out.push(noised(&p, c).into_report(&device, seq));
             }
         }
         out
@@ -367,10 +381,7 @@ pub(crate) mod tests {
                 }
                 let end = start + TimeDelta::seconds(i64::from(window_secs) * i64::from(i + 1));
                 for closed in w.close_due(end) {
-                    let report = p
-                        .privatize(closed)
-                        .expect("noise")
-                        .into_report(&device, u64::from(i));
+                    let report = noised(&p, closed).into_report(&device, u64::from(i));
                     payloads.push(report.encode().expect("encode"));
                 }
             }

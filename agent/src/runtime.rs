@@ -34,6 +34,7 @@ use crate::mqtt::{Session, SessionEvent, SessionOptions};
 use driftline_pipeline::guarantee::Report;
 use driftline_pipeline::ledger::{Ledger, LedgerError, Now};
 use driftline_pipeline::privacy::{DeviceIdentity, PrivacyError, Privatizer};
+use driftline_pipeline::release::{release, ReleaseError, Released};
 use driftline_pipeline::window::Windower;
 
 /// Records sent to the broker per batch.
@@ -64,6 +65,15 @@ pub enum AgentError {
     Locked { path: PathBuf },
     #[error("state directory {path} holds a sequence number or buffered windows but no budget.ledger: the privacy budget spent so far is unknown, and a fresh one would let this device publish more than its budget. Restore the ledger, or start with --reset-budget to accept that (it is logged)")]
     LedgerMissing { path: PathBuf },
+}
+
+impl From<ReleaseError> for AgentError {
+    fn from(e: ReleaseError) -> Self {
+        match e {
+            ReleaseError::Privacy(e) => e.into(),
+            ReleaseError::Ledger(e) => e.into(),
+        }
+    }
 }
 
 /// The state directory, locked for this process: the lock is taken before
@@ -229,14 +239,9 @@ impl Loop {
         }
         let _span = tracing::info_span!("close_windows", windows = due.len()).entered();
         for window in due {
-            // The spend is dated at the window's end, so that the windows of
-            // one day are always the same set, whatever the tick's jitter.
-            let end = window.window_start + TimeDelta::seconds(i64::from(window.window_secs));
-            let cost = self.privatizer.cost_of(&window)?;
-            match self.ledger.try_spend(Now { wall: end, ..now }, cost) {
-                Ok(()) => {
+            match release(&self.privatizer, &mut self.ledger, window, now.up)? {
+                Released::Window(private) => {
                     self.exhausted_until = None;
-                    let private = self.privatizer.privatize(window)?;
                     let report = private.into_report(&self.identity, self.seq.take()?);
                     match report.encode() {
                         Ok(bytes) => {
@@ -246,7 +251,7 @@ impl Loop {
                         Err(e) => tracing::error!(error = %e, "window does not encode; dropped"),
                     }
                 }
-                Err(LedgerError::Exhausted { resumes_at, .. }) => {
+                Released::Withheld { resumes_at } => {
                     self.withheld += 1;
                     // Only the uptime is lost if this fails: conservative.
                     if let Err(e) = self.ledger.checkpoint(now) {
@@ -257,7 +262,6 @@ impl Loop {
                     }
                     self.exhausted_until = Some(resumes_at);
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         Ok(())

@@ -146,7 +146,13 @@ fn one_device(
     *end += TimeDelta::seconds(60);
     let (mut noised, mut count) = (Vec::new(), 0);
     for window in closed {
-        let report = privatizer.privatize(window)?.into_report(
+        let mut ledger = driftline_pipeline::ledger::Ledger::unbounded();
+        let driftline_pipeline::release::Released::Window(private) =
+            driftline_pipeline::release::release(privatizer, &mut ledger, window, TimeDelta::zero())?
+        else {
+            return Err("an unbounded ledger withheld a window".into());
+        };
+        let report = private.into_report(
             &driftline_pipeline::privacy::DeviceIdentity {
                 device_id: "u".into(),
                 fleet: "u".into(),

@@ -4,13 +4,15 @@
 //! simulated device alike: applications' inference events and feedback
 //! ([`event`]) are counted per model into tumbling windows ([`window`]); a
 //! closed window spends privacy budget ([`ledger`], composed by
-//! [`accountant`]) and gets calibrated OpenDP noise ([`privacy`]);
+//! [`accountant`]) and only then gets calibrated OpenDP noise ([`privacy`]),
+//! both in one step, [`release::release`];
 //! [`guarantee`] states what a configuration guarantees per device-day.
 //!
 //! Invariants:
 //! - Raw events and exact counts never leave [`window`] and [`privacy`]:
 //!   what leaves is a [`privacy::PrivateWindow`], which only
-//!   [`privacy::Privatizer::privatize`] can construct.
+//!   [`release::release`] hands out, after the window's cost is in the
+//!   ledger.
 //! - Payloads are built by `driftline_core::wire`, never by hand.
 //! - No I/O beyond the ledger's own file, no Arrow, Parquet or DataFusion:
 //!   this runs on devices.
@@ -20,6 +22,7 @@ pub mod event;
 pub mod guarantee;
 pub mod ledger;
 pub mod privacy;
+pub mod release;
 pub mod window;
 
 /// The agent's version, written into every message as `agent_version`.

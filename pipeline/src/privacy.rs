@@ -220,7 +220,7 @@ impl Privatizer {
     }
 
     /// Noises every count of `window`.
-    pub fn privatize(&self, window: ClosedWindow) -> Result<PrivateWindow, PrivacyError> {
+    pub(crate) fn privatize(&self, window: ClosedWindow) -> Result<PrivateWindow, PrivacyError> {
         let c = &window.counts;
         let spec = &c.spec;
         let mut fields: Vec<String> = wire::STANDARD_NOISED_FIELDS.map(str::to_owned).to_vec();

@@ -25,10 +25,11 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution, LogNormal, Poisson};
 use tokio_util::sync::CancellationToken;
 
+use driftline_pipeline::release::{release, ReleaseError, Released};
 use crate::publish::{PublishError, Publisher};
 use driftline_pipeline::event::{Feedback, InferenceEvent};
 use driftline_pipeline::guarantee::Report;
-use driftline_pipeline::ledger::{Budget, Ledger, Now};
+use driftline_pipeline::ledger::{Budget, Ledger};
 use driftline_pipeline::privacy::{
     DeviceIdentity, MechanismConfig, PrivacyError, PrivateWindow, Privatizer,
 };
@@ -136,6 +137,8 @@ pub enum SimError {
     },
     #[error(transparent)]
     Privacy(#[from] PrivacyError),
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
     #[error("invalid simulation: {0}")]
     Config(String),
     #[error("a device task failed: {0}")]
@@ -290,16 +293,10 @@ impl DeviceSim {
         let mut out = Vec::new();
         for closed in self.windower.close_due(end) {
             // Synthetic time is the only clock here: uptime follows it.
-            let now = Now {
-                wall: end,
-                up: end - self.start,
-            };
-            let cost = self.privatizer.cost_of(&closed)?;
-            if self.ledger.try_spend(now, cost).is_err() {
-                self.withheld += 1;
-                continue;
+            match release(&self.privatizer, &mut self.ledger, closed, end - self.start)? {
+                Released::Window(private) => out.push(private),
+                Released::Withheld { .. } => self.withheld += 1,
             }
-            out.push(self.privatizer.privatize(closed)?);
         }
         Ok(out)
     }
