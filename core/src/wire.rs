@@ -376,11 +376,22 @@ pub fn decode(payload: &[u8]) -> Result<WindowReport, Rejection> {
             },
         );
     }
+    // One pass for a well-formed message; only a refused one is read again,
+    // for its schema version, to say why it was refused.
+    let error = match serde_json::from_slice::<WindowReport>(payload) {
+        Ok(report) if report.schema_version == SCHEMA_VERSION => return Ok(report),
+        Ok(report) => {
+            return Err(Rejection::UnsupportedSchemaVersion {
+                found: report.schema_version.to_string(),
+            })
+        }
+        Err(e) => e,
+    };
     let probe: VersionProbe = serde_json::from_slice(payload).map_err(|e| json_error(&e, 0))?;
     match probe.schema_version {
         None | Some(serde_json::Value::Null) => Err(Rejection::MissingSchemaVersion),
         Some(v) if v.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {
-            serde_json::from_slice(payload).map_err(|e| json_error(&e, SCHEMA_VERSION))
+            Err(json_error(&error, SCHEMA_VERSION))
         }
         Some(other) => Err(Rejection::UnsupportedSchemaVersion {
             found: other.to_string(),
