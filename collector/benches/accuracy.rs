@@ -148,7 +148,12 @@ fn one_device(
     for window in closed {
         let mut ledger = driftline_pipeline::ledger::Ledger::unbounded();
         let driftline_pipeline::release::Released::Window(private) =
-            driftline_pipeline::release::release(privatizer, &mut ledger, window, TimeDelta::zero())?
+            driftline_pipeline::release::release(
+                privatizer,
+                &mut ledger,
+                window,
+                TimeDelta::zero(),
+            )?
         else {
             return Err("an unbounded ledger withheld a window".into());
         };

@@ -304,18 +304,18 @@ pub struct Ledger {
     recovered_up: TimeDelta,
 }
 
-    /// An in-memory ledger without a bound: every window is granted (and
-    /// recorded). For benchmarks and tests that need windows released
-    /// whatever their cost.
-    pub fn unbounded() -> Self {
-        Ledger::in_memory(Budget {
-            epsilon: None,
-            delta: 1e-6,
-            rho: None,
-            period: TimeDelta::days(1),
-            window: TimeDelta::zero(),
-        })
-    }
+/// An in-memory ledger without a bound: every window is granted (and
+/// recorded). For benchmarks and tests that need windows released
+/// whatever their cost.
+pub fn unbounded() -> Self {
+    Ledger::in_memory(Budget {
+        epsilon: None,
+        delta: 1e-6,
+        rho: None,
+        period: TimeDelta::days(1),
+        window: TimeDelta::zero(),
+    })
+}
 
 impl Ledger {
     /// A ledger that lives only in memory.

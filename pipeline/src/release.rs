@@ -67,7 +67,8 @@ mod tests {
     #[test]
     fn a_window_is_noised_only_after_its_cost_is_spent() {
         let start: DateTime<Utc> = "2026-11-27T10:00:00Z".parse().expect("ts");
-        let privatizer = Privatizer::new(MechanismConfig::Laplace { epsilon: 1.0 }).expect("privatizer");
+        let privatizer =
+            Privatizer::new(MechanismConfig::Laplace { epsilon: 1.0 }).expect("privatizer");
         let mut ledger = Ledger::in_memory(Budget {
             epsilon: Some(1.5),
             delta: 1e-6,
@@ -87,7 +88,10 @@ mod tests {
         assert!(matches!(first, Ok(Released::Window(_))), "{first:?}");
         let spent = ledger.state().clone();
         let second = release(&privatizer, &mut ledger, close(2), TimeDelta::minutes(2));
-        assert!(matches!(second, Ok(Released::Withheld { .. })), "{second:?}");
+        assert!(
+            matches!(second, Ok(Released::Withheld { .. })),
+            "{second:?}"
+        );
         assert_eq!(ledger.state(), &spent);
     }
 }

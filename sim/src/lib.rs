@@ -25,7 +25,6 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution, LogNormal, Poisson};
 use tokio_util::sync::CancellationToken;
 
-use driftline_pipeline::release::{release, ReleaseError, Released};
 use crate::publish::{PublishError, Publisher};
 use driftline_pipeline::event::{Feedback, InferenceEvent};
 use driftline_pipeline::guarantee::Report;
@@ -33,6 +32,7 @@ use driftline_pipeline::ledger::{Budget, Ledger};
 use driftline_pipeline::privacy::{
     DeviceIdentity, MechanismConfig, PrivacyError, PrivateWindow, Privatizer,
 };
+use driftline_pipeline::release::{release, ReleaseError, Released};
 use driftline_pipeline::window::{ModelHandle, ModelKey, ModelSpec, Windower};
 use driftline_runtime::tls::TlsFiles;
 
