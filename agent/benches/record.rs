@@ -71,7 +71,7 @@ fn privatize(c: &mut Criterion) {
     };
     let mut ledger = Ledger::unbounded();
     let mut noised = move |w| match release(&privatizer, &mut ledger, w, TimeDelta::zero()) {
-        Ok(Released::Window(w)) => w,
+        Ok(Released::Window(w)) => *w,
         other => panic!("an unbounded ledger released no window: {other:?}"),
     };
     let report = noised(closed()).into_report(&device, 1);

@@ -213,7 +213,7 @@ pub(crate) mod tests {
         use driftline_pipeline::release::{release, Released};
         let mut ledger = driftline_pipeline::ledger::Ledger::unbounded();
         match release(p, &mut ledger, window, TimeDelta::zero()).expect("release") {
-            Released::Window(w) => w,
+            Released::Window(w) => *w,
             Released::Withheld { .. } => panic!("an unbounded ledger withheld a window"),
         }
     }

@@ -304,20 +304,20 @@ pub struct Ledger {
     recovered_up: TimeDelta,
 }
 
-/// An in-memory ledger without a bound: every window is granted (and
-/// recorded). For benchmarks and tests that need windows released
-/// whatever their cost.
-pub fn unbounded() -> Self {
-    Ledger::in_memory(Budget {
-        epsilon: None,
-        delta: 1e-6,
-        rho: None,
-        period: TimeDelta::days(1),
-        window: TimeDelta::zero(),
-    })
-}
-
 impl Ledger {
+    /// An in-memory ledger without a bound: every window is granted (and
+    /// recorded). For benchmarks and tests that need windows released
+    /// whatever their cost.
+    pub fn unbounded() -> Self {
+        Ledger::in_memory(Budget {
+            epsilon: None,
+            delta: 1e-6,
+            rho: None,
+            period: TimeDelta::days(1),
+            window: TimeDelta::zero(),
+        })
+    }
+
     /// A ledger that lives only in memory.
     pub fn in_memory(budget: Budget) -> Self {
         Ledger {

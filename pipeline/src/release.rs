@@ -14,7 +14,7 @@ use crate::window::ClosedWindow;
 #[derive(Debug)]
 pub enum Released {
     /// Its cost was spent: the noised window, ready to publish.
-    Window(PrivateWindow),
+    Window(Box<PrivateWindow>),
     /// The budget would be exceeded: the window is withheld (never noised,
     /// never published) and the budget allows windows again at `resumes_at`.
     Withheld { resumes_at: DateTime<Utc> },
@@ -49,7 +49,7 @@ pub fn release(
         },
         cost,
     ) {
-        Ok(()) => Ok(Released::Window(privatizer.privatize(window)?)),
+        Ok(()) => Ok(Released::Window(Box::new(privatizer.privatize(window)?))),
         Err(LedgerError::Exhausted { resumes_at, .. }) => Ok(Released::Withheld { resumes_at }),
         Err(e) => Err(e.into()),
     }

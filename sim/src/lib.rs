@@ -294,7 +294,7 @@ impl DeviceSim {
         for closed in self.windower.close_due(end) {
             // Synthetic time is the only clock here: uptime follows it.
             match release(&self.privatizer, &mut self.ledger, closed, end - self.start)? {
-                Released::Window(private) => out.push(private),
+                Released::Window(private) => out.push(*private),
                 Released::Withheld { .. } => self.withheld += 1,
             }
         }
