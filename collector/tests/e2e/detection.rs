@@ -855,11 +855,13 @@ fn a_replayed_history_is_evaluated_once_per_period_with_every_device() {
     let devices = 40u32;
     let mut config = sim_config(broker.url(), devices, 1, 120, 23);
     config.start = recent_window_start(900, 9);
+    // Input +200 % from the second hour: large enough that the unseeded
+    // privacy noise cannot hide it in its first period.
     config.drift = Some(driftline_sim::Drift {
         at: 60,
         model_id: "model-0".into(),
         kind: driftline_sim::DriftKind::Input,
-        size: 0.5,
+        size: 2.0,
     });
     let start = config.start;
     let last_end = config.start + TimeDelta::minutes(120);
@@ -878,7 +880,7 @@ fn a_replayed_history_is_evaluated_once_per_period_with_every_device() {
         ),
         [["8", "8", &devices.to_string(), "0"]]
     );
-    // The drift (input +50 % from the second hour) is found where it starts.
+    // The drift is found where it starts.
     let found = query(
         data.path(),
         "SELECT replace(CAST(min(current_start) AS VARCHAR), ' ', 'T') AS t FROM drift_events \
@@ -928,14 +930,17 @@ fn a_backlog_after_an_outage_is_evaluated_period_by_period_and_retrains_once() {
     wait_for_input_drift_run(data.path(), outage, "true");
     collector.terminate();
 
-    // The second hour arrives while it is down, input size +50 %.
+    // The second hour arrives while it is down, input size +200 %: a shift
+    // the (unseeded) privacy noise cannot hide in its first period, which
+    // at +50 % it did once in a few dozen runs. This test is about the
+    // backlog, not about sensitivity (BENCHMARKS.md measures that).
     let mut during = sim_config(broker.url(), devices, 1, 60, 22);
     during.start = outage;
     during.drift = Some(Drift {
         at: 0,
         model_id: "model-0".into(),
         kind: DriftKind::Input,
-        size: 0.5,
+        size: 2.0,
     });
     let summary = simulate_in_background(during).join().expect("simulator");
     assert_eq!(summary.acknowledged, u64::from(devices) * 60);
