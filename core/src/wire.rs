@@ -503,11 +503,7 @@ impl WindowReport {
     fn check_count_bounds(&self) -> Result<(), Rejection> {
         // Not `c.abs()`: i64::MIN has no absolute value (a panic in debug
         // builds, and itself in release, which would pass).
-        match self
-            .counts()
-            .into_iter()
-            .find(|(_, c)| !(-MAX_COUNT..=MAX_COUNT).contains(c))
-        {
+        match self.find_count(|c| !(-MAX_COUNT..=MAX_COUNT).contains(&c)) {
             Some((field, value)) => Err(Rejection::field(
                 field,
                 FieldProblem::OutOfRange {
@@ -788,7 +784,7 @@ impl WindowReport {
     }
 
     fn check_exact_counts_non_negative(&self) -> Result<(), Rejection> {
-        match self.counts().into_iter().find(|(_, c)| *c < 0) {
+        match self.find_count(|c| c < 0) {
             Some((field, value)) => Err(Rejection::field(
                 field,
                 FieldProblem::NegativeExactCount { value },
@@ -797,15 +793,20 @@ impl WindowReport {
         }
     }
 
-    /// Every count of the message, with its field's name.
-    fn counts(&self) -> Vec<(String, i64)> {
-        let mut counts: Vec<(String, i64)> = vec![
-            ("inference_count".into(), self.inference_count),
-            ("error_count".into(), self.error_count),
-            ("feedback.positive".into(), self.feedback.positive),
-            ("feedback.negative".into(), self.feedback.negative),
-            ("feedback.correction".into(), self.feedback.correction),
+    /// The first count of the message for which `bad` holds, with its
+    /// field's name (formatted only for that one: this runs on every
+    /// message).
+    fn find_count(&self, bad: impl Fn(i64) -> bool) -> Option<(String, i64)> {
+        let scalars = [
+            ("inference_count", self.inference_count),
+            ("error_count", self.error_count),
+            ("feedback.positive", self.feedback.positive),
+            ("feedback.negative", self.feedback.negative),
+            ("feedback.correction", self.feedback.correction),
         ];
+        if let Some((name, c)) = scalars.into_iter().find(|(_, c)| bad(*c)) {
+            return Some((name.to_owned(), c));
+        }
         let histograms = [
             ("latency_ms", &self.latency_ms),
             ("confidence", &self.confidence),
@@ -813,22 +814,21 @@ impl WindowReport {
             ("output_tokens", &self.output_tokens),
         ];
         for (name, h) in histograms {
-            counts.extend(h.counts.iter().map(|c| (format!("{name}.counts"), *c)));
+            if let Some(&c) = h.counts.iter().find(|c| bad(**c)) {
+                return Some((format!("{name}.counts"), c));
+            }
         }
         for (name, h) in &self.custom {
-            counts.extend(
-                h.counts
-                    .iter()
-                    .map(|c| (format!("custom.{name}.counts"), *c)),
-            );
+            if let Some(&c) = h.counts.iter().find(|c| bad(**c)) {
+                return Some((format!("custom.{name}.counts"), c));
+            }
         }
         for (name, cats) in &self.categories {
-            counts.extend(
-                cats.iter()
-                    .map(|(k, c)| (format!("categories.{name}.{k}"), *c)),
-            );
+            if let Some((k, &c)) = cats.iter().find(|(_, c)| bad(**c)) {
+                return Some((format!("categories.{name}.{k}"), c));
+            }
         }
-        counts
+        None
     }
 
     /// Checks `window_start` against the collector's clock.
