@@ -106,24 +106,7 @@ fn main() -> ExitCode {
         // Before telemetry and the runtime: the simulator sets up its own.
         return simulate(args);
     }
-    let telemetry = match driftline_runtime::telemetry::init("driftline-agent", "warn", None) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = tokio::runtime::Runtime::new()
-        .context("starting the async runtime")
-        .and_then(|rt| rt.block_on(dispatch(cli)));
-    telemetry.shutdown();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    driftline_runtime::telemetry::run_program("driftline-agent", "warn", None, dispatch(cli))
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {

@@ -1361,42 +1361,7 @@ impl Schedule {
     }
 }
 
-/// The detectors shipped in `queries/detectors/`, built into the binary for
-/// the demo and for `serve` without `--queries`.
-pub const BUILTIN: [(&str, &str); 8] = [
-    (
-        "canary_latency.sql",
-        include_str!("../../queries/detectors/canary_latency.sql"),
-    ),
-    (
-        "custom_drift.sql",
-        include_str!("../../queries/detectors/custom_drift.sql"),
-    ),
-    (
-        "error_rate.sql",
-        include_str!("../../queries/detectors/error_rate.sql"),
-    ),
-    (
-        "input_drift.sql",
-        include_str!("../../queries/detectors/input_drift.sql"),
-    ),
-    (
-        "label_drift.sql",
-        include_str!("../../queries/detectors/label_drift.sql"),
-    ),
-    (
-        "latency_regression.sql",
-        include_str!("../../queries/detectors/latency_regression.sql"),
-    ),
-    (
-        "negative_feedback.sql",
-        include_str!("../../queries/detectors/negative_feedback.sql"),
-    ),
-    (
-        "prediction_drift.sql",
-        include_str!("../../queries/detectors/prediction_drift.sql"),
-    ),
-];
+include!(concat!(env!("OUT_DIR"), "/builtin_detectors.rs"));
 
 /// Writes the built-in detectors into `dir` (which then can be edited).
 /// See [`install`].

@@ -412,31 +412,12 @@ fn main() -> ExitCode {
         }
         _ => None,
     };
-    let telemetry = match driftline_runtime::telemetry::init(
+    driftline_runtime::telemetry::run_program(
         "driftline-collector",
         default_level,
         prometheus,
-    ) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if !telemetry.exporting().is_empty() {
-        tracing::info!(signals = ?telemetry.exporting(), "exporting OpenTelemetry over OTLP");
-    }
-    let result = tokio::runtime::Runtime::new()
-        .context("starting the async runtime")
-        .and_then(|rt| rt.block_on(dispatch(cli.command)));
-    telemetry.shutdown();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        dispatch(cli.command),
+    )
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {

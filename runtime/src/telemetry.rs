@@ -66,6 +66,40 @@ impl Telemetry {
 }
 
 /// Sets up logging, the metrics recorder and, when configured, OpenTelemetry.
+/// Runs a program: telemetry ([`init`]) around `work` on a multi-threaded
+/// Tokio runtime, flushed before the exit code is returned; an error is
+/// printed as one line on stderr and exits with status 1. Every Driftline
+/// program's `main` is this call.
+pub fn run_program(
+    service: &'static str,
+    default_filter: &str,
+    local: Option<LocalRecorder>,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    use anyhow::Context as _;
+    let telemetry = match init(service, default_filter, local) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: telemetry: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if !telemetry.exporting().is_empty() {
+        tracing::info!(signals = ?telemetry.exporting(), "exporting OpenTelemetry over OTLP");
+    }
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|rt| rt.block_on(work));
+    telemetry.shutdown();
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// `service` names the process (`driftline-agent`); `default_filter` is the
 /// log filter when `RUST_LOG` is unset. Call it once per process.
 pub fn init(

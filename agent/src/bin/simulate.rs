@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use chrono::{DateTime, TimeDelta, Utc};
 use clap::Parser;
 use driftline_core::broker::BrokerUrl;
@@ -114,24 +113,12 @@ struct SimulateArgs {
 
 fn main() -> ExitCode {
     let args = SimulateArgs::parse();
-    let telemetry = match driftline_runtime::telemetry::init("driftline-agent", "warn", None) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: telemetry: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = tokio::runtime::Runtime::new()
-        .context("starting the async runtime")
-        .and_then(|rt| rt.block_on(simulate_command(args)));
-    telemetry.shutdown();
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    driftline_runtime::telemetry::run_program(
+        "driftline-agent",
+        "warn",
+        None,
+        simulate_command(args),
+    )
 }
 
 async fn simulate_command(args: SimulateArgs) -> anyhow::Result<()> {

@@ -521,13 +521,19 @@ fn shipped_mosquitto_config_binds_logins_to_topics() {
         }
         cmd.status().expect("mosquitto_pub").success()
     };
-    // One window of `device` in `fleet`, `back` windows ago.
+    // One window of `device` in `fleet`, `back` windows before one fixed
+    // minute (taken once: a minute boundary passing during the test must
+    // not make two of the windows one).
+    let now = recent_window_start(60, 0);
+    let fixture = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/v1/valid/laplace.json"),
+    )
+    .expect("fixture");
     let window = |fleet: &str, device: &str, back: i64| {
         let start =
-            recent_window_start(60, back).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        let recent = recent_window_start(60, 2).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        recent_laplace_fixture()
-            .replace(&recent, &start)
+            (now - TimeDelta::minutes(back)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        fixture
+            .replace("2026-11-27T10:00:00Z", &start)
             .replace("kiosk-0007", device)
             .replace("eu-kiosks", fleet)
     };
