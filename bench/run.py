@@ -62,7 +62,7 @@ ANALYST = {
 }
 
 # The statistics functions, for DuckDB: noise_var as a macro (it runs per
-# row); the per-group functions as Python UDFs mirroring query/stats.rs.
+# row); the per-group functions as Python UDFs mirroring collector/src/query/stats/.
 DUCK_MACROS = [
     "CREATE MACRO noise_var(m, s) AS CASE WHEN s IS NULL OR s <= 0 THEN 0.0 "
     "WHEN m = 'laplace' THEN 2 * exp(-1 / s) / ((1 - exp(-1 / s)) * (1 - exp(-1 / s))) "
