@@ -185,7 +185,12 @@ pub async fn run(
         // At most twice `flush_rows` rows wait or are being written: past
         // that the loop stops reading from the broker (while a write runs,
         // or while the lake fails), so the backlog waits at the broker.
-        let full = ingest.pending() >= options.flush_rows;
+        // A full batch starts a flush, unless one runs or the last failed
+        // (then the timer retries).
+        if flushing.is_none() && !failing && ingest.pending() >= options.flush_rows {
+            flushing =
+                blocking(|| start_flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?;
+        }
         let held = ingest.pending() + flushing.as_ref().map_or(0, |f| f.rows);
         let paused = held >= 2 * options.flush_rows;
         tokio::select! {
@@ -194,9 +199,6 @@ pub async fn run(
             joined = written(&mut flushing), if flushing.is_some() => {
                 if let Some(done) = flushing.take() {
                     failing = !finish(done.sealed, joined, &mut ingest, &mut wal)?;
-                }
-                if full && !failing {
-                    flushing = blocking(|| start_flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?;
                 }
             }
             _ = ticker.tick() => if flushing.is_none() {
@@ -220,9 +222,6 @@ pub async fn run(
                     wal.append(now, &p.topic, &p.payload)?;
                     ingest.handle(&p.topic, &p.payload, now);
                     unacked.push(p);
-                    if ingest.pending() >= options.flush_rows && flushing.is_none() && !failing {
-                        flushing = blocking(|| start_flush(&mut ingest, &lake, &mut wal, &client, &mut unacked))?;
-                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
