@@ -9,14 +9,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, TimeDelta, Utc};
+use bytes::Bytes;
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::compute::{
+    concat_batches, lexsort_to_indices, take_record_batch, SortColumn,
+};
+use datafusion::arrow::datatypes::TimestampMicrosecondType;
 use datafusion::arrow::error::ArrowError;
-use datafusion::arrow::record_batch::RecordBatch;
 use driftline_core::status::StatusReport;
 use driftline_core::topic::TopicKind;
 use driftline_core::wire::{self, TimeBounds};
 
-use crate::lake::schema::{self, QuarantinedMessage, StoredStatus, StoredWindow};
+use crate::lake::schema::{self, MetricsColumns, QuarantinedMessage, StoredStatus};
 use crate::lake::{LakeError, LakeWriter, METRICS, QUARANTINE, STATUS};
 
 /// Limits applied to every message.
@@ -124,10 +129,31 @@ pub enum Outcome {
 /// Rows waiting for a flush, by table and partition date.
 #[derive(Debug, Default)]
 struct Pending {
-    metrics: BTreeMap<String, Vec<StoredWindow>>,
-    quarantine: BTreeMap<String, Vec<QuarantinedMessage>>,
-    status: BTreeMap<String, Vec<StoredStatus>>,
+    metrics: BTreeMap<NaiveDate, PendingWindows>,
+    quarantine: BTreeMap<NaiveDate, Vec<QuarantinedMessage>>,
+    status: BTreeMap<NaiveDate, Vec<StoredStatus>>,
     rows: usize,
+}
+
+/// One partition date's accepted windows, as `metrics` columns: the rows
+/// of a failed write (`built`), then the rows appended since (`building`).
+#[derive(Debug, Default)]
+struct PendingWindows {
+    built: Vec<RecordBatch>,
+    building: MetricsColumns,
+    /// Each row's message as received, in row order: what a quarantine row
+    /// keeps if the lake refuses the row (`duplicate_window`).
+    messages: Vec<Bytes>,
+}
+
+/// The partition a timestamp falls in (its UTC date).
+fn date_of(at: DateTime<Utc>) -> NaiveDate {
+    at.date_naive()
+}
+
+/// A partition date as the lake names it.
+fn partition(date: NaiveDate) -> String {
+    date.format("%Y-%m-%d").to_string()
 }
 
 /// Quarantine rows kept this hour (`hour`), per device.
@@ -174,7 +200,7 @@ pub struct Batch {
 /// Rows a [`Batch`] wrote, per table.
 #[derive(Debug, Default)]
 struct Written {
-    metrics: Vec<Vec<StoredWindow>>,
+    metrics: Vec<PendingWindows>,
     status: Vec<Vec<StoredStatus>>,
     quarantine: Vec<Vec<QuarantinedMessage>>,
 }
@@ -204,6 +230,17 @@ impl Ingest {
     /// Validates one message and queues it as a `metrics`, `status` or
     /// `quarantine` row.
     pub fn handle(&mut self, topic: &str, payload: &[u8], received_at: DateTime<Utc>) -> Outcome {
+        self.handle_bytes(topic, Bytes::copy_from_slice(payload), received_at)
+    }
+
+    /// [`Ingest::handle`] for a payload the caller owns (an MQTT
+    /// message's), kept without a copy until its row is written.
+    pub fn handle_bytes(
+        &mut self,
+        topic: &str,
+        payload: Bytes,
+        received_at: DateTime<Utc>,
+    ) -> Outcome {
         let counters = &self.quarantiner.counters;
         counters.received.fetch_add(1, Ordering::Relaxed);
         self.pending.rows += 1;
@@ -214,13 +251,12 @@ impl Ingest {
             max_future: self.limits.max_future_skew,
         };
         if parsed.is_some_and(|t| t.kind == TopicKind::Status) {
-            return match accept_status(topic, payload, &bounds) {
+            return match accept_status(topic, &payload, &bounds) {
                 Ok(report) => {
                     counters.status.fetch_add(1, Ordering::Relaxed);
-                    let date = report.at.format("%Y-%m-%d").to_string();
                     self.pending
                         .status
-                        .entry(date)
+                        .entry(date_of(report.at))
                         .or_default()
                         .push(StoredStatus {
                             received_at,
@@ -231,31 +267,29 @@ impl Ingest {
                 Err(detail) => self.quarantiner.quarantine(
                     &mut self.pending,
                     topic,
-                    payload,
+                    &payload,
                     received_at,
                     INVALID_STATUS,
                     detail,
                 ),
             };
         }
-        match wire::accept(topic, payload, &bounds) {
+        match wire::accept(topic, &payload, &bounds) {
             Ok(report) => {
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
-                let date = report.window_start.format("%Y-%m-%d").to_string();
-                self.pending
+                let windows = self
+                    .pending
                     .metrics
-                    .entry(date)
-                    .or_default()
-                    .push(StoredWindow {
-                        received_at,
-                        report,
-                    });
+                    .entry(date_of(report.window_start))
+                    .or_default();
+                windows.building.push(received_at, &report);
+                windows.messages.push(payload);
                 Outcome::Accepted
             }
             Err(rejection) => self.quarantiner.quarantine(
                 &mut self.pending,
                 topic,
-                payload,
+                &payload,
                 received_at,
                 rejection.code(),
                 rejection.to_string(),
@@ -282,8 +316,13 @@ impl Ingest {
         } = batch;
         drop(written);
         let pending = &mut self.pending;
-        for (date, rows) in left.metrics {
-            pending.metrics.entry(date).or_default().extend(rows);
+        for (date, mut left) in left.metrics {
+            // The failed rows go first, as they arrived first.
+            let windows = pending.metrics.entry(date).or_default();
+            left.built.append(&mut windows.built);
+            left.messages.append(&mut windows.messages);
+            windows.built = left.built;
+            windows.messages = left.messages;
         }
         for (date, rows) in left.quarantine {
             pending.quarantine.entry(date).or_default().extend(rows);
@@ -346,10 +385,9 @@ impl Quarantiner {
         } else {
             (payload.to_vec(), detail)
         };
-        let date = received_at.format("%Y-%m-%d").to_string();
         pending
             .quarantine
-            .entry(date)
+            .entry(date_of(received_at))
             .or_default()
             .push(QuarantinedMessage {
                 received_at,
@@ -402,33 +440,8 @@ impl Batch {
     pub fn write(&mut self, lake: &LakeWriter) -> Result<(), LakeError> {
         let pending = &mut self.pending;
         let counters = &self.quarantiner.counters;
-        for rows in pending.metrics.values_mut() {
-            rows.sort_by(|a, b| {
-                let (a, b) = (&a.report, &b.report);
-                (&a.model_id, a.window_start, &a.device_id).cmp(&(
-                    &b.model_id,
-                    b.window_start,
-                    &b.device_id,
-                ))
-            });
-        }
         let mut unstorable = Vec::new();
-        let metrics = flush_table(
-            lake,
-            METRICS,
-            &mut pending.metrics,
-            schema::metrics_batch,
-            &counters.stored_windows,
-            counters,
-            Some((
-                &|w: &StoredWindow| {
-                    let r = &w.report;
-                    let topic = driftline_core::topic::metrics_topic(&r.fleet, &r.device_id);
-                    (w.received_at, topic, r.encode().unwrap_or_default())
-                },
-                &mut unstorable,
-            )),
-        );
+        let metrics = flush_metrics(lake, &mut pending.metrics, counters, &mut unstorable);
         let status = flush_table(
             lake,
             STATUS,
@@ -547,10 +560,127 @@ type ToQuarantine<'a, T> = Option<(&'a dyn Fn(&T) -> Original, &'a mut Vec<Unsto
 
 /// Rows taken out of the pending map by one flush, the first error, and
 /// the rows written (to be freed by the caller).
-struct Flushed<T> {
+struct Flushed<W> {
     rows: usize,
     error: Option<LakeError>,
-    written: Vec<Vec<T>>,
+    written: Vec<W>,
+}
+
+/// The metrics topic a window's message came from (read back from the
+/// payload: only for the rare row the lake refuses).
+fn metrics_topic_of(payload: &[u8]) -> String {
+    wire::decode(payload)
+        .map(|r| driftline_core::topic::metrics_topic(&r.fleet, &r.device_id))
+        .unwrap_or_default()
+}
+
+/// One date's windows as one batch, sorted by model, window start and
+/// device (a file's row groups then prune well on time and model); the
+/// messages follow the rows. On error the columns are lost, the messages
+/// are not.
+fn sorted_windows(windows: &mut PendingWindows) -> Result<RecordBatch, ArrowError> {
+    let mut parts = std::mem::take(&mut windows.built);
+    if !windows.building.is_empty() {
+        parts.push(windows.building.finish()?);
+    }
+    let batch = match parts.len() {
+        1 => parts.remove(0),
+        _ => concat_batches(&schema::metrics(), &parts)?,
+    };
+    let column = |name: &str| {
+        batch
+            .column_by_name(name)
+            .cloned()
+            .ok_or_else(|| ArrowError::SchemaError(format!("metrics has no column {name}")))
+    };
+    let keys = ["model_id", "window_start", "device_id"]
+        .into_iter()
+        .map(|name| {
+            column(name).map(|values| SortColumn {
+                values,
+                options: None,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let order = lexsort_to_indices(&keys, None)?;
+    let mut messages = Vec::with_capacity(windows.messages.len());
+    for &row in order.values() {
+        if let Some(m) = windows.messages.get(row as usize) {
+            messages.push(m.clone());
+        }
+    }
+    windows.messages = messages;
+    take_record_batch(&batch, &order)
+}
+
+/// Writes each date's windows as one `metrics` file. A date whose write
+/// fails stays pending; rows that cannot be encoded at all, and windows
+/// the lake holds under another `seq`, go to `refused` as their message
+/// and the reason.
+fn flush_metrics(
+    lake: &LakeWriter,
+    pending: &mut BTreeMap<NaiveDate, PendingWindows>,
+    counters: &Counters,
+    refused: &mut Vec<Unstorable>,
+) -> Flushed<PendingWindows> {
+    let mut flushed = Flushed {
+        rows: 0,
+        error: None,
+        written: Vec::new(),
+    };
+    for (date, mut windows) in std::mem::take(pending) {
+        let rows = windows.messages.len();
+        let batch = match sorted_windows(&mut windows) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(table = METRICS, error = %e, rows, "rows cannot be encoded; quarantined");
+                flushed.rows += rows;
+                let received_at = Utc::now();
+                refused.extend(windows.messages.iter().map(|payload| {
+                    let detail = format!("cannot store in {METRICS}: {e}");
+                    let topic = metrics_topic_of(payload);
+                    (received_at, topic, payload.to_vec(), UNSTORABLE, detail)
+                }));
+                continue;
+            }
+        };
+        match lake.append(METRICS, &partition(date), &batch) {
+            Ok(appended) => {
+                flushed.rows += rows;
+                let received_at = batch.column(0).as_primitive::<TimestampMicrosecondType>();
+                for &(row, stored) in &appended.conflicts {
+                    let Some(payload) = windows.messages.get(row) else {
+                        continue;
+                    };
+                    let at =
+                        DateTime::from_timestamp_micros(received_at.value(row)).unwrap_or_default();
+                    let detail = format!(
+                        "the lake holds this window (fleet, device, model, version, window_start, window_secs) already, from the message with seq {stored}; a window counts once"
+                    );
+                    let topic = metrics_topic_of(payload);
+                    refused.push((at, topic, payload.to_vec(), DUPLICATE_WINDOW, detail));
+                }
+                counters
+                    .stored_windows
+                    .fetch_add(appended.rows as u64, Ordering::Relaxed);
+                counters
+                    .duplicates
+                    .fetch_add(appended.duplicates as u64, Ordering::Relaxed);
+                if let Some(path) = appended.path {
+                    counters.files_written.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(table = METRICS, rows = appended.rows, duplicates = appended.duplicates, path = %path.display(), "flushed");
+                }
+                windows.built = vec![batch];
+                flushed.written.push(windows);
+            }
+            Err(e) => {
+                windows.built = vec![batch];
+                pending.insert(date, windows);
+                flushed.error.get_or_insert(e);
+            }
+        }
+    }
+    flushed
 }
 
 /// Writes each date's rows of one table as one file. Rows whose write fails
@@ -559,12 +689,12 @@ struct Flushed<T> {
 fn flush_table<T>(
     lake: &LakeWriter,
     table: &'static str,
-    pending: &mut BTreeMap<String, Vec<T>>,
+    pending: &mut BTreeMap<NaiveDate, Vec<T>>,
     build: fn(&[T]) -> Result<RecordBatch, ArrowError>,
     stored: &AtomicU64,
     counters: &Counters,
     to_quarantine: ToQuarantine<'_, T>,
-) -> Flushed<T> {
+) -> Flushed<Vec<T>> {
     let mut flushed = Flushed {
         rows: 0,
         error: None,
@@ -593,7 +723,7 @@ fn flush_table<T>(
                 continue;
             }
         };
-        match lake.append(table, &date, &batch) {
+        match lake.append(table, &partition(date), &batch) {
             Ok(appended) => {
                 flushed.rows += rows.len();
                 if let Some((original, refused)) = to_quarantine.as_mut() {
@@ -711,6 +841,61 @@ mod tests {
         let row = vec!["duplicate_window".to_owned(), "true".into(), "true".into()];
         assert_eq!(refused, vec![row.clone(), row]);
         assert_eq!(counters.quarantined_by_reason()[DUPLICATE_WINDOW], 2);
+    }
+
+    #[tokio::test]
+    async fn rows_of_a_failed_write_are_written_with_later_ones_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lake = LakeWriter::open(dir.path()).expect("lake");
+        let counters = Arc::new(Counters::default());
+        let mut ingest = Ingest::new(IngestLimits::default(), counters.clone());
+        let received: DateTime<Utc> = "2026-11-27T12:00:00Z".parse().expect("ts");
+        let message = |minute: i64| {
+            let mut report = fixture();
+            let start: DateTime<Utc> = "2026-11-27T10:00:00Z".parse().expect("ts");
+            report["window_start"] =
+                serde_json::json!((start + TimeDelta::minutes(minute)).to_rfc3339());
+            report["seq"] = serde_json::json!(minute);
+            serde_json::to_vec(&report).expect("json")
+        };
+        // A file where the partitions' directories go: the write fails.
+        let blocker = dir.path().join("_driftline/gens/metrics");
+        std::fs::create_dir_all(blocker.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&blocker, b"in the way").expect("blocker");
+        for minute in [5, 3] {
+            ingest.handle(TOPIC, &message(minute), received);
+        }
+        assert!(ingest.flush(&lake).is_err(), "the partition is blocked");
+        assert_eq!(ingest.pending(), 2, "the failed rows stay pending");
+        // A later message, earlier in time, joins them.
+        ingest.handle(TOPIC, &message(1), received);
+        std::fs::remove_file(&blocker).expect("unblock");
+        ingest.flush(&lake).expect("flush");
+        assert_eq!(ingest.pending(), 0);
+        assert_eq!(counters.stored_windows.load(Ordering::Relaxed), 3);
+        // One file, sorted by window start.
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("metrics/date=2026-11-27"))
+            .expect("partition")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let reader =
+            datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                std::fs::File::open(&files[0]).expect("open"),
+            )
+            .expect("parquet")
+            .build()
+            .expect("reader");
+        let mut seqs = Vec::new();
+        for batch in reader {
+            let batch = batch.expect("batch");
+            let seq = batch.column_by_name("seq").expect("seq");
+            let seq = seq.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+            seqs.extend(seq.values().iter().copied());
+        }
+        assert_eq!(seqs, vec![1, 3, 5]);
     }
 
     #[tokio::test]

@@ -45,16 +45,111 @@ pub const JOB_EVENTS: &str = "retrain_job_events";
 /// The distinct histogram edges of `metrics` rows (see
 /// [`schema::edge_sets`]), written with them.
 pub const EDGE_SETS: &str = "histogram_edge_sets";
-/// Every table stored in the lake.
-pub const TABLES: [&str; 7] = [
-    METRICS,
-    QUARANTINE,
-    STATUS,
-    DETECTOR_RUNS,
-    DRIFT_EVENTS,
-    JOB_EVENTS,
-    EDGE_SETS,
+/// A table of the lake. Registration in SQL, the key index, writing and
+/// compaction all read this one entry: adding a table is adding an entry
+/// to [`TABLES`], and a name not there is an error, never a table that
+/// silently stores nothing.
+#[derive(Debug)]
+pub struct TableSpec {
+    /// Its name in SQL and its directory.
+    pub name: &'static str,
+    /// The schema of its files (the lake adds the `date` partition column).
+    pub schema: fn() -> SchemaRef,
+    /// The columns that identify a row: two rows with equal keys are the
+    /// same fact, stored once.
+    pub key: &'static [&'static str],
+    /// The column that tells a redelivery from a conflicting message: rows
+    /// with one key and one version are the same message delivered again (a
+    /// retry, a replay from the write-ahead log); with another version, a
+    /// second message for a fact already stored (a device re-sending a
+    /// window under a new seq), which is not stored and is reported as a
+    /// conflict.
+    pub version: Option<&'static str>,
+}
+
+impl TableSpec {
+    /// The key columns and the version column: what the index reads of a
+    /// file.
+    pub fn index_columns(&self) -> Vec<&'static str> {
+        let mut columns = self.key.to_vec();
+        columns.extend(self.version);
+        columns
+    }
+}
+
+/// The key of `detector_runs` and `drift_events`: a late arrival
+/// re-evaluates a period as a new revision.
+const EVALUATION_KEY: &[&str] = &[
+    "detector",
+    "model_id",
+    "model_version",
+    "statistic",
+    "current_start",
+    "revision",
 ];
+
+/// Every table stored in the lake.
+pub const TABLES: [TableSpec; 7] = [
+    TableSpec {
+        name: METRICS,
+        schema: schema::metrics,
+        // One window of one device (of its fleet: ids are unique within a
+        // fleet) and model version counts once, whatever its seq.
+        key: &[
+            "fleet",
+            "device_id",
+            "model_id",
+            "model_version",
+            "window_start",
+            "window_secs",
+        ],
+        version: Some("seq"),
+    },
+    TableSpec {
+        name: QUARANTINE,
+        schema: schema::quarantine,
+        key: &["received_at", "topic", "payload"],
+        version: None,
+    },
+    TableSpec {
+        name: STATUS,
+        schema: schema::status,
+        key: &["device_id", "at", "state"],
+        version: None,
+    },
+    TableSpec {
+        name: DETECTOR_RUNS,
+        schema: schema::evaluations,
+        key: EVALUATION_KEY,
+        version: None,
+    },
+    TableSpec {
+        name: DRIFT_EVENTS,
+        schema: schema::evaluations,
+        key: EVALUATION_KEY,
+        version: None,
+    },
+    TableSpec {
+        name: JOB_EVENTS,
+        schema: schema::job_events,
+        key: &["job_id", "status"],
+        version: None,
+    },
+    TableSpec {
+        name: EDGE_SETS,
+        schema: schema::edge_sets,
+        key: &schema::EDGE_SET_COLUMNS,
+        version: None,
+    },
+];
+
+/// The table named `name`.
+pub fn table(name: &str) -> Result<&'static TableSpec, LakeError> {
+    TABLES
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| LakeError::UnknownTable(name.to_owned()))
+}
 
 /// Errors of the lake.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +192,8 @@ pub enum LakeError {
     Contention { table: &'static str },
     #[error("the lake's I/O runtime is not running")]
     Runtime,
+    #[error("the lake has no table {0}")]
+    UnknownTable(String),
 }
 
 impl LakeError {
@@ -154,32 +251,10 @@ pub async fn register(ctx: &SessionContext, location: &Location) -> Result<(), L
         Location::Dir(root) => root,
         Location::Object(lake) => return register_object(ctx, lake, read),
     };
-    for (table, schema) in TABLE_SCHEMAS {
-        register_table(ctx, root, table, read(schema())).await?;
+    for table in &TABLES {
+        register_table(ctx, root, table.name, read((table.schema)())).await?;
     }
     Ok(())
-}
-
-/// Makes a table's file schema.
-type MakeSchema = fn() -> SchemaRef;
-
-/// Every stored table and its file schema.
-const TABLE_SCHEMAS: [(&str, MakeSchema); 7] = [
-    (METRICS, schema::metrics),
-    (QUARANTINE, schema::quarantine),
-    (STATUS, schema::status),
-    (DETECTOR_RUNS, schema::evaluations),
-    (DRIFT_EVENTS, schema::evaluations),
-    (JOB_EVENTS, schema::job_events),
-    (EDGE_SETS, schema::edge_sets),
-];
-
-/// The file schema of a stored table.
-fn table_schema(table: &str) -> Option<SchemaRef> {
-    TABLE_SCHEMAS
-        .iter()
-        .find(|(name, _)| *name == table)
-        .map(|(_, schema)| schema())
 }
 
 /// The tables of an object-store lake: each scan reads the table's
@@ -191,8 +266,8 @@ fn register_object(
 ) -> Result<(), LakeError> {
     let (url, store) = lake.store();
     ctx.register_object_store(url, store);
-    for (table, schema) in TABLE_SCHEMAS {
-        let schema = read(object::schema_with_date(&schema()));
+    for spec in &TABLES {
+        let (table, schema) = (spec.name, read(object::schema_with_date(&(spec.schema)())));
         let provider = object::ManifestTable::new(lake.clone(), table, schema);
         ctx.register_table(table, Arc::new(provider))
             .map_err(|source| LakeError::Register { table, source })?;
@@ -223,4 +298,40 @@ async fn register_table(
     ctx.register_table(table, Arc::new(listing))
         .map_err(register)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_s_key_and_version_are_columns_of_its_schema() {
+        for table in &TABLES {
+            let schema = (table.schema)();
+            for column in table.index_columns() {
+                assert!(
+                    schema.field_with_name(column).is_ok(),
+                    "{}: no column {column}",
+                    table.name
+                );
+            }
+            assert!(!table.key.is_empty(), "{} has a key", table.name);
+        }
+    }
+
+    #[test]
+    fn writing_to_an_unknown_table_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lake = LakeWriter::open(dir.path()).expect("lake");
+        let batch = schema::metrics_batch(&[]).expect("empty batch");
+        let err = lake
+            .append("metricz", "2026-11-27", &batch)
+            .expect_err("unknown table");
+        assert!(
+            matches!(err, LakeError::UnknownTable(ref t) if t == "metricz"),
+            "{err}"
+        );
+        assert!(!dir.path().join("metricz").exists(), "nothing was created");
+        assert!(table(METRICS).is_ok());
+    }
 }

@@ -220,7 +220,7 @@ pub async fn run(
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let now = Utc::now();
                     wal.append(now, &p.topic, &p.payload)?;
-                    ingest.handle(&p.topic, &p.payload, now);
+                    ingest.handle_bytes(&p.topic, p.payload.clone(), now);
                     unacked.push(p);
                 }
                 Ok(_) => {}

@@ -182,58 +182,108 @@ fn json_or_null<T: serde::Serialize>(value: &T, empty: bool) -> Option<String> {
 
 /// One batch of `metrics` rows, in the order given.
 pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
-    let n = rows.len();
-    let ts = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let text = || StringBuilder::with_capacity(n, n * 16);
-    let (mut received_at, mut window_start) = (ts(), ts());
-    let (mut device_id, mut fleet, mut model_id) = (text(), text(), text());
-    let (mut model_version, mut agent_version, mut mechanism) = (text(), text(), text());
-    let (mut window_secs, mut schema_version) = (Int32Builder::new(), Int32Builder::new());
-    let mut seq = Int64Builder::new();
-    let (mut epsilon, mut delta, mut rho) = (
-        Float64Builder::new(),
-        Float64Builder::new(),
-        Float64Builder::new(),
-    );
-    let mut counts: [Int64Builder; 5] = Default::default();
-    let mut scales: [Float64Builder; 3] = Default::default();
-    let mut hist_edges: Vec<ListBuilder<Float64Builder>> = HISTOGRAMS
-        .iter()
-        .map(|_| ListBuilder::new(Float64Builder::new()))
-        .collect();
-    let mut hist_buckets: Vec<Vec<Int64Builder>> = HISTOGRAMS
-        .iter()
-        .map(|_| {
-            (0..MAX_BUCKETS)
-                .map(|_| Int64Builder::with_capacity(n))
-                .collect()
-        })
-        .collect();
-    let mut hist_scales: Vec<Float64Builder> =
-        HISTOGRAMS.iter().map(|_| Float64Builder::new()).collect();
-    let (mut custom, mut categories, mut noise_scale) = (text(), text(), text());
-    let mut max_events = Int32Builder::new();
-    let (mut day_epsilon, mut day_delta) = (Float64Builder::new(), Float64Builder::new());
+    let mut columns = MetricsColumns::default();
+    for row in rows {
+        columns.push(row.received_at, &row.report);
+    }
+    columns.finish()
+}
 
-    for StoredWindow {
-        received_at: at,
-        report: r,
-    } in rows
-    {
-        received_at.append_value(micros(*at));
-        window_start.append_value(micros(r.window_start));
-        device_id.append_value(&r.device_id);
-        fleet.append_value(&r.fleet);
-        model_id.append_value(&r.model_id);
-        model_version.append_value(&r.model_version);
-        agent_version.append_value(&r.agent_version);
-        mechanism.append_value(r.privacy.mechanism.as_str());
-        window_secs.append_value(i32::try_from(r.window_secs).unwrap_or(i32::MAX));
-        schema_version.append_value(i32::try_from(r.schema_version).unwrap_or(i32::MAX));
-        seq.append_value(i64::try_from(r.seq).unwrap_or(i64::MAX));
-        epsilon.append_option(r.privacy.epsilon);
-        delta.append_option(r.privacy.delta);
-        rho.append_option(r.privacy.rho);
+/// `metrics` rows under construction, appended one message at a time as
+/// they arrive: a held row costs its column values (about 1 KB), not a
+/// decoded report's strings, maps and vectors.
+pub struct MetricsColumns {
+    received_at: TimestampMicrosecondBuilder,
+    window_start: TimestampMicrosecondBuilder,
+    /// device_id, fleet, model_id, model_version, agent_version, mechanism.
+    text: [StringBuilder; 6],
+    window_secs: Int32Builder,
+    schema_version: Int32Builder,
+    seq: Int64Builder,
+    /// epsilon, delta, rho.
+    privacy: [Float64Builder; 3],
+    counts: [Int64Builder; 5],
+    scales: [Float64Builder; 3],
+    hist_edges: [ListBuilder<Float64Builder>; 4],
+    hist_buckets: [[Int64Builder; MAX_BUCKETS]; 4],
+    hist_scales: [Float64Builder; 4],
+    /// custom, categories, noise_scale (JSON).
+    json: [StringBuilder; 3],
+    max_events: Int32Builder,
+    day_epsilon: Float64Builder,
+    day_delta: Float64Builder,
+    rows: usize,
+}
+
+impl Default for MetricsColumns {
+    fn default() -> Self {
+        let ts = || TimestampMicrosecondBuilder::new().with_timezone("UTC");
+        MetricsColumns {
+            received_at: ts(),
+            window_start: ts(),
+            text: Default::default(),
+            window_secs: Int32Builder::new(),
+            schema_version: Int32Builder::new(),
+            seq: Int64Builder::new(),
+            privacy: Default::default(),
+            counts: Default::default(),
+            scales: Default::default(),
+            hist_edges: std::array::from_fn(|_| ListBuilder::new(Float64Builder::new())),
+            hist_buckets: Default::default(),
+            hist_scales: Default::default(),
+            json: Default::default(),
+            max_events: Int32Builder::new(),
+            day_epsilon: Float64Builder::new(),
+            day_delta: Float64Builder::new(),
+            rows: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for MetricsColumns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsColumns")
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MetricsColumns {
+    /// Rows appended since the last [`MetricsColumns::finish`].
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Appends one accepted message as a row.
+    pub fn push(&mut self, at: DateTime<Utc>, r: &WindowReport) {
+        self.rows += 1;
+        self.received_at.append_value(micros(at));
+        self.window_start.append_value(micros(r.window_start));
+        let text = [
+            &r.device_id,
+            &r.fleet,
+            &r.model_id,
+            &r.model_version,
+            &r.agent_version,
+            r.privacy.mechanism.as_str(),
+        ];
+        for (b, v) in self.text.iter_mut().zip(text) {
+            b.append_value(v);
+        }
+        self.window_secs
+            .append_value(i32::try_from(r.window_secs).unwrap_or(i32::MAX));
+        self.schema_version
+            .append_value(i32::try_from(r.schema_version).unwrap_or(i32::MAX));
+        self.seq
+            .append_value(i64::try_from(r.seq).unwrap_or(i64::MAX));
+        let privacy = [r.privacy.epsilon, r.privacy.delta, r.privacy.rho];
+        for (b, v) in self.privacy.iter_mut().zip(privacy) {
+            b.append_option(v);
+        }
         let values = [
             r.inference_count,
             r.error_count,
@@ -241,11 +291,12 @@ pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
             r.feedback.negative,
             r.feedback.correction,
         ];
-        for (b, v) in counts.iter_mut().zip(values) {
+        for (b, v) in self.counts.iter_mut().zip(values) {
             b.append_value(v);
         }
         let scale = |name: &str| r.privacy.noise_scale.get(name).copied();
-        for (b, name) in scales
+        for (b, name) in self
+            .scales
             .iter_mut()
             .zip(["inference_count", "error_count", "feedback"])
         {
@@ -258,61 +309,80 @@ pub fn metrics_batch(rows: &[StoredWindow]) -> Result<RecordBatch, ArrowError> {
             &r.output_tokens,
         ];
         for (k, h) in hists.iter().enumerate() {
-            hist_edges[k].append_value(h.edges.iter().map(|e| Some(*e)));
-            for (i, b) in hist_buckets[k].iter_mut().enumerate() {
+            self.hist_edges[k].append_value(h.edges.iter().map(|e| Some(*e)));
+            for (i, b) in self.hist_buckets[k].iter_mut().enumerate() {
                 b.append_option(h.counts.get(i).copied());
             }
-            hist_scales[k].append_option(scale(HISTOGRAMS[k]));
+            self.hist_scales[k].append_option(scale(HISTOGRAMS[k]));
         }
-        custom.append_option(json_or_null(&r.custom, r.custom.is_empty()));
-        categories.append_option(json_or_null(&r.categories, r.categories.is_empty()));
-        noise_scale.append_option(json_or_null(
-            &r.privacy.noise_scale,
-            r.privacy.noise_scale.is_empty(),
-        ));
-        max_events.append_option(
+        let json = [
+            json_or_null(&r.custom, r.custom.is_empty()),
+            json_or_null(&r.categories, r.categories.is_empty()),
+            json_or_null(&r.privacy.noise_scale, r.privacy.noise_scale.is_empty()),
+        ];
+        for (b, v) in self.json.iter_mut().zip(json) {
+            b.append_option(v);
+        }
+        self.max_events.append_option(
             r.privacy
                 .max_events_per_window
                 .map(|k| i32::try_from(k).unwrap_or(i32::MAX)),
         );
-        day_epsilon.append_option(r.privacy.device_day_epsilon);
-        day_delta.append_option(r.privacy.device_day_delta);
+        self.day_epsilon.append_option(r.privacy.device_day_epsilon);
+        self.day_delta.append_option(r.privacy.device_day_delta);
     }
 
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(received_at.finish()),
-        Arc::new(device_id.finish()),
-        Arc::new(fleet.finish()),
-        Arc::new(model_id.finish()),
-        Arc::new(model_version.finish()),
-        Arc::new(agent_version.finish()),
-        Arc::new(window_start.finish()),
-        Arc::new(window_secs.finish()),
-        Arc::new(seq.finish()),
-        Arc::new(schema_version.finish()),
-        Arc::new(mechanism.finish()),
-        Arc::new(epsilon.finish()),
-        Arc::new(delta.finish()),
-        Arc::new(rho.finish()),
-    ];
-    columns.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-    columns.extend(scales.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-    for k in 0..HISTOGRAMS.len() {
-        columns.push(Arc::new(hist_edges[k].finish()));
+    /// The rows appended so far, in order, as one batch; the builders start
+    /// empty again.
+    pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        self.rows = 0;
+        let [device_id, fleet, model_id, model_version, agent_version, mechanism] = &mut self.text;
+        let [epsilon, delta, rho] = &mut self.privacy;
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(self.received_at.finish()),
+            Arc::new(device_id.finish()),
+            Arc::new(fleet.finish()),
+            Arc::new(model_id.finish()),
+            Arc::new(model_version.finish()),
+            Arc::new(agent_version.finish()),
+            Arc::new(self.window_start.finish()),
+            Arc::new(self.window_secs.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.schema_version.finish()),
+            Arc::new(mechanism.finish()),
+            Arc::new(epsilon.finish()),
+            Arc::new(delta.finish()),
+            Arc::new(rho.finish()),
+        ];
         columns.extend(
-            hist_buckets[k]
+            self.counts
                 .iter_mut()
                 .map(|b| Arc::new(b.finish()) as ArrayRef),
         );
-        columns.push(Arc::new(hist_scales[k].finish()));
+        columns.extend(
+            self.scales
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
+        for k in 0..HISTOGRAMS.len() {
+            columns.push(Arc::new(self.hist_edges[k].finish()));
+            columns.extend(
+                self.hist_buckets[k]
+                    .iter_mut()
+                    .map(|b| Arc::new(b.finish()) as ArrayRef),
+            );
+            columns.push(Arc::new(self.hist_scales[k].finish()));
+        }
+        columns.extend(
+            self.json
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
+        columns.push(Arc::new(self.max_events.finish()));
+        columns.push(Arc::new(self.day_epsilon.finish()));
+        columns.push(Arc::new(self.day_delta.finish()));
+        RecordBatch::try_new(metrics(), columns)
     }
-    columns.push(Arc::new(custom.finish()));
-    columns.push(Arc::new(categories.finish()));
-    columns.push(Arc::new(noise_scale.finish()));
-    columns.push(Arc::new(max_events.finish()));
-    columns.push(Arc::new(day_epsilon.finish()));
-    columns.push(Arc::new(day_delta.finish()));
-    RecordBatch::try_new(metrics(), columns)
 }
 
 /// Schema of the `histogram_edge_sets` files: each distinct set of

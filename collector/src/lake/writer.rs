@@ -7,10 +7,10 @@
 //! one new file, never a mix. Old generations are deleted after a grace
 //! period, so queries planned against them can finish.
 //!
-//! Every row has a key (see [`key_columns`]); a partition's keys are kept in
+//! Every row has a key (see [`super::TableSpec`]); a partition's keys are kept in
 //! memory while the partition is written to, and rows whose key is already
 //! in the partition are dropped: as duplicates when their
-//! [`version_column`] matches the stored row's (the same message delivered
+//! [`super::TableSpec::version`] matches the stored row's (the same message delivered
 //! again), as conflicts otherwise (another message claiming the same fact),
 //! which the caller quarantines. Writers of one table take an
 //! exclusive lock (`_driftline/locks/{table}.lock`) around
@@ -41,60 +41,7 @@ use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 
 use super::object::{self, ObjectLake};
-use super::{
-    schema, LakeError, Location, DETECTOR_RUNS, DRIFT_EVENTS, EDGE_SETS, JOB_EVENTS, METRICS,
-    QUARANTINE, STATUS, TABLES,
-};
-
-/// The columns that identify a row: two rows with equal keys are the same
-/// fact, stored once.
-pub fn key_columns(table: &str) -> &'static [&'static str] {
-    match table {
-        // One window of one device (of its fleet: ids are unique within a
-        // fleet) and model version counts once, whatever its seq.
-        METRICS => &[
-            "fleet",
-            "device_id",
-            "model_id",
-            "model_version",
-            "window_start",
-            "window_secs",
-        ],
-        QUARANTINE => &["received_at", "topic", "payload"],
-        STATUS => &["device_id", "at", "state"],
-        // A late arrival re-evaluates a period as a new revision.
-        DETECTOR_RUNS | DRIFT_EVENTS => &[
-            "detector",
-            "model_id",
-            "model_version",
-            "statistic",
-            "current_start",
-            "revision",
-        ],
-        JOB_EVENTS => &["job_id", "status"],
-        EDGE_SETS => &schema::EDGE_SET_COLUMNS,
-        _ => &[],
-    }
-}
-
-/// The column that tells a redelivery from a conflicting message: rows with
-/// one key and one version are the same message delivered again (a retry,
-/// a replay from the write-ahead log); with another version, a second
-/// message for a fact already stored (a device re-sending a window under a
-/// new seq), which is not stored and is reported as a conflict.
-pub fn version_column(table: &str) -> Option<&'static str> {
-    match table {
-        METRICS => Some("seq"),
-        _ => None,
-    }
-}
-
-/// The key columns and the version column: what the index reads of a file.
-fn index_columns(table: &str) -> Vec<&'static str> {
-    let mut columns = key_columns(table).to_vec();
-    columns.extend(version_column(table));
-    columns
-}
+use super::{schema, LakeError, Location, EDGE_SETS, METRICS, TABLES};
 
 /// A row's key hash and its version (0 for tables without a version).
 type KeyVersion = (u128, i64);
@@ -230,7 +177,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LakeError {
 impl LakeWriter {
     /// A writer for the lake at `root`, creating the table directories.
     pub fn open(root: &Path) -> Result<Self, LakeError> {
-        for table in TABLES {
+        for table in TABLES.map(|t| t.name) {
             let dir = root.join(table);
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         }
@@ -282,6 +229,7 @@ impl LakeWriter {
         date: &str,
         batch: &RecordBatch,
     ) -> Result<Appended, LakeError> {
+        super::table(table)?;
         if table == METRICS {
             let sets = schema::edge_sets_batch(batch).map_err(|source| LakeError::Arrow {
                 table: EDGE_SETS,
@@ -340,7 +288,7 @@ impl LakeWriter {
     ) -> Result<Vec<Compacted>, LakeError> {
         let mut done = Vec::new();
         if let Some(lake) = &self.object {
-            for table in TABLES {
+            for table in TABLES.map(|t| t.name) {
                 for date in self.dates(table)? {
                     if let Some(c) = self.compact_object(lake, table, &date, min_files.max(2))? {
                         done.push(c);
@@ -350,7 +298,7 @@ impl LakeWriter {
             }
             return Ok(done);
         }
-        for table in TABLES {
+        for table in TABLES.map(|t| t.name) {
             for date in self.dates(table)? {
                 if let Some(c) = self.compact(table, &date, min_files.max(2))? {
                     done.push(c);
@@ -366,12 +314,12 @@ impl LakeWriter {
     pub fn drop_before(&self, cutoff: NaiveDate) -> Result<Vec<String>, LakeError> {
         let mut dropped = Vec::new();
         if let Some(lake) = &self.object {
-            for table in TABLES {
+            for table in TABLES.map(|t| t.name) {
                 dropped.extend(self.drop_before_object(lake, table, cutoff)?);
             }
             return Ok(dropped);
         }
-        for table in TABLES {
+        for table in TABLES.map(|t| t.name) {
             for date in self.dates(table)? {
                 let Ok(day) = NaiveDate::parse_from_str(&date, "%Y-%m-%d") else {
                     continue;
@@ -637,7 +585,7 @@ impl LakeWriter {
             if entry.files.contains(&name) {
                 continue;
             }
-            for batch in read_batches(&file, Some(&index_columns(table)))? {
+            for batch in read_batches(&file, Some(&super::table(table)?.index_columns()))? {
                 entry.keys.extend(self.keys(table, &batch?)?);
             }
             entry.files.insert(name);
@@ -655,11 +603,9 @@ impl LakeWriter {
         seen: &mut HashMap<u128, i64>,
         duplicates: &mut usize,
     ) -> Result<RecordBatch, LakeError> {
-        let batch = &match super::table_schema(table) {
-            Some(schema) => schema::conform(batch, &schema)
-                .map_err(|source| LakeError::Arrow { table, source })?,
-            None => batch.clone(),
-        };
+        let schema = (super::table(table)?.schema)();
+        let batch = &schema::conform(batch, &schema)
+            .map_err(|source| LakeError::Arrow { table, source })?;
         let keep: BooleanArray = self
             .keys(table, batch)?
             .iter()
@@ -681,14 +627,16 @@ impl LakeWriter {
         let arrow = |source| LakeError::Arrow { table, source };
         // A file written before a nullable key column existed keys it as
         // null, as compaction and SQL read it.
-        let schema = super::table_schema(table);
-        let columns: Vec<ArrayRef> = key_columns(table)
+        let spec = super::table(table)?;
+        let schema = (spec.schema)();
+        let columns: Vec<ArrayRef> = spec
+            .key
             .iter()
             .map(|name| match batch.column_by_name(name) {
                 Some(c) => Ok(c.clone()),
                 None => schema
-                    .as_ref()
-                    .and_then(|s| s.field_with_name(name).ok())
+                    .field_with_name(name)
+                    .ok()
                     .filter(|f| f.is_nullable())
                     .map(|f| {
                         datafusion::arrow::array::new_null_array(f.data_type(), batch.num_rows())
@@ -706,7 +654,7 @@ impl LakeWriter {
             .collect();
         let converter = RowConverter::new(fields).map_err(arrow)?;
         let rows = converter.convert_columns(&columns).map_err(arrow)?;
-        let versions = match version_column(table) {
+        let versions = match spec.version {
             Some(name) => {
                 let column = batch.column_by_name(name).ok_or_else(|| {
                     arrow(datafusion::arrow::error::ArrowError::SchemaError(format!(
@@ -873,7 +821,7 @@ impl LakeWriter {
     /// Serializes this process's writes to one table of an object-store
     /// lake.
     fn table_lock(&self, table: &str) -> std::sync::MutexGuard<'_, ()> {
-        let i = TABLES.iter().position(|t| *t == table).unwrap_or(0);
+        let i = TABLES.iter().position(|t| t.name == table).unwrap_or(0);
         self.object_locks[i]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -901,7 +849,8 @@ impl LakeWriter {
         };
         for file in unread {
             let mut keys = Vec::new();
-            for batch in object::column_batches(lake, &file, &index_columns(table))? {
+            for batch in object::column_batches(lake, &file, &super::table(table)?.index_columns())?
+            {
                 keys.extend(self.keys(table, &batch?)?);
             }
             let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
