@@ -14,10 +14,17 @@ broker's, not the publishers'.
     python3 bench/ingest.py            # 240,000 messages (200 devices x 2 models x 600 windows)
     python3 bench/ingest.py --quick    # 24,000
     python3 bench/ingest.py --profile  # also `perf record` the collector during sustained ingest
+    python3 bench/ingest.py --reference OLD_COLLECTOR  # A/B: rounds alternate with another build
+
+Each of `--rounds` rounds (default 3) measures the ceiling, then sustained
+ingest, then the drain, on a fresh lake; the table gives the median round
+and the range, since the ratio moves with whatever else the shared machine
+runs.
 """
 
 import argparse
 import datetime
+import statistics
 import json
 import os
 import pathlib
@@ -101,8 +108,8 @@ def stored(metrics_port):
     return 0
 
 
-def serve(port, lake, metrics_port, flush):
-    p = subprocess.Popen([str(COLLECTOR), "serve", "--broker", f"mqtt://127.0.0.1:{port}",
+def serve(collector, port, lake, metrics_port, flush):
+    p = subprocess.Popen([str(collector), "serve", "--broker", f"mqtt://127.0.0.1:{port}",
                           "--client-id", "bench", "--data-dir", str(lake), "--flush-interval", flush,
                           "--metrics-listen", f"127.0.0.1:{metrics_port}", "--queries", str(lake.parent / "none")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -125,15 +132,79 @@ def wait_stored(metrics_port, n, pid=None):
     return peak
 
 
+def round_(collector, port, messages, n, work, flush, perf_data=None):
+    """One round: the ceiling, then `collector` ingesting the same messages
+    live, then draining as many queued while it was away."""
+    # Ceiling: the publisher to the broker to a subscriber that only counts.
+    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-q", "1",
+                            "-t", "driftline/v1/+/+/metrics", "-C", str(n)], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    t = time.perf_counter()
+    replay(port, messages)
+    sub.wait()
+    ceiling = n / (time.perf_counter() - t)
+
+    # Driftline: the same publisher to queryable Parquet.
+    lake = work / "lake"
+    shutil.rmtree(lake, ignore_errors=True)
+    metrics_port = free_port()
+    proc = serve(collector, port, lake, metrics_port, flush)
+    perf = None
+    if perf_data:
+        perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(proc.pid), "-o", str(perf_data)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+    cpu0 = cpu_seconds(proc.pid)
+    t = time.perf_counter()
+    replay(port, messages)
+    wait_stored(metrics_port, n)
+    elapsed = time.perf_counter() - t
+    cpu = cpu_seconds(proc.pid) - cpu0
+    live_rss = peak_rss_kib(proc.pid) / 1024
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+
+    # Backlog: as many new windows queue while the collector is away,
+    # then it drains them.
+    backlog = work / "backlog.txt"
+    renamed(messages, backlog, b"bak")
+    replay(port, backlog)
+    proc = serve(collector, port, lake, metrics_port, flush)
+    t = time.perf_counter()
+    peak = wait_stored(metrics_port, n, proc.pid)
+    drain = n / (time.perf_counter() - t)
+    peak = max(peak, peak_rss_kib(proc.pid) / 1024)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    # End the collector's persistent session, so that the next round's
+    # messages do not queue for it.
+    subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-i", "bench", "-t", "driftline/none",
+                    "-E"], check=True, stdout=subprocess.DEVNULL)
+    disk = sum(f.stat().st_size for f in (lake / "_driftline" / "gens" / "metrics").rglob("*.parquet"))
+    return {"ceiling": ceiling, "live": n / elapsed, "ratio": n / elapsed / ceiling, "drain": drain,
+            "drain_ratio": drain / ceiling, "cpu_us": 1e6 * cpu / n, "cores": cpu / elapsed,
+            "live_rss": live_rss, "peak": peak, "per_window": disk / (2 * n)}
+
+
+def median(rounds, key):
+    return statistics.median(r[key] for r in rounds)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--profile", action="store_true", help="perf record the collector during sustained ingest")
     ap.add_argument("--flush", default="2s", help="the collector's --flush-interval (default 2s)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reference", type=pathlib.Path,
+                    help="another collector binary, measured in alternate rounds of the same run")
     args = ap.parse_args()
     devices, windows = (20, 600) if args.quick else (200, 600)
     n = devices * 2 * windows
-    for binary in (COLLECTOR, AGENT, SIMULATOR, REPLAY):
+    for binary in (COLLECTOR, AGENT, SIMULATOR, REPLAY) + ((args.reference,) if args.reference else ()):
         if not binary.exists():
             raise SystemExit(f"missing {binary}: cargo build --release -p driftline-collector -p driftline-agent "
                              f"--bins --example mqtt_replay (CARGO_TARGET_DIR={RELEASE})")
@@ -143,62 +214,21 @@ def main():
         proc, port = broker(work)
         messages = work / "messages.txt"
         size = capture(port, devices, windows, messages)
-
-        # Ceiling: the publisher to the broker to a subscriber that only counts.
-        sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-q", "1",
-                                "-t", "driftline/v1/+/+/metrics", "-C", str(n)], stdout=subprocess.DEVNULL)
-        time.sleep(0.5)
-        t = time.perf_counter()
-        published = replay(port, messages)
-        sub.wait()
-        ceiling_seconds = time.perf_counter() - t
-        ceiling = n / ceiling_seconds
-
-        # Driftline: the same publisher to queryable Parquet.
-        lake, metrics_port = work / "lake", free_port()
-        collector = serve(port, lake, metrics_port, args.flush)
-        perf = None
-        if args.profile:
-            perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(collector.pid),
-                                     "-o", str(work / "perf.data")],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1)
-        cpu0 = cpu_seconds(collector.pid)
-        t = time.perf_counter()
-        published_live = replay(port, messages)
-        wait_stored(metrics_port, n)
-        elapsed = time.perf_counter() - t
-        live = n / elapsed
-        cpu = cpu_seconds(collector.pid) - cpu0
-        live_rss = peak_rss_kib(collector.pid) / 1024
-        if perf:
-            perf.send_signal(signal.SIGINT)
-            perf.wait()
-        collector.send_signal(signal.SIGTERM)
-        collector.wait()
-
-        # Backlog: as many new windows queue while the collector is away,
-        # then it drains them.
-        backlog = work / "backlog.txt"
-        renamed(messages, backlog, b"bak")
-        replay(port, backlog)
-        collector = serve(port, lake, metrics_port, args.flush)
-        t = time.perf_counter()
-        peak = wait_stored(metrics_port, n, collector.pid)
-        drain = n / (time.perf_counter() - t)
-        peak = max(peak, peak_rss_kib(collector.pid) / 1024)
-        collector.send_signal(signal.SIGTERM)
-        collector.wait()
+        rounds, reference = [], []
+        for i in range(args.rounds):
+            if args.reference:
+                reference.append(round_(args.reference, port, messages, n, work, args.flush))
+            perf_data = work / "perf.data" if args.profile and i == 0 else None
+            rounds.append(round_(COLLECTOR, port, messages, n, work, args.flush, perf_data))
+            r = rounds[-1]
+            print(f"round {i + 1}: ceiling {r['ceiling']:,.0f} msg/s; driftline {r['live']:,.0f} msg/s "
+                  f"({r['ratio']:.2f}), {r['cpu_us']:.1f} us/msg; drain {r['drain']:,.0f} msg/s, peak RSS "
+                  f"{r['peak']:.0f} MiB" + (f"; reference {reference[-1]['ratio']:.2f}, "
+                                            f"{reference[-1]['cpu_us']:.1f} us/msg" if reference else ""))
         proc.terminate()
         proc.wait()
-
-        disk = sum(f.stat().st_size for f in (lake / "_driftline" / "gens" / "metrics").rglob("*.parquet"))
-        per_window = disk / (2 * n)
-        print(f"ceiling {ceiling:,.0f} msg/s (publisher alone {n / published:,.0f}); driftline {live:,.0f} msg/s "
-              f"({live / ceiling:.2f}; publisher done after {published_live:.1f} s of {elapsed:.1f} s); "
-              f"backlog drain {drain:,.0f} msg/s, peak RSS {peak:.0f} MiB; {per_window:.0f} B/window vs {size:.0f} B JSON")
-        write(n, size, ceiling, live, drain, peak, per_window, cpu, elapsed, live_rss, args.flush)
-        if perf:
+        write(n, size, rounds, reference, args.flush)
+        if args.profile:
             profile(work / "perf.data")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -251,25 +281,48 @@ def component(symbol):
     return "other (kernel, libc, unresolved)"
 
 
-def write(n, size, ceiling, live, drain, peak, per_window, cpu, elapsed, live_rss, flush):
+def spread(rounds, key, fmt):
+    """The median of `key` over the rounds, and its range."""
+    values = [r[key] for r in rounds]
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def write(n, size, rounds, reference, flush):
+    m = lambda key: median(rounds, key)
     lines = [
         f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, `python3 bench/ingest.py`, "
         f"{n:,} real simulator messages (mean {size:.0f} B) replayed by one publisher with an in-flight window of "
         f"{INFLIGHT} (`collector/examples/mqtt_replay.rs`), Mosquitto on loopback, release collector with "
-        f"`--flush-interval {flush}`, {os.cpu_count()} cores shared by broker, publisher and collector.",
+        f"`--flush-interval {flush}`, {os.cpu_count()} cores shared by broker, publisher and collector. "
+        f"Median of {len(rounds)} rounds (range in brackets); each round measures its own ceiling.",
         "",
         "| measure | value | reference | ratio |",
         "|---|---:|---:|---:|",
-        f"| sustained ingest, publish to queryable Parquet (WAL fsync before ack) | {live:,.0f} msg/s | "
-        f"ceiling: the same publisher through the same broker to a counting `mosquitto_sub`, {ceiling:,.0f} msg/s | "
-        f"{live / ceiling:.2f} |",
-        f"| collector CPU during sustained ingest | {cpu / elapsed:.2f} cores ({1e6 * cpu / n:.1f} us per message) | "
+        f"| sustained ingest, publish to queryable Parquet (WAL fsync before ack) | {m('live'):,.0f} msg/s | "
+        f"ceiling: the same publisher through the same broker to a counting `mosquitto_sub`, {m('ceiling'):,.0f} msg/s | "
+        f"{spread(rounds, 'ratio', '{:.2f}')} |",
+        f"| collector CPU during sustained ingest | {m('cores'):.2f} cores ({spread(rounds, 'cpu_us', '{:.1f}')} us per message) | "
         f"{os.cpu_count()} cores on the machine | |",
-        f"| peak RSS of the collector during sustained ingest | {live_rss:.0f} MiB | | |",
-        f"| backlog drain ({n:,} queued while the collector was away) | {drain:,.0f} msg/s | ceiling {ceiling:,.0f} msg/s | {drain / ceiling:.2f} |",
-        f"| peak RSS of the collector during the drain | {peak:.0f} MiB | | |",
-        f"| bytes on disk per stored window (zstd Parquet) | {per_window:.0f} B | JSON payload {size:.0f} B | {per_window / size:.3f} |",
+        f"| peak RSS of the collector during sustained ingest | {spread(rounds, 'live_rss', '{:.0f}')} MiB | | |",
+        f"| backlog drain ({n:,} queued while the collector was away) | {m('drain'):,.0f} msg/s | "
+        f"ceiling {m('ceiling'):,.0f} msg/s | {spread(rounds, 'drain_ratio', '{:.2f}')} |",
+        f"| peak RSS of the collector during the drain | {spread(rounds, 'peak', '{:.0f}')} MiB | | |",
+        f"| bytes on disk per stored window (zstd Parquet) | {m('per_window'):.0f} B | JSON payload {size:.0f} B | "
+        f"{m('per_window') / size:.3f} |",
     ]
+    if reference:
+        r = lambda key: median(reference, key)
+        lines += [
+            "",
+            f"Reference build (`--reference`), measured in alternate rounds of the same run: sustained "
+            f"{spread(reference, 'ratio', '{:.2f}')} of the ceiling at {spread(reference, 'cpu_us', '{:.1f}')} us "
+            f"per message; drain {spread(reference, 'drain_ratio', '{:.2f}')}; peak RSS "
+            f"{spread(reference, 'live_rss', '{:.0f}')} MiB sustained, {spread(reference, 'peak', '{:.0f}')} MiB "
+            f"draining. This build against it: CPU per message x{m('cpu_us') / r('cpu_us'):.2f}, "
+            f"drain peak RSS x{m('peak') / r('peak'):.2f}.",
+        ]
     write_block(BEGIN, END, lines, "Ingest: end to end against the broker's ceiling")
 
 
