@@ -23,9 +23,9 @@
 //! [`Rejection`] with a stable [`Rejection::code`] that ends up in the
 //! `quarantine` table.
 //!
-//! The privacy block must also be consistent: a message that declares
-//! `max_events_per_window` has noise scales that its mechanism, budget and
-//! sensitivity imply ([`WindowReport::implied_noise_scale`], refused as
+//! The privacy block must also be consistent: a noised message declares
+//! `max_events_per_window` and has noise scales that its mechanism, budget
+//! and sensitivity imply ([`WindowReport::implied_noise_scale`], refused as
 //! `inconsistent_privacy` otherwise).
 
 use std::collections::BTreeMap;
@@ -653,6 +653,14 @@ impl WindowReport {
                 }
             }
         }
+        // A noised message declares `K`: without it, no noise scale could be
+        // checked against the budget it claims.
+        if p.max_events_per_window.is_none() {
+            return Err(Rejection::field(
+                "privacy.max_events_per_window",
+                FieldProblem::MissingForMechanism { mechanism },
+            ));
+        }
         let fields = self.noised_fields();
         for name in &fields {
             match p.noise_scale.get(name) {
@@ -728,7 +736,7 @@ impl WindowReport {
     }
 
     /// The privacy consistency rule: every noise scale `s` of a noised
-    /// message that declares `K` lies in `[s0 (1 - t), s0 sqrt(m) (1 + t)]`,
+    /// message (which declares `K`) lies in `[s0 (1 - t), s0 sqrt(m) (1 + t)]`,
     /// `s0` the [`WindowReport::implied_noise_scale`], `m` the
     /// [`WindowReport::max_merged_windows`], `t` [`PRIVACY_TOLERANCE`].
     ///
@@ -1000,7 +1008,7 @@ mod tests {
     }
 
     #[test]
-    fn gaussian_scales_follow_rho_and_k_is_optional() {
+    fn gaussian_scales_follow_rho_and_k_is_required() {
         let mut g = laplace(60, 10.0 * 7f64.sqrt());
         g["privacy"]["mechanism"] = "gaussian".into();
         g["privacy"]["rho"] = 0.5.into();
@@ -1015,12 +1023,17 @@ mod tests {
             e.to_string().contains("sigma = K sqrt(7) / sqrt(2 rho)"),
             "{e}"
         );
-        // Without K nothing can be implied: only the range of each scale.
+        // Without K nothing could be checked: a noised message must declare it.
         g["privacy"]
             .as_object_mut()
             .map(|p| p.remove("max_events_per_window"))
             .expect("privacy");
-        check(&g).expect("no K, no rule");
+        let e = check(&g).expect_err("no K");
+        assert_eq!(e.code(), "invalid_field");
+        assert_eq!(
+            e.to_string(),
+            "privacy.max_events_per_window is required by mechanism \"gaussian\""
+        );
         // A vanishing budget implies an infinite scale: refused, no panic.
         let mut tiny = laplace(60, 70.0);
         tiny["privacy"]["epsilon"] = 5e-324.into();
@@ -1121,10 +1134,6 @@ mod tests {
             "categories.label.a#b contains '#'; allowed are ASCII letters, digits and . _ : - +"
         );
         let mut v = laplace(60, 70.0);
-        v["privacy"]
-            .as_object_mut()
-            .map(|p| p.remove("max_events_per_window"))
-            .expect("privacy");
         v["privacy"]["noise_scale"]["feedback"] = 2e6.into();
         assert_eq!(
             check(&v).expect_err("scale").to_string(),
