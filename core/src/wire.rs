@@ -63,16 +63,21 @@ pub const MAX_NOISE_SCALE: f64 = 1e6;
 /// below any error that would matter to a standard error.
 pub const PRIVACY_TOLERANCE: f64 = 1e-3;
 
+/// The four histograms every message has, in wire and column order (their
+/// fields are [`WindowReport::standard_histograms`]).
+pub const STANDARD_HISTOGRAMS: [&str; 4] =
+    ["latency_ms", "confidence", "input_tokens", "output_tokens"];
+
 /// Noised fields every message has, in the order of `privacy.noise_scale`
 /// documentation; `custom.{name}` and `categories.{name}` come on top.
 pub const STANDARD_NOISED_FIELDS: [&str; 7] = [
     "inference_count",
     "error_count",
     "feedback",
-    "latency_ms",
-    "confidence",
-    "input_tokens",
-    "output_tokens",
+    STANDARD_HISTOGRAMS[0],
+    STANDARD_HISTOGRAMS[1],
+    STANDARD_HISTOGRAMS[2],
+    STANDARD_HISTOGRAMS[3],
 ];
 
 /// One device's report for one model and one window (schema v1).
@@ -428,6 +433,18 @@ impl WindowReport {
         Ok(bytes)
     }
 
+    /// The four standard histograms with their names, in
+    /// [`STANDARD_HISTOGRAMS`] order.
+    pub fn standard_histograms(&self) -> [(&'static str, &Histogram); 4] {
+        let [latency, confidence, input, output] = STANDARD_HISTOGRAMS;
+        [
+            (latency, &self.latency_ms),
+            (confidence, &self.confidence),
+            (input, &self.input_tokens),
+            (output, &self.output_tokens),
+        ]
+    }
+
     /// Names of the noised fields of this message, the keys that
     /// `privacy.noise_scale` must hold: `inference_count`, `error_count`,
     /// `feedback`, `latency_ms`, `confidence`, `input_tokens`,
@@ -535,13 +552,7 @@ impl WindowReport {
                 },
             ));
         }
-        let standard = [
-            ("latency_ms", &self.latency_ms),
-            ("confidence", &self.confidence),
-            ("input_tokens", &self.input_tokens),
-            ("output_tokens", &self.output_tokens),
-        ];
-        for (name, h) in standard {
+        for (name, h) in self.standard_histograms() {
             check_histogram(name.to_owned(), h)?;
         }
         for (name, h) in &self.custom {
@@ -815,13 +826,7 @@ impl WindowReport {
         if let Some((name, c)) = scalars.into_iter().find(|(_, c)| bad(*c)) {
             return Some((name.to_owned(), c));
         }
-        let histograms = [
-            ("latency_ms", &self.latency_ms),
-            ("confidence", &self.confidence),
-            ("input_tokens", &self.input_tokens),
-            ("output_tokens", &self.output_tokens),
-        ];
-        for (name, h) in histograms {
+        for (name, h) in self.standard_histograms() {
             if let Some(&c) = h.counts.iter().find(|c| bad(**c)) {
                 return Some((format!("{name}.counts"), c));
             }

@@ -23,10 +23,10 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use driftline_core::histogram::MAX_BUCKETS;
 use driftline_core::status::{DeviceState, StatusReport};
-use driftline_core::wire::{Histogram, WindowReport};
+use driftline_core::wire::WindowReport;
 
 /// The four standard histograms, in column order.
-pub const HISTOGRAMS: [&str; 4] = ["latency_ms", "confidence", "input_tokens", "output_tokens"];
+pub use driftline_core::wire::STANDARD_HISTOGRAMS as HISTOGRAMS;
 
 fn timestamp() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -302,18 +302,12 @@ impl MetricsColumns {
         {
             b.append_option(scale(name));
         }
-        let hists: [&Histogram; 4] = [
-            &r.latency_ms,
-            &r.confidence,
-            &r.input_tokens,
-            &r.output_tokens,
-        ];
-        for (k, h) in hists.iter().enumerate() {
+        for (k, (name, h)) in r.standard_histograms().into_iter().enumerate() {
             self.hist_edges[k].append_value(h.edges.iter().map(|e| Some(*e)));
             for (i, b) in self.hist_buckets[k].iter_mut().enumerate() {
                 b.append_option(h.counts.get(i).copied());
             }
-            self.hist_scales[k].append_option(scale(HISTOGRAMS[k]));
+            self.hist_scales[k].append_option(scale(name));
         }
         let json = [
             json_or_null(&r.custom, r.custom.is_empty()),
