@@ -290,11 +290,6 @@ impl Loop {
         let now = self.now(wall);
         let budget = self.ledger.state();
         StatusReport {
-            schema_version: 1,
-            device_id: self.identity.device_id.clone(),
-            fleet: self.identity.fleet.clone(),
-            state,
-            at: wall,
             agent_version: Some(self.identity.agent_version.clone()),
             models: self
                 .config
@@ -312,6 +307,7 @@ impl Loop {
             windows_withheld: self.withheld,
             buffered_windows: self.queue.len() as u64,
             lost_windows: losses.dropped_records + losses.corrupt_records,
+            ..StatusReport::new(&self.identity.device_id, &self.identity.fleet, state, wall)
         }
     }
 }
@@ -350,22 +346,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             addr: config.http_listen,
             source,
         })?;
-    let placeholder = StatusReport {
-        schema_version: 1,
-        device_id: identity.device_id.clone(),
-        fleet: identity.fleet.clone(),
-        state: DeviceState::Offline,
-        at: now,
-        agent_version: None,
-        models: Vec::new(),
-        budget_remaining_rho: None,
-        budget_remaining_epsilon: None,
-        budget_exhausted: false,
-        resumes_at: None,
-        windows_withheld: 0,
-        buffered_windows: 0,
-        lost_windows: 0,
-    };
+    let placeholder = StatusReport::new(
+        &identity.device_id,
+        &identity.fleet,
+        DeviceState::Offline,
+        now,
+    );
     let shared = Arc::new(Shared {
         models,
         window_stats: windower.stats(),

@@ -79,6 +79,27 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
+    /// A status of `state` at `at`, with no models, budget or buffer figures:
+    /// the fields a message needs, for the sender to fill in the rest.
+    pub fn new(device_id: &str, fleet: &str, state: DeviceState, at: DateTime<Utc>) -> Self {
+        StatusReport {
+            schema_version: 1,
+            device_id: device_id.to_owned(),
+            fleet: fleet.to_owned(),
+            state,
+            at,
+            agent_version: None,
+            models: Vec::new(),
+            budget_remaining_rho: None,
+            budget_remaining_epsilon: None,
+            budget_exhausted: false,
+            resumes_at: None,
+            windows_withheld: 0,
+            buffered_windows: 0,
+            lost_windows: 0,
+        }
+    }
+
     /// Compact JSON.
     pub fn encode(&self) -> Vec<u8> {
         // Plain structs of strings and numbers: serialisation cannot fail,

@@ -23,20 +23,8 @@ use driftline_pipeline::privacy::{DeviceIdentity, PrivateWindow};
 /// A status message of a simulated device.
 fn status(device: &DeviceIdentity, state: DeviceState) -> Vec<u8> {
     StatusReport {
-        schema_version: 1,
-        device_id: device.device_id.clone(),
-        fleet: device.fleet.clone(),
-        state,
-        at: chrono::Utc::now(),
         agent_version: Some(device.agent_version.clone()),
-        models: Vec::new(),
-        budget_remaining_rho: None,
-        budget_remaining_epsilon: None,
-        budget_exhausted: false,
-        resumes_at: None,
-        windows_withheld: 0,
-        buffered_windows: 0,
-        lost_windows: 0,
+        ..StatusReport::new(&device.device_id, &device.fleet, state, chrono::Utc::now())
     }
     .encode()
 }
