@@ -129,6 +129,18 @@ fn scale_of(field: &str) -> String {
     }
 }
 
+/// Replaces every `{open}FIELD}` placeholder of `sql` (`open` such as
+/// `{cur_sum:`) with `expand(FIELD)`; an unclosed one is left as it is.
+fn replace_fields(sql: &mut String, open: &str, expand: impl Fn(&str) -> String) {
+    while let Some(start) = sql.find(open) {
+        let Some(len) = sql[start..].find('}') else {
+            break;
+        };
+        let expanded = expand(&sql[start + open.len()..start + len]);
+        sql.replace_range(start..=start + len, &expanded);
+    }
+}
+
 /// The detector's SQL for `p`. Placeholders:
 /// - `{reference_start}`, `{current_start}`, `{current_end}`: timestamps;
 ///   `{threshold}`, `{alpha}`, `{min_devices}`: the header's values;
@@ -172,29 +184,15 @@ pub fn render(detector: &Detector, p: &Periods, weights: Weights<'_>) -> String 
             );
         }
         // Counts and noise of any field named in the file.
-        while let Some(start) = sql.find(&format!("{{{tag}_sum:")) {
-            let Some(len) = sql[start..].find('}') else {
-                break;
-            };
-            let field = sql[start + tag.len() + 6..start + len].to_owned();
-            sql.replace_range(
-                start..=start + len,
-                &format!("sum(CASE WHEN {cond} THEN {field}{w} ELSE 0 END)"),
-            );
-        }
-        while let Some(start) = sql.find(&format!("{{{tag}_noise:")) {
-            let Some(len) = sql[start..].find('}') else {
-                break;
-            };
-            let field = sql[start + tag.len() + 8..start + len].to_owned();
-            sql.replace_range(
-                start..=start + len,
-                &format!(
-                    "sum(CASE WHEN {cond} THEN noise_var(mechanism, {}){w2} ELSE 0 END)",
-                    scale_of(&field)
-                ),
-            );
-        }
+        replace_fields(&mut sql, &format!("{{{tag}_sum:"), |field| {
+            format!("sum(CASE WHEN {cond} THEN {field}{w} ELSE 0 END)")
+        });
+        replace_fields(&mut sql, &format!("{{{tag}_noise:"), |field| {
+            format!(
+                "sum(CASE WHEN {cond} THEN noise_var(mechanism, {}){w2} ELSE 0 END)",
+                scale_of(field)
+            )
+        });
     }
     sql.replace("{in_reference}", &in_reference)
         .replace("{in_current}", &in_current)

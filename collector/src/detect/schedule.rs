@@ -34,6 +34,34 @@ pub struct Tick {
 }
 
 impl Schedule {
+    /// Evaluates `detector` for the period ending at `end` (as `revision`),
+    /// starts the retraining jobs of what fired, and adds both to `tick`
+    /// (the events only if this evaluation stored them first).
+    async fn run_period(
+        &self,
+        ctx: &SessionContext,
+        lake: &LakeWriter,
+        detector: &Detector,
+        end: DateTime<Utc>,
+        revision: i64,
+        tick: &mut Tick,
+    ) -> Result<(), DetectError> {
+        let summary = run_all(ctx, lake, std::slice::from_ref(detector), end, revision).await?;
+        let fired: Vec<Evaluation> = summary
+            .evaluations
+            .into_iter()
+            .filter(|e| e.fired)
+            .collect();
+        let jobs = crate::retrain::after_run(ctx, lake, &self.rule, &self.targets, &fired)
+            .await
+            .map_err(|e| DetectError::Retrain(e.to_string()))?;
+        if summary.new_events > 0 {
+            tick.events.extend(fired);
+        }
+        tick.jobs.extend(jobs);
+        Ok(())
+    }
+
     pub fn new(
         queries: PathBuf,
         rule: crate::retrain::RetrainRule,
@@ -140,19 +168,8 @@ impl Schedule {
                     tracing::warn!(detector = detector.name, period_end = %next, expected, present, "evaluating a period with devices missing after the lateness bound");
                 }
                 self.waiting.remove(&(detector.name.clone(), next));
-                let summary = run_all(ctx, lake, std::slice::from_ref(detector), next, 0).await?;
-                let fired: Vec<Evaluation> = summary
-                    .evaluations
-                    .into_iter()
-                    .filter(|e| e.fired)
-                    .collect();
-                let jobs = crate::retrain::after_run(ctx, lake, &self.rule, &self.targets, &fired)
-                    .await
-                    .map_err(|e| DetectError::Retrain(e.to_string()))?;
-                if summary.new_events > 0 {
-                    tick.events.extend(fired);
-                }
-                tick.jobs.extend(jobs);
+                self.run_period(ctx, lake, detector, next, 0, &mut tick)
+                    .await?;
                 self.last_end.insert(detector.name.clone(), next);
                 metrics::gauge!("driftline_detect_evaluated_until_seconds", "detector" => detector.name.clone())
                     .set(next.timestamp() as f64);
@@ -194,20 +211,8 @@ impl Schedule {
                 }
                 self.waiting.remove(&key);
                 tracing::info!(detector = detector.name, period_end = %end, revision, "late data: evaluating the period again");
-                let summary =
-                    run_all(ctx, lake, std::slice::from_ref(detector), end, revision).await?;
-                let fired: Vec<Evaluation> = summary
-                    .evaluations
-                    .into_iter()
-                    .filter(|e| e.fired)
-                    .collect();
-                let jobs = crate::retrain::after_run(ctx, lake, &self.rule, &self.targets, &fired)
-                    .await
-                    .map_err(|e| DetectError::Retrain(e.to_string()))?;
-                if summary.new_events > 0 {
-                    tick.events.extend(fired);
-                }
-                tick.jobs.extend(jobs);
+                self.run_period(ctx, lake, detector, end, revision, &mut tick)
+                    .await?;
                 done += 1;
             }
             // Periods complete in the lake but not evaluated yet.
